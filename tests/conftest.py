@@ -1,0 +1,54 @@
+"""Shared fixtures: tokenizers built offline with `tokenizers`, and the SmolLM2 folder when it exists."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CORPUS = [
+    "Here is the statistical data for a person. Please predict the probability of cancer.",
+    "Yellow fingers: 3, Weight: 1, Room size: 4, Certain gene: 4, Clothing size: 1, Smoking: 2, "
+    "Hormones: 2, Exercise: 5 Answer: Low Risk High Risk",
+    "William has 2 bottle caps. He buys 41 more. How many bottle caps does William have in all? Answer: 43.0",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Café naïve façade — über straße 東京 ☕ emoji 🙂 résumé",
+] * 20
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def _train(tok: Tokenizer, vocab_size: int, **kw) -> Tokenizer:
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False, **kw)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def byte_bpe() -> Tokenizer:
+    """A GPT-2/Llama-3/SmolLM2-style byte-level BPE tokenizer ('Ġ' marks a leading space)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return _train(tok, 400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_bpe() -> Tokenizer:
+    """A Llama-2/TinyLlama-style SentencePiece BPE tokenizer ('▁' marks a space, byte fallback)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return _train(tok, 400)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct folder that ../shared/tools/make-smollm2 builds (skips when absent)."""
+    path = Path(os.environ.get("CAT_SMOLLM2_DIR", Path.home() / ".cache/cat-models/smollm2-135m-instruct"))
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"no SmolLM2 checkpoint at {path}: build it with ../shared/tools/make-smollm2 (CI does)")
+    return path
