@@ -1,0 +1,322 @@
+"""The Spurious Token Game (CAT Appendix A, §5.2.1), and where every data set of the project lives.
+
+STG_E: predict lung-cancer risk from 8 attributes; STG_H: predict an air-quality index (0-100) from 14.
+Each attribute is causal (it sets the answer), spurious (computed from a causal parent in IID data,
+independent of it out of distribution) or irrelevant. The generator knows the causal graph, so the
+`important` field of every training record is exact:
+
+    {"input": "Here is ... cancer. Weight: 4, ..., Exercise: 2 Answer: ", "target": "High Risk",
+     "important": [{"High Risk": ["Smoking: 8", "Weight: 4", "Exercise: 2"]}]}
+
+    python stg.py --out data/ [--seed 42]
+
+Every file is drawn from its own stream, random.Random(f"{seed}/{file stem}"), so training and test
+files never share a stream, and the files are byte-identical on every run and Python version.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- STG_E (Appendix A)
+QUESTION_E = "Here is the statistical data for a person. Please predict the probability of cancer. "
+E_CAUSAL = ["Smoking", "Weight", "Exercise"]                     # each randint(1, 10)
+E_SPURIOUS = {"Yellow fingers": ("Smoking", 1.5),                # name: (causal parent, ratio r_i)
+              "Clothing size": ("Weight", 1.0),
+              "Hormones": ("Exercise", 0.5)}
+E_IRRELEVANT = ["Certain gene", "Room size"]                     # each randint(1, 10)
+
+
+def e_causal(rng: random.Random) -> dict:
+    """C_i ~ Rand(1, 10)."""
+    return {name: rng.randint(1, 10) for name in E_CAUSAL}
+
+
+def e_spurious(rng: random.Random, causal: dict, ood: bool) -> dict:
+    """IID: S_i = floor(r_i * C_i) ("all values are rounded down"); OOD: S_i ~ Rand(1, 10), independent."""
+    if ood:
+        return {name: rng.randint(1, 10) for name in E_SPURIOUS}
+    return {name: math.floor(r * causal[parent]) for name, (parent, r) in E_SPURIOUS.items()}
+
+
+def e_irrelevant(rng: random.Random) -> dict:
+    """I_i ~ Rand(1, 10)."""
+    return {name: rng.randint(1, 10) for name in E_IRRELEVANT}
+
+
+def e_label(causal: dict) -> str:
+    """f = 1.2·Smoking + 0.7·Weight − Exercise; High Risk when f > μ_h = 7.2 (the authors' generator uses >)."""
+    f = 1.2 * causal["Smoking"] + 0.7 * causal["Weight"] - causal["Exercise"]
+    return "High Risk" if f > 7.2 else "Low Risk"
+
+
+# ----------------------------------------------------------------------------- STG_H (Appendix A, Figure 7)
+QUESTION_H = ("Here are this year's records for a city. "
+              "Please predict its air quality index (AQI), an integer from 0 to 100. ")
+H_CAUSAL = {"Industrial emissions": (30, 70, 2.0),               # name: U(low, high) + N(0, sd)
+            "Vehicle emissions": (20, 60, 2.0),
+            "Coal dependency": (10, 50, 1.5),
+            "Agricultural burning": (10, 30, 1.0),
+            "Urban green coverage": (40, 80, 3.0),
+            "Meteorological dispersion": (50, 90, 3.0)}
+AQI_WEIGHTS = {"Industrial emissions": 0.3, "Vehicle emissions": 0.25, "Coal dependency": 0.2,
+               "Agricultural burning": 0.15, "Urban green coverage": -0.2, "Meteorological dispersion": -0.3}
+H_SPURIOUS = {"Ice cream sales": ("Meteorological dispersion", 0.4, 2.0),   # name: (parent, coef, noise sd)
+              "Allergy complaints": ("Agricultural burning", 0.2, 3.0),
+              "Renewable stock index": ("Industrial emissions", 1.1, 1.5),
+              "Public transport subscriptions": ("Vehicle emissions", 0.15, 2.0),
+              "Water awareness score": ("Urban green coverage", -0.1, 1.0)}
+H_IRRELEVANT = ["City anniversary", "Internet speed", "Number of libraries"]
+
+
+def h_causal(rng: random.Random) -> dict:
+    """Six causes, uniform plus Gaussian noise, rounded to the one decimal the text prints."""
+    return {name: round(rng.uniform(low, high) + rng.gauss(0, sd), 1) for name, (low, high, sd) in H_CAUSAL.items()}
+
+
+def h_spurious(rng: random.Random, causal: dict, ood: bool) -> dict:
+    """IID: coef·parent + N(0, sd); OOD: uniform over the range coef·U(low, high) spans, independent of all."""
+    values = {}
+    for name, (parent, coef, sd) in H_SPURIOUS.items():
+        if ood:
+            low, high, _ = H_CAUSAL[parent]
+            values[name] = round(rng.uniform(min(coef * low, coef * high), max(coef * low, coef * high)), 1)
+        else:
+            values[name] = round(coef * causal[parent] + rng.gauss(0, sd), 1)
+    return values
+
+
+def h_irrelevant(rng: random.Random) -> dict:
+    """Three factors no answer depends on; the two counts print as integers."""
+    return {"City anniversary": rng.randint(1, 100),
+            "Internet speed": round(rng.uniform(80, 120) + rng.gauss(0, 3), 1),
+            "Number of libraries": rng.randint(10, 50)}
+
+
+def h_label(causal: dict) -> str:
+    """raw = Σ w_i·f_i clipped to [−20, 30]; AQI = round((raw + 20) / 50 · 100), from the printed values."""
+    raw = sum(w * causal[name] for name, w in AQI_WEIGHTS.items())
+    raw = min(max(raw, -20.0), 30.0)
+    return str(round((raw + 20) / 50 * 100))
+
+
+# ----------------------------------------------------------------------------- records and files
+GENERATORS = {"stg_e": (e_causal, e_spurious, e_irrelevant, e_label),
+              "stg_h": (h_causal, h_spurious, h_irrelevant, h_label)}
+QUESTION = {"stg_e": QUESTION_E, "stg_h": QUESTION_H}
+FACTORS = {"stg_e": {"causal": E_CAUSAL, "spurious": list(E_SPURIOUS), "irrelevant": E_IRRELEVANT},
+           "stg_h": {"causal": list(H_CAUSAL), "spurious": list(H_SPURIOUS), "irrelevant": H_IRRELEVANT}}
+PARENT = {"stg_e": {name: spec[0] for name, spec in E_SPURIOUS.items()},    # spurious -> its causal parent
+          "stg_h": {name: spec[0] for name, spec in H_SPURIOUS.items()}}
+FILES = {  # file stem: (task, records, out of distribution, training file with `important`)   Table 4
+    "stg_s_train": ("stg_e", 400, False, True),
+    "stg_m_train": ("stg_e", 800, False, True),
+    "stg_l_train": ("stg_e", 1600, False, True),
+    "stg_e_test_iid": ("stg_e", 400, False, False),
+    "stg_e_test_ood": ("stg_e", 400, True, False),
+    "stg_h_train": ("stg_h", 3000, False, True),
+    "stg_h_test_iid": ("stg_h", 1000, False, False),
+    "stg_h_test_ood": ("stg_h", 1000, True, False),
+}
+
+
+def phrase(name: str, value) -> str:
+    """'Name: value', floats with one decimal, integers as integers."""
+    return f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}"
+
+
+def make_record(task: str, rng: random.Random, ood: bool, train: bool) -> dict:
+    """One record: the question, the attributes in a fresh random order, 'Answer: '; the rule-made label."""
+    causal_fn, spurious_fn, irrelevant_fn, label_fn = GENERATORS[task]
+    causal = causal_fn(rng)
+    values = {**causal, **spurious_fn(rng, causal, ood), **irrelevant_fn(rng)}
+    target = label_fn(causal)
+    names = list(values)
+    rng.shuffle(names)
+    record = {"input": QUESTION[task] + ", ".join(phrase(n, values[n]) for n in names) + " Answer: ",
+              "target": target}
+    if train:  # CAT §4.1 Step 2: the answer is caused by the causal phrases only
+        record["important"] = [{target: [phrase(n, values[n]) for n in FACTORS[task]["causal"]]}]
+    return record
+
+
+def generate(stem: str, seed: int) -> list[dict]:
+    """All records of one file, from its own stream random.Random(f"{seed}/{stem}")."""
+    task, n, ood, train = FILES[stem]
+    rng = random.Random(f"{seed}/{stem}")
+    return [make_record(task, rng, ood, train) for _ in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object a line; written to a temporary file, then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def spurious_correlations(records: list[dict], task: str) -> dict[str, float]:
+    """Pearson correlation of each spurious attribute with its causal parent, read back from the texts."""
+    rows = [parse_attributes(r["input"], task) for r in records]
+    return {name: float(np.corrcoef([row[name] for row in rows], [row[parent] for row in rows])[0, 1])
+            for name, parent in PARENT[task].items()}
+
+
+def summarize(stem: str, records: list[dict]) -> str:
+    """Record count, label balance, and how strongly each spurious attribute follows its parent."""
+    task = FILES[stem][0]
+    if task == "stg_e":
+        balance = f"High Risk share {np.mean([r['target'] == 'High Risk' for r in records]):.3f}"
+    else:
+        aqi = np.array([int(r["target"]) for r in records])
+        balance = f"AQI mean {aqi.mean():.1f}, sd {aqi.std():.1f}, range {aqi.min()}-{aqi.max()}"
+    corr = ", ".join(f"{name}~{PARENT[task][name]} {c:+.2f}"
+                     for name, c in spurious_correlations(records, task).items())
+    return f"{stem}: {len(records)} records, {balance}\n    corr(spurious, parent): {corr}"
+
+
+def write_stg(out_dir, seed: int = 42, only_missing: bool = False) -> list[Path]:
+    """Write the STG files of Table 4 into out_dir (only the absent ones with only_missing); print a summary."""
+    written = []
+    for stem in FILES:
+        path = Path(out_dir) / f"{stem}.jsonl"
+        if only_missing and path.exists():
+            continue
+        records = generate(stem, seed)
+        write_jsonl(path, records)
+        print(summarize(stem, records))
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- reading
+NAME_RE = {task: "|".join(re.escape(n) for n in sorted(sum(kinds.values(), []), key=len, reverse=True))
+           for task, kinds in FACTORS.items()}
+PHRASE_RE = {task: re.compile(rf"\b(?P<name>{names}): (?P<value>-?\d+(?:\.\d+)?)") for task, names in NAME_RE.items()}
+KIND = {task: {name: kind for kind, names in kinds.items() for name in names} for task, kinds in FACTORS.items()}
+
+
+def attribute_spans(text: str, task: str) -> list[tuple[str, str, int, int]]:
+    """(name, "causal" | "spurious" | "irrelevant", start, end) of each 'Name: value' phrase in text.
+
+    Tasks without known factors (the downstream ones) have no attribute spans: [].
+    """
+    if task not in PHRASE_RE:
+        return []
+    return [(m["name"], KIND[task][m["name"]], m.start(), m.end()) for m in PHRASE_RE[task].finditer(text)]
+
+
+def parse_attributes(text: str, task: str) -> dict:
+    """{name: value} of the 'Name: value' phrases in text (int or float, as printed)."""
+    values = {}
+    for name, _, start, end in attribute_spans(text, task):
+        value = text[start:end].split(": ")[1]
+        values[name] = float(value) if "." in value else int(value)
+    return values
+
+
+def read_records(path) -> list[dict]:
+    """Records of a JSONL file; a line that is not a JSON object with string input and target raises
+    ValueError naming file:line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                                 'one object like {"input": "...", "target": "..."}') from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            for field in ("input", "target"):
+                if not isinstance(record.get(field), str):
+                    found = "nothing" if field not in record else type(record[field]).__name__
+                    raise ValueError(f"{where}: field {field!r} must be a string, found {found}; "
+                                     'each record needs {"input": "...", "target": "..."}')
+            important = record.get("important", [])
+            if not (isinstance(important, list) and all(isinstance(d, dict) for d in important)):
+                raise ValueError(f"{where}: 'important' must be a list of {{effect: [causes]}} objects")
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- data sets by name
+DOWNSTREAM = ("mawps", "svamp", "asdiv", "gsm8k", "arc_e")
+STG_TRAIN = {"stg_s": "stg_e", "stg_m": "stg_e", "stg_l": "stg_e", "stg_h": "stg_h"}   # name -> task
+TASK_HINTS = [("stg_h", ("stg_h",)),                                 # a file stem holding a hint -> task
+              ("stg_e", ("stg_e", "stg_s", "stg_m", "stg_l", "spurious_token_game")),
+              *((task, (task,)) for task in DOWNSTREAM)]
+
+
+@dataclass
+class DataSet:
+    name: str                  # "stg_s", "gsm8k", or a file stem
+    task: str                  # "stg_e" | "stg_h" | one of DOWNSTREAM | "generic": picks the answer checker
+    train: Path | None         # training records (annotated ones carry `important`)
+    val: Path | None           # validation records, where the task has them
+    tests: dict[str, Path]     # {"iid": ..., "ood": ...} for STG, {"test": ...} elsewhere
+
+
+def guess_task(stem: str) -> str:
+    """The task a file name hints at ("gsm8k_test" -> "gsm8k"), else "generic"."""
+    stem = stem.lower()
+    return next((task for task, hints in TASK_HINTS if any(h in stem for h in hints)), "generic")
+
+
+def resolve_data(name_or_path: str, data_dir="data") -> DataSet:
+    """A data set by name (stg_s|stg_m|stg_l|stg_h, generated when missing; mawps|svamp|asdiv|gsm8k|arc_e)
+    or by the path of one JSONL file (used for training and testing alike)."""
+    data_dir = Path(data_dir)
+    if name_or_path in STG_TRAIN:
+        task = STG_TRAIN[name_or_path]
+        data = DataSet(name_or_path, task, data_dir / f"{name_or_path}_train.jsonl", None,
+                       {split: data_dir / f"{task}_test_{split}.jsonl" for split in ("iid", "ood")})
+        missing = [p for p in (data.train, *data.tests.values()) if not p.exists()]
+        if missing:
+            print(f"stg: {', '.join(map(str, missing))} missing; generating the STG files in {data_dir} (seed 42)")
+            write_stg(data_dir, seed=42, only_missing=True)
+        return data
+    if name_or_path in DOWNSTREAM:
+        task = name_or_path
+        annotated = data_dir / f"{task}_train_annotated.jsonl"
+        data = DataSet(task, task, annotated if annotated.exists() else data_dir / f"{task}_train.jsonl",
+                       data_dir / f"{task}_val.jsonl", {"test": data_dir / f"{task}_test.jsonl"})
+        missing = [p for p in (data.train, data.val, data.tests["test"]) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(map(str, missing))} not found: run `python annotate.py fetch {task}` "
+                                    f"to download and split {task} (and `python annotate.py` to annotate it)")
+        return data
+    path = Path(name_or_path)
+    if path.is_file():
+        return DataSet(path.stem, guess_task(path.stem), path, None, {"test": path})
+    raise ValueError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
+                     f"or the path of an existing JSONL file")
+
+
+# ----------------------------------------------------------------------------- command line
+@dataclass
+class StgConfig:
+    out: str = "data"          # folder the JSONL files are written to
+    seed: int = 42             # every file's stream is random.Random(f"{seed}/{file stem}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the STG benchmark (CAT Appendix A) as JSONL files.")
+    parser.add_argument("--out", default=StgConfig.out, help="output folder")
+    parser.add_argument("--seed", type=int, default=StgConfig.seed, help="seed every file's stream derives from")
+    cfg = StgConfig(**vars(parser.parse_args(argv)))
+    write_stg(cfg.out, cfg.seed)
+
+
+if __name__ == "__main__":
+    main()
