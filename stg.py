@@ -11,7 +11,7 @@ independent of it out of distribution) or irrelevant. The generator knows the ca
     python stg.py --out data/ [--seed 42]
 
 Every file is drawn from its own stream, random.Random(f"{seed}/{file stem}"), so training and test
-files never share a stream, and the files are byte-identical on every run and Python version.
+files never share a stream, and the files are byte-identical on every run.
 """
 import argparse
 import json
@@ -51,7 +51,11 @@ def e_irrelevant(rng: random.Random) -> dict:
 
 
 def e_label(causal: dict) -> str:
-    """f = 1.2·Smoking + 0.7·Weight − Exercise; High Risk when f > μ_h = 7.2 (the authors' generator uses >)."""
+    """f = 1.2·Smoking + 0.7·Weight − Exercise; High Risk when f > μ_h = 7.2.
+
+    The paper writes f ≥ μ_h; the authors' generator uses > in floating point, where the 8 combinations with
+    f = 7.2 exactly evaluate to 7.199999999999999: Low Risk either way. This is exact `12S + 7W − 10E > 72`.
+    """
     f = 1.2 * causal["Smoking"] + 0.7 * causal["Weight"] - causal["Exercise"]
     return "High Risk" if f > 7.2 else "Low Risk"
 
@@ -293,12 +297,15 @@ def resolve_data(name_or_path: str, data_dir="data") -> DataSet:
                        data_dir / f"{task}_val.jsonl", {"test": data_dir / f"{task}_test.jsonl"})
         missing = [p for p in (data.train, data.val, data.tests["test"]) if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"{', '.join(map(str, missing))} not found: run `python annotate.py fetch {task}` "
-                                    f"to download and split {task} (and `python annotate.py` to annotate it)")
+            raise FileNotFoundError(f"{', '.join(map(str, missing))} not found: run `python annotate.py fetch {task} "
+                                    f"--out {data_dir}` to download and split {task}; `python annotate.py annotate "
+                                    f"--task {task}` then writes {annotated} for CAT training")
         return data
     path = Path(name_or_path)
     if path.is_file():
         return DataSet(path.stem, guess_task(path.stem), path, None, {"test": path})
+    if path.suffix == ".jsonl" or os.sep in name_or_path:
+        raise FileNotFoundError(f"{path}: no such file (expected a JSONL file of records, one object a line)")
     raise ValueError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
                      f"or the path of an existing JSONL file")
 
