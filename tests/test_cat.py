@@ -1,0 +1,309 @@
+"""cat.py against references: a hand-worked loss, a double loop written from §4.2, gradcheck, and token
+spans checked by decoding the tokens back to the phrase, on three kinds of tokenizer."""
+import json
+import math
+import random
+import time
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+import cat
+
+# -----------------------------------------------------------------------------
+# §4.2: the loss
+
+
+def test_hand_worked_loss():
+    # Row i attends over j <= i; the mask is already shifted. With alpha = 1:
+    #   row 0: no causal token                                  -> not counted
+    #   row 1: j = 0, 1 both causal, no other token             -> not counted
+    #   row 2: causal j = 1: C = 0.3;  other j = 0, 2: N = (0.2 + 0.5) / 2 = 0.35
+    #          C/N = 6/7, max(0, 1 - 6/7) = 1/7   (mask[2, 3] lies after i = 2 and is ignored)
+    #   row 3: causal j = 0, 2: C = (0.1 + 0.3) / 2 = 0.2;  other j = 1, 3: N = (0.2 + 0.4) / 2 = 0.3
+    #          C/N = 2/3, max(0, 1 - 2/3) = 1/3
+    #   L_attn = 1/7 + 1/3 = 10/21.  With alpha = 0.8: row 2 gives 0, row 3 gives 0.8 - 2/3 = 2/15.
+    attn = torch.tensor([[1.0, 0.0, 0.0, 0.0],
+                         [0.5, 0.5, 0.0, 0.0],
+                         [0.2, 0.3, 0.5, 0.0],
+                         [0.1, 0.2, 0.3, 0.4]])[None]
+    mask = torch.tensor([[0, 0, 0, 0],
+                         [1, 1, 0, 0],
+                         [0, 1, 0, 1],
+                         [1, 0, 1, 0]], dtype=torch.bool)[None]
+    ratio, rows = cat.causal_ratio(attn, mask)
+    assert rows.tolist() == [[False, False, True, True]]
+    torch.testing.assert_close(ratio[0, 2:], torch.tensor([6 / 7, 2 / 3]))
+    torch.testing.assert_close(cat.reattention_loss(attn, mask, 1.0), torch.tensor(10 / 21))
+    torch.testing.assert_close(cat.reattention_loss(attn, mask, 0.8), torch.tensor(2 / 15))
+    # The same from the causal mass of each row: 0, 1.0, 0.3, 0.4.
+    mass = (attn * mask.tril()).sum(-1)
+    torch.testing.assert_close(cat.reattention_loss_from_mass(mass, mask, 1.0), torch.tensor(10 / 21))
+
+
+def loop_loss(attn, mask, alpha, pad_mask):
+    """L_attn written straight from CAT §4.2 Eq. 8-10, one row at a time; mean over the batch."""
+    B, T = len(attn), len(attn[0])
+    total = 0.0
+    for b in range(B):
+        for i in range(T):
+            if not pad_mask[b][i]:
+                continue
+            js = [j for j in range(i + 1) if pad_mask[b][j]]
+            causal = [attn[b][i][j] for j in js if mask[b][i][j]]
+            other = [attn[b][i][j] for j in js if not mask[b][i][j]]
+            if causal and other:
+                C = sum(causal) / len(causal)
+                N = sum(other) / len(other)
+                total = total + max(0.0, alpha - C / N)
+    return total / B
+
+
+def random_batch(B=3, T=7, seed=0, dtype=torch.float64):
+    """Random positive maps, random masks and a pad mask with right, left and no padding."""
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.rand(B, T, T, generator=g, dtype=dtype) + 0.05
+    mask = torch.rand(B, T, T, generator=g) < 0.3
+    pad_mask = torch.ones(B, T, dtype=torch.bool)
+    pad_mask[0, T - 2:] = False            # right padding
+    pad_mask[1, :3] = False                # left padding
+    return attn, mask, pad_mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_equals_double_loop(seed):
+    attn, mask, pad_mask = random_batch(seed=seed)
+    for alpha in (0.3, 1.0, 3.0):
+        expected = loop_loss(attn.tolist(), mask.tolist(), alpha, pad_mask.tolist())
+        got = cat.reattention_loss(attn, mask, alpha, pad_mask)
+        assert got.item() == pytest.approx(expected, rel=1e-12), f"alpha={alpha}"
+    expected = loop_loss(attn.tolist(), mask.tolist(), 3.0, [[True] * 7] * 3)
+    assert cat.reattention_loss(attn, mask, 3.0).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_loss_is_zero_with_graph_when_no_row_qualifies():
+    attn = torch.rand(2, 5, 5, requires_grad=True)
+    loss = cat.reattention_loss(attn, torch.zeros(2, 5, 5, dtype=torch.bool), 0.3)
+    loss.backward()
+    assert loss.item() == 0.0 and attn.grad is not None and not attn.grad.any()
+
+
+def test_zero_other_attention_gives_no_nan():
+    # Row 1: all attention on the causal token, N_1 = 0 -> the ratio is huge and the hinge zero, never NaN.
+    attn = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]], requires_grad=True)
+    mask = torch.tensor([[[0, 0], [1, 0]]], dtype=torch.bool)
+    loss = cat.reattention_loss(attn, mask, 0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(attn.grad).all()
+
+
+def test_gradcheck_float64():
+    attn, mask, pad_mask = random_batch(B=2, T=5, seed=3)
+    attn.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: cat.reattention_loss(a, mask, 2.0, pad_mask), (attn,))
+    mass = (torch.rand(2, 5, dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: cat.reattention_loss_from_mass(m, mask, 2.0, pad_mask), (mass,))
+
+
+def softmax_attention(B, T, L, H, pad_mask, seed):
+    """Per-layer (B, H, T, T) softmax attention over the real j <= i (rows of padding over j <= i)."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & pad_mask[:, None, :]      # (B, T, T)
+    allowed = allowed | (~allowed.any(-1, keepdim=True) & torch.ones(T, T, dtype=torch.bool).tril())
+    probs = []
+    for _ in range(L):
+        scores = torch.randn(B, H, T, T, generator=g, dtype=torch.float64) * 2
+        probs.append(scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1))
+    return probs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mass_path_equals_explicit_path(seed):
+    B, T, L, H = 3, 9, 2, 3
+    _, mask, pad_mask = random_batch(B, T, seed)
+    probs = softmax_attention(B, T, L, H, pad_mask, seed)
+    avg = cat.average_attention(probs)
+    torch.testing.assert_close(avg, torch.stack(probs).mean(dim=(0, 2)))
+    # What the model returns on the fast path: the layer/head mean of sum_j P_ij M_ij, with the patterns as columns.
+    cols, group = cat.causal_patterns(mask)
+    per_pattern = torch.stack([p @ cols.double()[:, None] for p in probs]).mean(dim=(0, 2))   # (B, T, K)
+    mass = per_pattern.gather(-1, group[..., None])[..., 0]                            # (B, T)
+    torch.testing.assert_close(mass, (avg * mask).sum(-1))
+    ratio, rows = cat.causal_ratio(avg, mask, pad_mask)
+    ratio_m, rows_m = cat.ratio_from_mass(mass, mask, pad_mask)
+    assert torch.equal(rows, rows_m) and rows.any()
+    torch.testing.assert_close(ratio_m, ratio)
+    for alpha in (0.5, 1.5):
+        torch.testing.assert_close(cat.reattention_loss_from_mass(mass, mask, alpha, pad_mask),
+                                   cat.reattention_loss(avg, mask, alpha, pad_mask))
+
+
+def test_causal_patterns_reconstruct_mask():
+    _, mask, _ = random_batch(B=3, T=8, seed=4)
+    mask[1] = False                                         # a sequence with no annotation at all
+    mask[2, 3] = mask[2, 6] = mask[2, 1]                    # repeated patterns share one column
+    cols, group = cat.causal_patterns(mask)
+    B, T, K = cols.shape
+    assert cols.dtype == torch.float32 and group.dtype == torch.long and K >= 1
+    for b in range(B):
+        assert len({tuple(row) for row in mask[b].tolist()}) == int(group[b].max()) + 1
+        for i in range(T):
+            assert torch.equal(cols[b, :, group[b, i]], mask[b, i].float()), (b, i)
+    assert not cols[1].any() and group[2, 3] == group[2, 6] == group[2, 1]
+
+
+def test_shift_up():
+    adj = torch.arange(2 * 16).view(2, 4, 4)
+    out = cat.shift_up(adj)
+    assert torch.equal(out[:, :3], adj[:, 1:]) and not out[:, 3].any()
+
+
+def test_gamma():
+    assert [cat.gamma(e) for e in range(3)] == [1.0, math.exp(-1), math.exp(-2)]
+    assert cat.gamma(5, "constant") == 1.0
+    with pytest.raises(ValueError, match="constant"):
+        cat.gamma(0, "linear")
+
+
+# -----------------------------------------------------------------------------
+# §4.1 Step 2: the adjacency
+
+
+@pytest.fixture(params=["byte_bpe", "sentencepiece_bpe", "smollm2"])
+def tokenizer(request):
+    if request.param == "smollm2":
+        return Tokenizer.from_file(str(request.getfixturevalue("smollm2_dir") / "tokenizer.json"))
+    return request.getfixturevalue(request.param)
+
+
+INPUT = ("Here is the statistical data for a person. Smoking: 8, Café naïve: 2, 東京 ☕ 🙂, Weight: 1, "
+         "Smoking: 8, Room size: 4 Answer: ")
+TARGET = "High Risk"
+IMPORTANT = [{"High Risk": ["Smoking: 8", "Weight: 1", "Room size: 4", "Exercise: 9"]},
+             {"Weight: 1": ["Café naïve: 2", "東京", "Room size: 4"]}]
+
+
+def occurrence_tokens(tokenizer, ids, offsets, full, phrase):
+    """Token indices of each occurrence of `phrase`, checked by decoding: they spell it, and no fewer would."""
+    found = []
+    for start, end in cat.find_phrase(full, phrase):
+        toks = cat.tokens_in_span(offsets, start, end)
+        assert toks == list(range(toks[0], toks[-1] + 1)), f"{phrase!r}: tokens {toks} not contiguous"
+        assert phrase in tokenizer.decode(ids[toks[0]:toks[-1] + 1]), f"{phrase!r}: tokens {toks} miss part of it"
+        assert phrase not in tokenizer.decode(ids[toks[0] + 1:toks[-1] + 1]), f"{phrase!r}: first token not needed"
+        assert phrase not in tokenizer.decode(ids[toks[0]:toks[-1]]), f"{phrase!r}: last token not needed"
+        found.append(toks)
+    return found
+
+
+def test_token_adjacency_cases(tokenizer):
+    ids, adj, stats = cat.token_adjacency([INPUT, TARGET], IMPORTANT, tokenizer)
+    pieces = [tokenizer.encode(p, add_special_tokens=False).ids for p in (INPUT, TARGET)]
+    assert ids == pieces[0] + pieces[1], "each piece is tokenised on its own"
+    assert adj.shape == (len(ids), len(ids)) and adj.dtype == torch.bool
+
+    _, offsets = cat.token_offsets([INPUT, TARGET], tokenizer)
+    spans = {p: occurrence_tokens(tokenizer, ids, offsets, INPUT + TARGET, p)
+             for p in ["High Risk", "Smoking: 8", "Weight: 1", "Room size: 4", "Café naïve: 2", "東京"]}
+    assert len(spans["Smoking: 8"]) == 2, "the phrase occurs twice"
+    assert all(len(t) > 1 for t in spans["Room size: 4"]), "a phrase split into several tokens"
+    assert min(spans["High Risk"][0]) >= len(pieces[0]), "the key sits in the target"
+
+    expected = torch.zeros_like(adj)
+    for i in spans["High Risk"][0]:
+        for p in ["Smoking: 8", "Weight: 1", "Room size: 4"]:     # both occurrences of Smoking: 8
+            for toks in spans[p]:
+                expected[i, toks] = True
+    for i in spans["Weight: 1"][0]:                               # Room size: 4 comes after Weight: 1: no edge
+        for toks in spans["Café naïve: 2"] + spans["東京"]:
+            expected[i, toks] = True
+    assert torch.equal(adj, expected), f"differs at {(adj ^ expected).nonzero().tolist()}"
+    assert stats == {"found": 8, "not_found": 1, "missing": ["Exercise: 9"], "edges": int(expected.sum())}
+
+
+def test_find_phrase():
+    text = "He has 48 caps and buys 8 more. Answer: 56. high risk, High Risk"
+    assert cat.find_phrase(text, "8") == [(24, 25)], "whole numbers, not the 8 of 48"
+    assert cat.find_phrase(text, "High Risk") == [(55, 64)], "exact first"
+    assert cat.find_phrase(text, "HIGH RISK") == [(44, 53), (55, 64)], "then case-insensitive"
+    assert cat.find_phrase("東京都", "東京") == [(0, 2)], "then inside words, for text without spaces"
+    assert cat.find_phrase(text, "Exercise") == []
+
+
+class WrongOffsets:
+    """A tokenizer that reports UTF-8 byte offsets instead of character offsets, as buggy versions did."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text, add_special_tokens=False):
+        enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        byte = lambda k: len(text[:k].encode())
+        return type("Encoding", (), {"ids": enc.ids, "offsets": [(byte(s), byte(e)) for s, e in enc.offsets]})
+
+    def decode_batch(self, sequences, skip_special_tokens=False):
+        return self.tokenizer.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
+
+
+def test_fallback_offsets_from_decoding(tokenizer):
+    pieces = [INPUT, TARGET]
+    wrong = WrongOffsets(tokenizer)
+    reported = [o for p in pieces for o in wrong.encode(p).offsets]
+    assert reported != [o for p in pieces for o in tokenizer.encode(p, add_special_tokens=False).offsets]
+    assert cat.token_offsets(pieces, wrong) == cat.token_offsets(pieces, tokenizer)
+    assert torch.equal(cat.token_adjacency(pieces, IMPORTANT, wrong)[1],
+                       cat.token_adjacency(pieces, IMPORTANT, tokenizer)[1])
+
+
+def test_fallback_refuses_text_it_cannot_recover(byte_bpe):
+    class Lossy(WrongOffsets):
+        def decode_batch(self, sequences, skip_special_tokens=False):
+            return [s.lower() for s in super().decode_batch(sequences, skip_special_tokens)]
+    with pytest.raises(ValueError, match="round-trips"):
+        cat.token_offsets("Café naïve: 2, Smoking: 8", Lossy(byte_bpe))
+
+
+def test_records_in_the_published_format_load_unchanged(byte_bpe):
+    lines = [
+        '{"input": "Here is the statistical data for a person. Please predict the probability of cancer. '
+        'Smoking: 8, Weight: 4, Yellow fingers: 12, Exercise: 2 Answer: ", "target": "High Risk", '
+        '"important": [{"High Risk": ["Smoking: 8", "Weight: 4", "Exercise: 2"]}]}',
+        '{"input": "William has 2 bottle caps. He buys 41 more. How many bottle caps does William have in all? '
+        'Answer: ", "target": "43.0", "important": [{"43.0": ["2", 41, "buys"]}, {"41": ["2"]}]}',
+        '{"input": "No annotation here. Answer: ", "target": "1"}',
+    ]
+    for line in lines:
+        record = json.loads(line)
+        ids, adj, stats = cat.token_adjacency([record["input"], record["target"]], record.get("important"), byte_bpe)
+        assert stats["not_found"] == 0 and adj.shape == (len(ids), len(ids))
+        assert (stats["edges"] > 0) == ("important" in record)
+    with pytest.raises(ValueError, match=r"important\[0\]"):
+        cat.token_adjacency("text", [["High Risk", "Smoking: 8"]], byte_bpe)
+
+
+ATTRIBUTES = ["Smoking", "Weight", "Exercise", "Yellow fingers", "Clothing size", "Hormones", "Certain gene", "Room size"]
+
+
+def stg_like_records(n, seed=0):
+    """STG_E-like records: eight "Name: value" attributes in random order, the three causal ones annotated."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        values = {name: rng.randint(1, 10) for name in ATTRIBUTES}
+        order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+        text = ", ".join(f"{name}: {values[name]}" for name in order)
+        target = rng.choice(["High Risk", "Low Risk"])
+        records.append({"input": "Here is the statistical data for a person. Please predict the probability of "
+                                 f"cancer. {text} Answer: ", "target": target,
+                        "important": [{target: [f"{name}: {values[name]}" for name in ATTRIBUTES[:3]]}]})
+    return records
+
+
+def test_adjacency_speed_on_stg_like_records(tokenizer):
+    records = stg_like_records(1000)
+    start = time.perf_counter()
+    results = [cat.token_adjacency([r["input"], r["target"]], r["important"], tokenizer) for r in records]
+    seconds = time.perf_counter() - start
+    print(f"\ntoken_adjacency: 1000 STG-like records in {seconds:.3f} s ({seconds:.3f} ms per record)")
+    assert all(stats["not_found"] == 0 and stats["edges"] > 0 for _, _, stats in results)
