@@ -1,0 +1,602 @@
+"""The decoder CAT tunes (Llama, Qwen2, Mistral), written out: attention that can hand back its
+probabilities (CAT §3.1) or the attention mass on causal tokens (CAT §4.2), KV-cache greedy
+generation, Hugging Face-layout loading and saving, and hand-written LoRA (Hu et al. 2021)."""
+import argparse
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tokenizers
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# architecture -> (model_type, q/k/v projections carry a bias whatever attention_bias says)
+ARCHITECTURES = {"LlamaForCausalLM": ("llama", False), "MistralForCausalLM": ("mistral", False),
+                 "Qwen2ForCausalLM": ("qwen2", True)}
+ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+           "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M"}
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json"]
+
+
+@dataclass
+class ModelArgs:
+    architecture: str = "LlamaForCausalLM"   # architectures[0]
+    vocab_size: int = 32000                  # vocab_size (V)
+    dim: int = 4096                          # hidden_size
+    n_layers: int = 32                       # num_hidden_layers (L)
+    n_heads: int = 32                        # num_attention_heads (H)
+    n_kv_heads: int = 32                     # num_key_value_heads (grouped-query attention when < H)
+    head_dim: int = 128                      # head_dim, else hidden_size // num_attention_heads (D)
+    hidden_dim: int = 11008                  # intermediate_size (SwiGLU width)
+    norm_eps: float = 1e-5                   # rms_norm_eps
+    rope_theta: float = 10000.0              # rope_theta, or rope_parameters["rope_theta"]
+    rope_scaling: dict | None = None         # rope_scaling, or the rest of rope_parameters; None = plain RoPE
+    qkv_bias: bool = False                   # attention_bias (Llama); always True for Qwen2
+    o_bias: bool = False                     # attention_bias (Llama only)
+    mlp_bias: bool = False                   # mlp_bias
+    tie_word_embeddings: bool = False        # tie_word_embeddings: lm_head shares embed_tokens.weight
+    sliding_window: int | None = None        # sliding_window (when use_sliding_window is not false): not implemented,
+                                             # so longer sequences are refused
+    init_std: float = 0.02                   # initializer_range (weights of a model trained from scratch)
+    extra: dict = field(default_factory=dict)  # every other key of config.json, written back unchanged
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"config.json: architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported, only 'silu' (SwiGLU)")
+        # newer configs hold theta and scaling in one rope_parameters dict, older ones in two keys
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"config.json: RoPE type {rope_type!r} is not supported: 'default', 'linear', 'llama3'")
+        _, always_bias = ARCHITECTURES[arch]
+        bias = cfg.get("attention_bias", False)
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        used = {"architectures", "model_type", "hidden_act", "rope_parameters", "rope_scaling", "rope_theta",
+                "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "rms_norm_eps", "attention_bias", "mlp_bias",
+                "tie_word_embeddings", "sliding_window", "use_sliding_window", "initializer_range"}
+        return cls(architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
+                   n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                   hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                   rope_theta=theta, rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+                   qkv_bias=always_bias or bias, o_bias=bias and not always_bias, mlp_bias=cfg.get("mlp_bias", False),
+                   tie_word_embeddings=cfg.get("tie_word_embeddings", False), sliding_window=window,
+                   init_std=cfg.get("initializer_range", 0.02), extra={k: v for k, v in cfg.items() if k not in used})
+
+    def to_hf_config(self) -> dict:
+        model_type, always_bias = ARCHITECTURES[self.architecture]
+        return {**self.extra, "architectures": [self.architecture], "model_type": model_type,
+                "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "intermediate_size": self.hidden_dim, "hidden_act": "silu", "rms_norm_eps": self.norm_eps,
+                "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+                "attention_bias": self.o_bias or (self.qkv_bias and not always_bias), "mlp_bias": self.mlp_bias,
+                "tie_word_embeddings": self.tie_word_embeddings, "sliding_window": self.sliding_window,
+                "use_sliding_window": self.sliding_window is not None, "initializer_range": self.init_std}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                        # (B, T, V)
+    attentions: list[torch.Tensor] | None       # per layer (B, H, T, S) softmax probabilities, float32
+    causal_mass: torch.Tensor | None            # (B, T) mean over layers and heads of sum_j P_ij * M_ij
+    cache: "KVCache | None"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()  # normalise in float32, then back to the input's dtype
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_frequencies(args: ModelArgs, device) -> torch.Tensor:
+    """Inverse frequencies theta^(-2k/D) of RoPE, with Llama-3's or linear scaling: (D/2,)."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim)
+    scaling = args.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":  # long wavelengths slowed by `factor`, short kept, the band between blended
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > context / low, inv_freq / factor,
+                               torch.where(wavelen < context / high, inv_freq, blended))
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, T, D) by its positions, in float32. Hugging Face's split-halves pairing (dimension k
+    with k + D/2), so their checkpoints load as they are; Meta's original code pairs neighbours (2k, 2k+1)
+    instead, which would need q_proj and k_proj rows permuted."""
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., x.shape[-1] // 2:], x32[..., :x.shape[-1] // 2]], dim=-1)  # rotate_half
+    return (x32 * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer: (B, H_kv, S, D) each."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k, v):
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache, return_attn, causal_cols, causal_group):
+        """x (B, T, dim); mask (B, 1, T, S) bool, True = may attend, or None = plain causal (S == T).
+        Returns the output (B, T, dim), the probabilities (B, H, T, S) or None, the causal mass (B, T) or None."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)       # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)    # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)    # (B, H_kv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)                             # (B, H_kv, S, D)
+        if causal_cols is not None:
+            # CAT §4.2 fast path (DESIGN.md, "useful identity"): the loss needs only m_i = sum_j P_ij M_ij, and the
+            # rows of the mask M take K patterns. Append the patterns to V as K extra columns: then P @ [V | C]
+            # = [P V | P C], the layer's output beside every row's mass on each pattern, in one attention call,
+            # without forming P. Widened to a multiple of 8 with zero columns, as fused kernels want.
+            K = causal_cols.shape[-1]
+            cols = F.pad(causal_cols, (0, -K % 8)).to(v.dtype)                # (B, S, K8)
+            v = torch.cat([v, cols[:, None].expand(B, self.n_kv_heads, -1, -1)], dim=-1)  # (B, H_kv, S, D + K8)
+        # grouped-query attention: kv head g serves query heads g*n .. g*n + n - 1
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D)
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D [+ K8])
+        probs = None
+        if return_attn:  # CAT §3.1 written out: softmax(Q Kᵀ / sqrt(d_k)) · V
+            S = k.shape[2]
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)         # (B, H, T, S)
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # float32 attention map
+            out = probs.to(v.dtype) @ v                                       # (B, H, T, D [+ K8])
+        else:  # fused kernel; q and k padded with zeros to V's width leave Q Kᵀ unchanged, so the scale stays 1/sqrt(D)
+            width = v.shape[-1]
+            out = F.scaled_dot_product_attention(F.pad(q, (0, width - D)), F.pad(k, (0, width - D)), v,
+                                                 attn_mask=mask, is_causal=mask is None, scale=1 / math.sqrt(D))
+        mass = None
+        if causal_cols is not None:  # row i keeps the column of its own pattern, causal_group[i]
+            index = causal_group[:, None, :, None].expand(B, self.n_heads, T, 1)
+            mass = out[..., D:].gather(-1, index)[..., 0].float().mean(dim=1)  # (B, T), mean over heads
+            out = out[..., :D]
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)             # heads concatenated
+        return self.o_proj(out), probs, mass
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, *attn_args):
+        h, probs, mass = self.self_attn(self.input_layernorm(x), *attn_args)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), probs, mass
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=args.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, *, position_ids=None, cache=None, return_attn=False,
+                causal_cols=None, causal_group=None) -> ModelOutput:
+        """input_ids (B, T); attention_mask (B, S), 1 = real token, S = cached + new tokens; position_ids (B, T),
+        by default counted over the real tokens; causal_cols (B, T, K) float and causal_group (B, T) long: the
+        CAT mask's row patterns and which one each row uses, to return causal_mass (B, T)."""
+        B, T = input_ids.shape
+        past = cache.length() if cache is not None else 0
+        S = past + T
+        if self.args.sliding_window is not None and S > self.args.sliding_window:
+            raise ValueError(f"{S} tokens exceed the sliding window ({self.args.sliding_window}), not implemented")
+        if causal_cols is not None and past:
+            raise ValueError("causal_cols needs the whole sequence in one call, without a KV cache")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        real = attention_mask.bool()
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # query i sits at cache position past + i and sees key j <= past + i that is a real token; a padding
+        # token also sees itself, so that no row is empty (an all -inf row would softmax to NaN)
+        q_pos = torch.arange(past, S, device=input_ids.device)[:, None]
+        k_pos = torch.arange(S, device=input_ids.device)[None, :]
+        mask = ((k_pos <= q_pos) & (real[:, None, :] | (k_pos == q_pos)))[:, None]    # (B, 1, T, S)
+        if past == 0 and not (real[:, 1:] & ~real[:, :-1]).any():
+            mask = None  # no real token after a pad (right padding): the causal mask alone is exact for real rows
+        inv_freq = rope_frequencies(self.args, input_ids.device)
+        angles = position_ids[..., None].float() * inv_freq                  # (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, D)
+        cos, sin = angles.cos(), angles.sin()
+        x = self.model.embed_tokens(input_ids)                                # (B, T, dim)
+        attentions, masses = [], []
+        for layer in self.model.layers:
+            x, probs, mass = layer(x, cos, sin, mask, cache, return_attn, causal_cols, causal_group)
+            attentions.append(probs)
+            masses.append(mass)
+        logits = self.lm_head(self.model.norm(x))                             # (B, T, V)
+        return ModelOutput(logits=logits, attentions=attentions if return_attn else None,
+                           causal_mass=torch.stack(masses).mean(0) if causal_cols is not None else None, cache=cache)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """Greedy decoding of a batch, left-padded, with a KV cache. Returns each prompt's new tokens, EOS excluded."""
+    if not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token (prepend BOS to an empty text)")
+    device = next(model.parameters()).device
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)     # (B, T)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, T)
+    eos = torch.tensor(eos_ids, device=device)
+    was_training = model.training
+    model.eval()
+    cache, done, new = KVCache(), torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    logits = model(ids, mask, cache=cache).logits
+    for _ in range(max_new_tokens):
+        token = torch.where(done, pad_id, logits[:, -1].argmax(-1))           # (B,)
+        new.append(token)
+        done |= torch.isin(token, eos)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(token[:, None], mask, cache=cache).logits
+    model.train(was_training)
+    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
+    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token(value) -> str | None:
+    """A special token of tokenizer_config.json: a string, a dict with "content", or null."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """Thin wrapper over tokenizers.Tokenizer with the model's special ids."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, bos_id, eos_ids: list[int], pad_id: int, config=None):
+        self.backend, self.bos_id, self.eos_ids, self.pad_id = backend, bos_id, eos_ids, pad_id
+        self.config = config or {}  # tokenizer_config.json, written back by save()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the model folder needs a fast tokenizer file")
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        config, gen, model_cfg = (_read_json(path / n) for n in
+                                  ("tokenizer_config.json", "generation_config.json", "config.json"))
+
+        def token_id(name):
+            token = _token(config.get(name))
+            return backend.token_to_id(token) if token is not None else None
+
+        # BOS when the model's tokenizer adds it: said in tokenizer_config, else done by the post-processor
+        bos_id = token_id("bos_token") if config.get("add_bos_token") else None
+        if "add_bos_token" not in config:
+            plain, special = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+            bos_id = special[0] if len(special) > len(plain) and special[0] != plain[0] else None
+        eos_ids = [token_id("eos_token")]  # the tokenizer's own first: it ends training texts
+        for source in (gen, model_cfg):
+            value = source.get("eos_token_id")
+            eos_ids += value if isinstance(value, list) else [value]
+        eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
+        if not eos_ids:
+            raise ValueError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
+        pad_id = next((i for i in (token_id("pad_token"), gen.get("pad_token_id"), model_cfg.get("pad_token_id"))
+                       if i is not None), eos_ids[0])
+        return cls(backend, bos_id, eos_ids, pad_id, config)
+
+    def save(self, out_dir) -> None:
+        out_dir = Path(out_dir)
+        self.backend.save(str(out_dir / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.bos_id is not None,
+                  "eos_token": self.backend.id_to_token(self.eos_ids[0]),
+                  "pad_token": self.backend.id_to_token(self.pad_id), **self.config}
+        if self.bos_id is not None:
+            config.setdefault("bos_token", self.backend.id_to_token(self.bos_id))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": self.eos_ids, "pad_token_id": self.pad_id}
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _check_tensors(expected: dict, found: dict, source, optional=()) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped tensor. expected: name -> shape."""
+    for name in found:
+        if name not in expected:
+            raise ValueError(f"{source}: unexpected tensor {name} {tuple(found[name].shape)}")
+        if tuple(found[name].shape) != tuple(expected[name]):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(found[name].shape)}, "
+                             f"the config expects {tuple(expected[name])}")
+    for name in expected:
+        if name not in found and name not in optional:
+            raise ValueError(f"{source}: missing tensor {name}, expected shape {tuple(expected[name])}")
+
+
+def _resolve(name_or_path: str) -> Path:
+    """An alias, a local folder or a hub id -> a local folder."""
+    name = ALIASES.get(name_or_path, name_or_path)
+    if Path(name).is_dir():
+        return Path(name)
+    if "/" not in name or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"{name_or_path!r} is neither a model folder nor a hub id (owner/name) "
+                         f"nor an alias: {sorted(ALIASES)}")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES, token=os.environ.get("HF_TOKEN")))
+        if not list(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
+            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"],
+                                            token=os.environ.get("HF_TOKEN")))
+    except Exception as error:
+        raise RuntimeError(f"could not download {name} from the Hugging Face hub ({type(error).__name__}: {error}). "
+                           "Gated models need HF_TOKEN; without a network, pass a local folder in HF layout "
+                           "(config.json, *.safetensors, tokenizer.json)") from error
+    return folder
+
+
+def _read_weights(folder: Path, device) -> dict:
+    """All tensors of a checkpoint: one safetensors file, shards listed in model.safetensors.index.json, or
+    pytorch_model*.bin converted once to model.safetensors beside them."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    elif bins := sorted(folder.glob("pytorch_model*.bin")):
+        tensors = {}
+        for path in bins:
+            tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+        save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        files = [folder / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    tensors = {}
+    for path in files:
+        tensors.update(load_file(str(path), device=str(device)))
+    return tensors
+
+
+def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
+    """An alias, a local folder or a hub id; a folder with adapter_config.json is its base model plus the adapter,
+    merged."""
+    folder = _resolve(name_or_path)
+    if (folder / "adapter_config.json").exists():
+        base = _read_json(folder / "adapter_config.json")["base_model_name_or_path"]
+        model, tokenizer = load_model(base, dtype, device)
+        if (folder / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_dir(folder)
+        return merge_lora(load_adapter(model, folder)), tokenizer
+    args = ModelArgs.from_hf_config(_read_json(folder / "config.json"))
+    with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
+        model = Transformer(args)
+    # older checkpoints also stored RoPE's inverse frequencies, which are recomputed here
+    tensors = {k: v.to(dtype) for k, v in _read_weights(folder, device).items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    _check_tensors(expected, tensors, folder, optional={"lm_head.weight"} if args.tie_word_embeddings else ())
+    if args.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    return model, Tokenizer.from_dir(folder)
+
+
+def _write_atomically(out_dir, write) -> None:
+    """write(tmp_dir) fills a temporary folder beside out_dir, which then replaces out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model: Transformer, tokenizer: Tokenizer, out_dir) -> None:
+    """config.json, model.safetensors and tokenizer files, in the layout transformers reads."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("save_model: the model holds LoRA layers; save_adapter them, or merge_lora first")
+    tied = model.args.tie_word_embeddings
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
+    config = {**model.args.to_hf_config(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+              "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_ids, "pad_token_id": tokenizer.pad_id}
+
+    def write(tmp):
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+    _write_atomically(out_dir, write)
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 64                  # rank of the update B·A (Hu et al. 2021, §4)
+    alpha: float = 32            # the update is scaled by alpha / r
+    dropout: float = 0.1         # dropout on the input of the LoRA branch
+    target_modules: tuple = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """x -> W0 x + (alpha/r) · B A dropout(x), W0 frozen; A (r, in) kaiming-uniform, B (out, r) zero, so training
+    starts from the base model. Attribute names as PEFT's, so the adapter's keys match."""
+
+    def __init__(self, base_layer: nn.Linear, cfg: LoRAConfig):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        kw = dict(bias=False, device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        self.lora_A = nn.Linear(base_layer.in_features, cfg.r, **kw)
+        self.lora_B = nn.Linear(cfg.r, base_layer.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scaling = cfg.alpha / cfg.r
+        self.merged = False
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + (alpha/r) · B A, once; the LoRA branch is then skipped."""
+        if not self.merged:
+            self.base_layer.weight += (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+            self.merged = True
+
+
+def _targets(model: nn.Module, cls, names=None):
+    """(parent, attribute, module) of every submodule of type cls, named in names when given."""
+    return [(parent, attr, child) for parent in list(model.modules()) for attr, child in parent.named_children()
+            if isinstance(child, cls) and (names is None or attr in names)]
+
+
+def apply_lora(model: Transformer, cfg: LoRAConfig) -> Transformer:
+    """Freeze every parameter and wrap the target linear layers in LoRALinear."""
+    model.requires_grad_(False)
+    targets = _targets(model, nn.Linear, cfg.target_modules)
+    if not targets:
+        raise ValueError(f"apply_lora: no linear layer named any of {cfg.target_modules}")
+    for parent, attr, child in targets:
+        setattr(parent, attr, LoRALinear(child, cfg))
+    return model
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Merge every LoRALinear into its base layer and put the plain layer back."""
+    for parent, attr, child in _targets(model, LoRALinear):
+        child.merge()
+        setattr(parent, attr, child.base_layer)
+    return model
+
+
+def save_adapter(model: Transformer, cfg: LoRAConfig, out_dir, base_model: str) -> None:
+    """adapter_config.json and adapter_model.safetensors in PEFT's layout and key names."""
+    tensors = {f"base_model.model.{k}": v.detach().contiguous().cpu()
+               for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+              "lora_dropout": cfg.dropout, "target_modules": list(cfg.target_modules), "bias": "none",
+              "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True}
+
+    def write(tmp):
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_atomically(out_dir, write)
+
+
+def load_adapter(model: Transformer, adapter_dir) -> Transformer:
+    """Wrap model with the LoRA layers of a PEFT-layout folder and load their weights (not merged)."""
+    adapter_dir = Path(adapter_dir)
+    config = _read_json(adapter_dir / "adapter_config.json")
+    if not isinstance(config.get("target_modules"), list) or config.get("use_rslora"):
+        raise ValueError(f"{adapter_dir}/adapter_config.json: only a list of target_modules and plain LoRA "
+                         "scaling (no use_rslora) are supported")
+    cfg = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                     target_modules=tuple(config["target_modules"]))
+    apply_lora(model, cfg)
+    device = model.lm_head.weight.device
+    tensors = {k.removeprefix("base_model.model."): v.to(model.lm_head.weight.dtype) for k, v in
+               load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(device)).items()}
+    expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    _check_tensors(expected, tensors, adapter_dir / "adapter_model.safetensors")
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Greedy continuation of a prompt")
+    parser.add_argument("--model", required=True, help=f"a folder, a hub id or an alias: {sorted(ALIASES)}")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = parser.parse_args()
+    model, tokenizer = load_model(a.model, getattr(torch, a.dtype), a.device)
+    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(a.prompt)
+    new = generate(model, [prompt], a.max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)[0]
+    print(tokenizer.decode(new))
+
+
+if __name__ == "__main__":
+    main()
