@@ -24,7 +24,7 @@ from torch import Tensor
 
 
 def find_phrase(text: str, phrase: str) -> list[tuple[int, int]]:
-    """Character spans [start, end) of `phrase` in `text`: exact first, then case-insensitive."""
+    """CAT §4.1 Step 2: character spans [start, end) of `phrase` in `text`, exact first, then case-insensitive."""
     escaped = re.escape(phrase)
     # Whole words first, so that "8" is not found inside "48"; then any substring, for text without spaces.
     for pattern in (rf"(?<!\w){escaped}(?!\w)", escaped):
@@ -35,15 +35,15 @@ def find_phrase(text: str, phrase: str) -> list[tuple[int, int]]:
     return []
 
 
-def _offsets_agree(piece: str, offsets: list[tuple[int, int]], pieces: list[str]) -> bool:
+def _offsets_agree(piece: str, offsets: list[tuple[int, int]], decoded: list[str]) -> bool:
     """Whether each token's offsets cover the text the token decodes to (tokens of a split character skipped)."""
-    for (start, end), decoded in zip(offsets, pieces):
+    for (start, end), token_text in zip(offsets, decoded):
         if not 0 <= start <= end <= len(piece):
             return False
-        if "\ufffd" in decoded or not decoded.strip():  # part of a multi-byte character, or only a space
+        token_text, word = token_text.strip(), piece[start:end].strip()
+        if not token_text or "\ufffd" in token_text:    # only a space, or part of a multi-byte character
             continue
-        word, decoded = piece[start:end].strip(), decoded.strip()
-        if word != decoded and unicodedata.normalize("NFKC", word) != unicodedata.normalize("NFKC", decoded):
+        if word != token_text and unicodedata.normalize("NFKC", word) != unicodedata.normalize("NFKC", token_text):
             return False
     return True
 
@@ -74,7 +74,7 @@ def _trim(piece: str, start: int, end: int, shift: int) -> tuple[int, int]:
 
 
 def token_offsets(text: str | Sequence[str], tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and verified character offsets into "".join(pieces); each piece tokenised on its own."""
+    """CAT §4.1 Step 2: token ids and verified character offsets into "".join(pieces), pieces tokenised apart."""
     pieces = [text] if isinstance(text, str) else list(text)
     ids, offsets, shift = [], [], 0
     for piece in pieces:
@@ -91,7 +91,7 @@ def token_offsets(text: str | Sequence[str], tokenizer) -> tuple[list[int], list
 
 
 def tokens_in_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Indices of the tokens whose character span overlaps [start, end)."""
+    """CAT §4.1 Step 2: indices of the tokens whose character span overlaps [start, end)."""
     return [k for k, (s, e) in enumerate(offsets) if s < end and e > start]
 
 
@@ -108,8 +108,9 @@ def _relations(important) -> list[tuple[str, list[str]]]:
     return relations
 
 
-def token_adjacency(text: str | Sequence[str], important, tokenizer) -> tuple[list[int], Tensor, dict]:
-    """CAT §4.1 Eq. 4: A_adj (T, T) bool, A[i, j] = 1 for i in an effect phrase, j in a cause phrase before it."""
+def token_adjacency(text: str | Sequence[str], important: list[dict] | None,
+                    tokenizer) -> tuple[list[int], Tensor, dict]:
+    """CAT §4.1 Eq. 4: ids, A_adj (T, T) bool (A[i, j] = 1: i in an effect, j in a cause before it), stats."""
     ids, offsets = token_offsets(text, tokenizer)
     full = "".join([text] if isinstance(text, str) else text)
     adj = np.zeros((len(ids), len(ids)), dtype=bool)
@@ -128,6 +129,7 @@ def token_adjacency(text: str | Sequence[str], important, tokenizer) -> tuple[li
             # A cause must come before the effect it causes: only value occurrences that end before this key.
             cols = [j for v in values for s, e in spans[v] if e <= key_start for j in tokens_in_span(offsets, s, e)]
             adj[np.ix_(rows, cols)] = True
+    # Coverage for the caller to report: a phrase not found leaves its rows or columns empty, never silently.
     stats = {"found": found, "not_found": len(missing), "missing": missing, "edges": int(adj.sum())}
     return ids, torch.from_numpy(adj), stats
 
@@ -153,7 +155,8 @@ def _visible(mask: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     T = mask.shape[-1]
     seen = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()   # (T, T) j <= i
     if pad_mask is not None:                                                 # (B, T) True = real token
-        seen = seen & pad_mask[..., :, None] & pad_mask[..., None, :]        # (B, T, T) real rows and columns
+        real = pad_mask.bool()
+        seen = seen & real[..., :, None] & real[..., None, :]                # (B, T, T) real rows and columns
     causal = mask.bool() & seen
     return causal, seen & ~causal
 
@@ -168,7 +171,7 @@ def _ratio(causal_sum: Tensor, n_causal: Tensor, other_sum: Tensor, n_other: Ten
 
 
 def causal_ratio(avg_attn: Tensor, mask: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """CAT §4.2 Eq. 8, 9: avg_attn (B, T, T), shifted mask (B, T, T) -> ratio C_i/N_i (B, T), rows (B, T) bool."""
+    """CAT §4.2 Eq. 8, 9: avg_attn (B, T, T), shifted mask (B, T, T) -> C_i/N_i (B, T) (0 off rows), rows (B, T)."""
     causal, other = _visible(mask, pad_mask)
     return _ratio((avg_attn * causal).sum(-1), causal.sum(-1), (avg_attn * other).sum(-1), other.sum(-1))
 
@@ -189,17 +192,16 @@ def reattention_loss(avg_attn: Tensor, mask: Tensor, alpha: float, pad_mask: Ten
 
 
 def causal_patterns(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The distinct row patterns of each mask (B, T, T) -> cols (B, T, K) float 0/1, group (B, T) long.
-
-    mask[b, i, :] == cols[b, :, group[b, i]]; the empty pattern, where a sequence has one, is an all-zero column.
-    """
+    """CAT §4.2 fast path: distinct row patterns of each mask (B, T, T) -> cols (B, T, K) float, group (B, T) long."""
+    # mask[b, i, :] == cols[b, :, group[b, i]]; the empty pattern, where a sequence has one, is an all-zero column.
     B, T, _ = mask.shape
-    batch = torch.arange(B, device=mask.device).repeat_interleave(T)                 # (B*T,)
-    keyed = torch.cat([batch[:, None], mask.reshape(B * T, T).long()], dim=1)        # (B*T, 1+T) sequence, then row
+    batch = torch.arange(B, device=mask.device, dtype=torch.int32).repeat_interleave(T)   # (B*T,)
+    keyed = torch.cat([batch[:, None], mask.reshape(B * T, T).int()], dim=1)         # (B*T, 1+T) sequence, then row
     patterns, inverse = torch.unique(keyed, dim=0, return_inverse=True)              # (U, 1+T) sorted by sequence
-    owner = patterns[:, 0]                                                           # (U,) sequence of each pattern
+    owner = patterns[:, 0].long()                                                    # (U,) sequence of each pattern
     count = torch.bincount(owner, minlength=B)                                       # (B,) patterns per sequence
-    rank = torch.arange(len(owner), device=mask.device) - (count.cumsum(0) - count)[owner]   # (U,) index in its sequence
+    first = count.cumsum(0) - count                                                  # (B,) index of its first pattern
+    rank = torch.arange(len(owner), device=mask.device) - first[owner]               # (U,) index in its sequence
     cols = mask.new_zeros(B, T, int(count.max()), dtype=torch.float32)              # (B, T, K)
     cols[owner, :, rank] = patterns[:, 1:].float()
     return cols, rank[inverse].view(B, T)

@@ -282,7 +282,8 @@ def test_records_in_the_published_format_load_unchanged(byte_bpe):
         cat.token_adjacency("text", [["High Risk", "Smoking: 8"]], byte_bpe)
 
 
-ATTRIBUTES = ["Smoking", "Weight", "Exercise", "Yellow fingers", "Clothing size", "Hormones", "Certain gene", "Room size"]
+ATTRIBUTES = ["Smoking", "Weight", "Exercise",                    # causal: the three annotated
+              "Yellow fingers", "Clothing size", "Hormones", "Certain gene", "Room size"]
 
 
 def stg_like_records(n, seed=0):
