@@ -130,7 +130,7 @@ def token_adjacency(text: str | Sequence[str], important: list[dict] | None,
             cols = [j for v in values for s, e in spans[v] if e <= key_start for j in tokens_in_span(offsets, s, e)]
             adj[np.ix_(rows, cols)] = True
     # Coverage for the caller to report: a phrase not found leaves its rows or columns empty, never silently.
-    stats = {"found": found, "not_found": len(missing), "missing": missing, "edges": int(adj.sum())}
+    stats = {"found": found, "not_found": len(missing), "missing_phrases": missing, "edges": int(adj.sum())}
     return ids, torch.from_numpy(adj), stats
 
 

@@ -219,7 +219,7 @@ def test_token_adjacency_cases(tokenizer):
         for toks in spans["Café naïve: 2"] + spans["東京"]:
             expected[i, toks] = True
     assert torch.equal(adj, expected), f"differs at {(adj ^ expected).nonzero().tolist()}"
-    assert stats == {"found": 8, "not_found": 1, "missing": ["Exercise: 9"], "edges": int(expected.sum())}
+    assert stats == {"found": 8, "not_found": 1, "missing_phrases": ["Exercise: 9"], "edges": int(expected.sum())}
 
 
 def test_find_phrase():
