@@ -1,0 +1,451 @@
+"""Testing a checkpoint (CAT §5.2, Appendix F): batched greedy decoding, one answer checker per task,
+accuracy on every test split (Tables 1 and 2), the attention analysis behind Figures 3 and 5, and
+Table 1's layout from the results of several runs.
+
+    python eval.py --model runs/<name> --data stg_s --attention
+    python eval.py --compare runs/a runs/b --out table.md
+"""
+import argparse
+import json
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import cat
+import stg
+from model import generate, load_model
+
+KINDS = ("causal", "spurious", "irrelevant")           # CAT §5.2.1: the three factor types of STG
+COLORS = {"causal": "tab:green", "spurious": "tab:red", "irrelevant": "tab:gray"}
+MAX_NEW_TOKENS = {"stg_e": 8, "stg_h": 8, "arc_e": 16}  # short answers; every other task: Appendix F's 512
+ATTENTION_BATCH = 16                                    # per-layer (B, H, T, T) maps are large: smaller batches
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None          # run folder, base model alias, local folder or hub id (model.load_model)
+    data: str = "stg_s"               # data set name or JSONL path (stg.resolve_data)
+    task: str | None = None           # answer checker to use instead of the data set's own
+    out: str | None = None            # output folder; default: the run folder, else runs/eval-<name>
+    batch_size: int = 64              # Appendix F, Table 6
+    max_new_tokens: int | None = None  # default: MAX_NEW_TOKENS per task, else 512 (Appendix F)
+    limit: int | None = None          # evaluate only the first N records of each split
+    attention: bool = False           # STG only: attention on causal / spurious / irrelevant tokens, plots
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "float32"            # float32 | bfloat16 | float16 weights
+    compare: list[str] = field(default_factory=list)  # run folders to tabulate instead of evaluating
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer checkers: each returns (the answer it read from the output or None, whether it is right)
+
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # "1,093", "43.0", "-7", ".5"
+OPTION = re.compile(r"^([A-E1-9])\. (.+)$", re.MULTILINE)              # "B. breathing mask" in ARC-E inputs
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def _answer_text(text: str) -> str:
+    """The part after the first "#### " (GSM8K's answer mark) if any, else the text; first line, without "$",
+    thousands commas and a unit in brackets ("6 (bags)" -> "6")."""
+    if "#### " in text:
+        text = text.split("#### ", 1)[1]
+    line = re.sub(r"\s*\([^)]*\)", "", _first_line(text).replace("$", ""))
+    return re.sub(r"(?<=\d),(?=\d{3})", "", line).strip()
+
+
+def _close(a: str, b: str) -> bool:
+    return abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b)))
+
+
+def check_exact(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+    """STG_E and any data set without a checker of its own: the first line of the stripped output must equal
+    the stripped target ("High Risk" / "Low Risk"); "high risk" and "High Risk, since ..." are wrong."""
+    answer = _first_line(prediction)
+    return answer, answer == target.strip()
+
+
+def check_stg_h(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+    """STG_H: the first number of the output must equal the integer target (an AQI 0-100) exactly:
+    "57" and "57.0" are 57, "57.4" is not; the error of that number feeds the mean absolute error."""
+    match = NUMBER.search(prediction)
+    if match is None:
+        return None, False
+    answer = match.group().replace(",", "")
+    return answer, float(answer) == float(target)
+
+
+def check_numeric(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+    """MAWPS, SVAMP, ASDiv: the answer is the text after the first "#### " when the output has one (a model
+    trained on GSM8K, Table 2's out-of-domain columns), else the output's first line, without "$", thousands
+    commas and a unit in brackets. A numeric target ("43.0", "6 (bags)") is matched by the FIRST number of that
+    answer within a relative 1e-4 ("41 more, so 43" is 41: wrong); a target that is not one number ("2:13",
+    "12:50") must equal the answer's text."""
+    answer, wanted = _answer_text(prediction), _answer_text(target)
+    if NUMBER.fullmatch(wanted) is None:
+        return answer, answer.rstrip(".").lower() == wanted.rstrip(".").lower()
+    match = NUMBER.search(answer)
+    if match is None:
+        return None, False
+    return match.group(), _close(match.group(), wanted)
+
+
+def check_gsm8k(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+    """GSM8K: the number right after the first "#### " of the output; an output without "#### " has no answer
+    (a number elsewhere in the reasoning does not count). The target is the bare number or a solution ending in
+    "#### N"."""
+    wanted = NUMBER.match(_answer_text(target))
+    if wanted is None:
+        raise ValueError(f"GSM8K target {target!r} is neither a number nor a solution ending in '#### <number>'")
+    match = NUMBER.match(_answer_text(prediction)) if "#### " in prediction else None
+    if match is None:
+        return None, False
+    return match.group(), _close(match.group(), wanted.group())
+
+
+def check_arc_e(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+    """ARC-E: the option label the output gives, read in this order, with the labels of the input's options
+    ("A." to "E." or "1." to "4."; all of them when no input is given):
+    1. the first "answer is X" / "Answer: X" anywhere ("not B, the answer is D" is D);
+    2. a first line that is the text of one option ("a bacterial population in the bloodstream" is B);
+    3. a first line that starts with a label followed by ".", ")", ":", "," or nothing ("B", "(B)", "B. ...").
+    Anything else has no answer ("Because ..." is not B, "A bacterial ..." is not A, "B or D" is neither)."""
+    options = dict(OPTION.findall(input))
+    labels = re.escape("".join(options) or "ABCDE1234")
+    said = re.search(rf"(?i:answer(?:\s+is)?\s*:?)\s*\(?([{labels}])(?![A-Za-z0-9])", prediction)
+    line = _first_line(prediction)
+    texts = {text.strip().rstrip(".").lower(): label for label, text in options.items()}
+    starts = re.match(rf"\(?([{labels}])\)?(?:[.):,]|$)", line)
+    if said:
+        answer = said.group(1)
+    elif line.rstrip(".").lower() in texts:
+        answer = texts[line.rstrip(".").lower()]
+    else:
+        answer = starts.group(1) if starts else None
+    return answer, answer == target.strip()
+
+
+CHECKERS = {"stg_e": check_exact, "stg_h": check_stg_h, "mawps": check_numeric, "svamp": check_numeric,
+            "asdiv": check_numeric, "gsm8k": check_gsm8k, "arc_e": check_arc_e, "generic": check_exact}
+
+
+def check(task: str, prediction: str, target, input: str = "") -> tuple[str | None, bool]:
+    """The answer read from `prediction` and whether it is right, by the task's checker."""
+    if task not in CHECKERS:
+        raise ValueError(f"no answer checker for task {task!r}; known tasks: {', '.join(CHECKERS)}")
+    return CHECKERS[task](prediction, str(target), input)
+
+
+def is_correct(task: str, prediction: str, target, input: str = "") -> bool:
+    """Whether the model's output `prediction` answers `target` (input: the prompt, for ARC-E's options)."""
+    return check(task, prediction, target, input)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Test-time prompt: [bos?] + ids(input), exactly the prefix training puts before the answer."""
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+
+
+def generate_answers(model, tokenizer, prompts: list[list[int]], *, batch_size: int,
+                     max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens for each prompt (EOS excluded); prompts of similar length share a batch, results
+    come back in the prompts' order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
+        batch = order[start:start + batch_size]
+        new = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
+        for i, ids in zip(batch, new):
+            outputs[i] = ids
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention analysis (Figures 3 and 5)
+
+def prompt_kinds(tokenizer, text: str, task: str) -> tuple[list[int], list[str], list[str | None]]:
+    """Prompt ids ([bos?] + ids(text)), each token's text, and each token's factor kind (None outside the
+    "Name: value" phrases stg.attribute_spans finds; a token overlapping two phrases takes the later's kind)."""
+    ids, offsets = cat.token_offsets(text, tokenizer.backend)
+    labels = [text[start:end] for start, end in offsets]
+    kinds: list[str | None] = [None] * len(ids)
+    for _name, kind, start, end in stg.attribute_spans(text, task):
+        for t in cat.tokens_in_span(offsets, start, end):
+            kinds[t] = kind
+    if tokenizer.bos_id is not None:
+        return [tokenizer.bos_id] + ids, ["<bos>"] + labels, [None] + kinds
+    return ids, labels, kinds
+
+
+def kind_numbers(row: torch.Tensor, kinds: list[str | None]) -> dict:
+    """From one row of Ā (T,): mean attention per token of each kind, and each kind's share of the attention
+    on all attribute tokens."""
+    mass = {}
+    mean = {}
+    for kind in KINDS:
+        index = [j for j, k in enumerate(kinds) if k == kind]
+        if not index:
+            raise ValueError(f"no {kind} attribute tokens in the prompt: attention analysis needs STG records")
+        mass[kind] = float(row[index].sum())
+        mean[kind] = mass[kind] / len(index)
+    total = sum(mass.values())
+    return {"mean": mean, "share": {kind: mass[kind] / total for kind in KINDS}}
+
+
+def attention_by_kind(model, tokenizer, records: list[dict], task: str) -> tuple[list[dict], dict]:
+    """CAT Figure 3: for each record, the attention that the answer row (the last prompt position, which
+    predicts the first answer token, §4.2) puts on causal, spurious and irrelevant tokens in the average map
+    Ā = 1/(L·H) Σ_l Σ_h softmax(Q Kᵀ/√d_k). Returns kind_numbers per record, and the first record's Ā (T, T)
+    with its token labels and kinds for Figure 5."""
+    device = next(model.parameters()).device
+    prompts = [prompt_kinds(tokenizer, r["input"], task) for r in records]
+    numbers, example = [], None
+    for start in tqdm(range(0, len(prompts), ATTENTION_BATCH), desc="attention", unit="batch"):
+        batch = prompts[start:start + ATTENTION_BATCH]
+        lengths = [len(ids) for ids, _, _ in batch]
+        ids = torch.full((len(batch), max(lengths)), tokenizer.pad_id, dtype=torch.long)  # (B, T), right-padded
+        mask = torch.zeros_like(ids)
+        for b, (prompt, _, _) in enumerate(batch):
+            ids[b, :len(prompt)] = torch.tensor(prompt)
+            mask[b, :len(prompt)] = 1
+        out = model(ids.to(device), attention_mask=mask.to(device), return_attn=True)
+        avg = cat.average_attention(out.attentions).float().cpu()  # (B, T, T)
+        for b, (_, _, kinds) in enumerate(batch):
+            numbers.append(kind_numbers(avg[b, lengths[b] - 1], kinds))  # row T-1 predicts the answer
+        if example is None:
+            _, labels, kinds = batch[0]
+            example = {"map": avg[0, :lengths[0], :lengths[0]], "labels": labels, "kinds": kinds}
+    return numbers, example
+
+
+def summarize_attention(numbers: list[dict]) -> dict:
+    """Per kind over records: mean and median of the per-token attention, mean share."""
+    return {kind: {"mean": statistics.fmean(n["mean"][kind] for n in numbers),
+                   "median": statistics.median(n["mean"][kind] for n in numbers),
+                   "share": statistics.fmean(n["share"][kind] for n in numbers)} for kind in KINDS}
+
+
+def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path, name: str) -> list[Path]:
+    """Figure 3 (density of the answer row's attention per token, per factor kind, one panel per split) and
+    Figure 5 (Ā over the attribute region of one prompt, tokens as labels coloured by kind), as PNG files."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: the attention numbers are in results.json; "
+              "`pip install matplotlib` to get the pictures")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    density = out_dir / f"attention_density_{name}.png"
+    fig, axes = plt.subplots(1, len(numbers), figsize=(5 * len(numbers), 3.5), squeeze=False)
+    for ax, (split, per_record) in zip(axes[0], numbers.items()):
+        for kind in KINDS:
+            ax.hist([n["mean"][kind] for n in per_record], bins=30, density=True, histtype="step",
+                    color=COLORS[kind], label=kind)
+        ax.set(title=f"{name} {split}", xlabel="attention per token from the answer row", ylabel="density")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(density, dpi=150)
+    plt.close(fig)
+
+    first = min(j for j, kind in enumerate(example["kinds"]) if kind is not None)
+    region = example["map"][first:, first:]  # (T', T'): rows attend to columns; the last row predicts the answer
+    size = 4 + 0.12 * len(region)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(region.numpy(), cmap="viridis")
+    ticks = range(len(region))
+    ax.set_xticks(ticks, example["labels"][first:], rotation=90, fontsize=6)
+    ax.set_yticks(ticks, example["labels"][first:], fontsize=6)
+    for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for tick, kind in zip(tick_labels, example["kinds"][first:]):
+            tick.set_color(COLORS.get(kind, "black"))
+    ax.set_title(f"average attention map, {name} (green causal, red spurious, gray irrelevant)")
+    fig.tight_layout()
+    attention_map = out_dir / f"attention_map_{name}.png"
+    fig.savefig(attention_map, dpi=150)
+    plt.close(fig)
+    return [density, attention_map]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+def score(task: str, rows: list[dict]) -> dict:
+    """Accuracy of the checked rows, with the majority-label baseline, unparsed outputs and, for STG_H, the
+    mean absolute error of the parsed numbers."""
+    n = len(rows)
+    correct = sum(row["correct"] for row in rows)
+    result = {"accuracy": correct / n, "n": n, "correct": correct,
+              "unparsed": sum(row["answer"] is None for row in rows),
+              "majority": Counter(row["target"] for row in rows).most_common(1)[0][1] / n}
+    if task == "stg_h":
+        errors = [abs(float(row["answer"]) - float(row["target"])) for row in rows if row["answer"] is not None]
+        result["mae"] = statistics.fmean(errors) if errors else None
+    return result
+
+
+def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
+             out_dir=None, attention: bool = False, limit: int | None = None) -> dict:
+    """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}. With out_dir, writes
+    predictions_<data>_<split>.jsonl and merges {data.name: result} into out_dir/results.json; with
+    attention (STG only), adds the per-kind attention numbers and draws the two pictures."""
+    if attention and data.task not in stg.FACTORS:
+        raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results, numbers, example = {}, {}, None
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for split, path in data.tests.items():
+            records = stg.read_records(path)[:limit]
+            if not records:
+                raise ValueError(f"{path}: no records to evaluate")
+            new = generate_answers(model, tokenizer, [prompt_ids(tokenizer, r["input"]) for r in records],
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
+            rows = []
+            for record, ids in zip(records, new):
+                output = tokenizer.decode(ids)
+                answer, correct = check(data.task, output, record["target"], record["input"])
+                rows.append({"input": record["input"], "target": str(record["target"]), "output": output,
+                             "answer": answer, "correct": correct})
+            results[split] = score(data.task, rows)
+            if attention:
+                numbers[split], split_example = attention_by_kind(model, tokenizer, records, data.task)
+                example = split_example  # the last split's first record: OOD for STG, where the trap shows
+                results[split]["attention"] = summarize_attention(numbers[split])
+                for row, n in zip(rows, numbers[split]):
+                    row["attention"] = n["mean"]
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                with open(Path(out_dir) / f"predictions_{data.name}_{split}.jsonl", "w") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in rows)
+    model.train(was_training)
+    if out_dir is not None:
+        path = Path(out_dir) / "results.json"
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged[data.name] = results
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+        if attention:
+            plot_attention(numbers, example, Path(out_dir), data.name)
+    return results
+
+
+def format_results(name: str, results: dict) -> str:
+    """A small text table: one line per split."""
+    lines = [f"{'data':<10} {'split':<6} {'n':>5} {'accuracy':>9} {'majority':>9}  extra"]
+    for split, r in results.items():
+        extra = f"MAE {r['mae']:.2f}  " if r.get("mae") is not None else ""
+        if "attention" in r:
+            extra += "attention per token " + ", ".join(f"{k} {r['attention'][k]['mean']:.4f}" for k in KINDS)
+        lines.append(f"{name:<10} {split:<6} {r['n']:>5} {r['accuracy']:>9.4f} {r['majority']:>9.4f}  {extra}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1 from several runs
+
+def run_label(run: Path) -> str:
+    """A row name for a run: model, full/LoRA and method from train_config.json, else the folder name."""
+    path = run / "train_config.json"
+    if not path.exists():
+        return run.name
+    cfg = json.loads(path.read_text())
+    method = f"CAT α={cfg['alpha']:g}" if cfg.get("alpha") else "Vanilla"
+    return f"{cfg.get('model', run.name)} {'LoRA' if cfg.get('lora') else 'Full'} {method}"
+
+
+def compare_runs(runs: list[str]) -> str:
+    """Table 1's layout as Markdown: one row per method (runs sharing a label are averaged), one column per
+    data set and split, accuracies in %, and the majority-label baseline as the last row."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    rows, columns, majority = [], [], {}
+    for run in map(Path, runs):
+        path = run / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: evaluate the run first "
+                                    f"(python eval.py --model {run} --data <data set>)")
+        label = run_label(run)
+        rows += [label] if label not in rows else []
+        for name, splits in json.loads(path.read_text()).items():
+            for split, r in splits.items():
+                column = f"{name} {split.upper()}"
+                columns += [column] if column not in columns else []
+                cells.setdefault((label, column), []).append(r["accuracy"])
+                majority.setdefault(column, r["majority"])
+
+    def cell(values: list[float]) -> str:
+        text = f"{100 * statistics.fmean(values):.2f}%"
+        return text + (f" (mean of {len(values)})" if len(values) > 1 else "")
+
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(cells[label, c]) if (label, c) in cells else "–"
+                                                  for c in columns) + " |")
+    lines.append("| majority baseline | " + " | ".join(cell([majority[c]]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def default_out_dir(model: str) -> Path:
+    """The run folder when the model is a folder under runs/, else runs/eval-<name>."""
+    path = Path(model)
+    if path.is_dir() and path.resolve().parent.name == "runs":
+        return path
+    return Path("runs") / f"eval-{path.name if path.is_dir() else model.replace('/', '-')}"
+
+
+def parse_args(argv=None) -> EvalConfig:
+    d = EvalConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="run folder, base model alias, local folder or hub id")
+    p.add_argument("--data", default=d.data, help="data set name (stg_s, stg_h, gsm8k, ...) or JSONL path")
+    p.add_argument("--task", choices=sorted(CHECKERS), help="answer checker instead of the data set's own")
+    p.add_argument("--out", help="output folder (with --compare: a Markdown file for the table)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-new-tokens", type=int, help="default: 8 for STG, 16 for ARC-E, else 512")
+    p.add_argument("--limit", type=int, help="only the first N records of each split")
+    p.add_argument("--attention", action="store_true", help="STG: attention per factor kind, Figures 3 and 5")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="print Table 1 from these runs")
+    cfg = EvalConfig(**vars(p.parse_args(argv)))
+    if not cfg.compare and cfg.model is None:
+        p.error("give --model to evaluate, or --compare RUN ... to tabulate results")
+    return cfg
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    if cfg.compare:
+        table = compare_runs(cfg.compare)
+        print(table)
+        if cfg.out:
+            Path(cfg.out).write_text(table + "\n")
+        return
+    model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    data = stg.resolve_data(cfg.data)
+    if cfg.task:
+        data = replace(data, task=cfg.task)
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)
+    results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                       out_dir=out_dir, attention=cfg.attention, limit=cfg.limit)
+    print(format_results(data.name, results))
+    print(f"results in {out_dir / 'results.json'}, predictions in {out_dir}/predictions_{data.name}_*.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""eval.py: answer checkers on real-looking outputs, batched decoding against one prompt at a time, the
+attention analysis against a plain loop, Table 1 from run folders, and train.py -> eval.py end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cat
+import eval as ev
+import stg
+from model import ModelArgs, Tokenizer, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FEVER = ("Which factor will most likely cause a person to develop a fever?\nA. a leg muscle relaxing after exercise\n"
+         "B. a bacterial population in the bloodstream\nC. several viral particles on the skin\n"
+         "D. carbohydrates being digested in the stomach\nAnswer: ")
+MATTER = "All living and nonliving material is composed of\n1. air\n2. elements\n3. water\n4. soil\nAnswer: "
+GSM_OUT = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+           "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+
+# (task, model output, target, input, answer the checker reads, correct)
+CASES = [
+    ("stg_e", "High Risk", "High Risk", "", "High Risk", True),
+    ("stg_e", " Low Risk\n", "Low Risk", "", "Low Risk", True),
+    ("stg_e", "Low Risk", "High Risk", "", "Low Risk", False),
+    ("stg_e", "high risk", "High Risk", "", "high risk", False),
+    ("stg_e", "High Risk, since Smoking is 8", "High Risk", "", "High Risk, since Smoking is 8", False),
+    ("stg_e", "Not High Risk: Low Risk", "High Risk", "", "Not High Risk: Low Risk", False),  # "High Risk" in it
+    ("stg_e", "Low Risk\nHigh Risk", "High Risk", "", "Low Risk", False),                    # first line only
+    ("stg_h", "57", "57", "", "57", True),
+    ("stg_h", "57.0", "57", "", "57.0", True),
+    ("stg_h", "The AQI is 57", "57", "", "57", True),
+    ("stg_h", "57.4", "57", "", "57.4", False),
+    ("stg_h", "42, or maybe 57", "57", "", "42", False),   # 57 is in it, but the first number is 42
+    ("stg_h", "", "57", "", None, False),
+    ("mawps", "43.0", "43.0", "", "43.0", True),
+    ("mawps", "43", "43.0", "", "43", True),
+    ("mawps", "43.5", "43.0", "", "43.5", False),
+    ("mawps", "41 more makes 43", "43.0", "", "41", False),  # 43 is in it, but the first number is 41
+    ("svamp", "103.0 feet", "103.0", "", "103.0", True),
+    ("svamp", "$1,093.00", "1093.0", "", "1093.00", True),
+    ("svamp", "0.33333", "0.3333", "", "0.33333", True),     # within the relative 1e-4
+    ("svamp", "I do not know", "103.0", "", None, False),
+    ("asdiv", "6", "6 (bags)", "", "6", True),
+    ("asdiv", "6 (bags)", "6 (bags)", "", "6", True),
+    ("asdiv", "7 (bags)", "6 (bags)", "", "7", False),
+    ("asdiv", "37.38 (dollars)", "37.38 (dollars)", "", "37.38", True),
+    ("asdiv", "2:13", "2:13", "", "2:13", True),
+    ("asdiv", "2:15", "2:13", "", "2:15", False),             # a non-numeric target compares as text, not "2"
+    ("asdiv", "12:50.", "12:50", "", "12:50.", True),
+    ("asdiv", "42 / 7 = 6 bags.\n#### 6", "6 (bags)", "", "6", True),   # a GSM8K-trained model (Table 2, †)
+    ("asdiv", "Each bag holds 7.\n#### 5", "6 (bags)", "", "5", False),
+    ("asdiv", "Each bag holds 7, so 6 bags", "6 (bags)", "", "7", False),
+    ("gsm8k", GSM_OUT, "72", "", "72", True),
+    ("gsm8k", GSM_OUT, GSM_OUT, "", "72", True),              # target given as a full solution
+    ("gsm8k", GSM_OUT.replace("#### 72", "#### 72.0"), "72", "", "72.0", True),
+    ("gsm8k", "#### 70,000", "70000", "", "70000", True),
+    ("gsm8k", "#### $18", "18", "", "18", True),
+    ("gsm8k", GSM_OUT.split("\n####")[0], "72", "", None, False),  # 72 is in it, but no "#### "
+    ("gsm8k", "She makes 9 * 2 = $18 a day.\n#### 9", "18", "", "9", False),
+    ("gsm8k", "#### 18\n#### 20", "20", "", "18", False),    # the first "#### " counts
+    ("arc_e", "B", "B", FEVER, "B", True),
+    ("arc_e", " (B)", "B", FEVER, "B", True),
+    ("arc_e", "B. a bacterial population in the bloodstream", "B", FEVER, "B", True),
+    ("arc_e", "a bacterial population in the bloodstream", "B", FEVER, "B", True),   # the option's text
+    ("arc_e", "A bacterial population in the bloodstream.", "B", FEVER, "B", True),  # not the article "A"
+    ("arc_e", "Answer: B", "B", FEVER, "B", True),
+    ("arc_e", "The answer is: (B)", "B", FEVER, "B", True),
+    ("arc_e", "not B, the answer is D", "B", FEVER, "D", False),
+    ("arc_e", "not B, the answer is D", "D", FEVER, "D", True),
+    ("arc_e", "Because bacteria cause fevers", "B", FEVER, None, False),
+    ("arc_e", "B or D", "B", FEVER, None, False),
+    ("arc_e", "the answer is a bacterial population", "A", FEVER, None, False),  # "a" is a word, not option A
+    ("arc_e", "C", "B", FEVER, "C", False),
+    ("arc_e", "E", "E", FEVER, None, False),                  # not one of this question's labels
+    ("arc_e", "2", "2", MATTER, "2", True),
+    ("arc_e", "elements", "2", MATTER, "2", True),
+    ("arc_e", "2. elements", "2", MATTER, "2", True),
+    ("arc_e", "12", "2", MATTER, None, False),
+    ("generic", "Paris\nThe capital", "Paris", "", "Paris", True),
+]
+
+
+@pytest.mark.parametrize("task, output, target, text, answer, correct", CASES)
+def test_checkers(task, output, target, text, answer, correct):
+    assert ev.check(task, output, target, text) == (answer, correct)
+    assert ev.is_correct(task, output, target, text) is correct
+
+
+def test_checker_edges():
+    assert ev.is_correct("stg_h", "57", 57)          # the authors' STG_H files hold integer targets
+    assert ev.is_correct("arc_e", "D", "D")          # without the input: any label A-E, 1-4
+    with pytest.raises(ValueError, match="no answer checker for task 'mmlu'"):
+        ev.is_correct("mmlu", "B", "B")
+    with pytest.raises(ValueError, match="GSM8K target"):
+        ev.is_correct("gsm8k", "#### 3", "three")
+
+
+def test_score_hand_worked():
+    rows = [{"target": "50", "answer": "50", "correct": True}, {"target": "50", "answer": "47", "correct": False},
+            {"target": "60", "answer": None, "correct": False}, {"target": "40", "answer": "41", "correct": False}]
+    assert ev.score("stg_h", rows) == {"accuracy": 0.25, "n": 4, "correct": 1, "unparsed": 1, "majority": 0.5,
+                                       "mae": pytest.approx((0 + 3 + 1) / 3)}
+    assert "mae" not in ev.score("stg_e", rows)
+
+
+def test_default_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "stg_s-cat").mkdir(parents=True)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    assert ev.default_out_dir("runs/stg_s-cat") == Path("runs/stg_s-cat")
+    assert ev.default_out_dir("models/base") == Path("runs/eval-base")
+    assert ev.default_out_dir("HuggingFaceTB/SmolLM2-135M") == Path("runs/eval-HuggingFaceTB-SmolLM2-135M")
+
+
+def test_compare_runs_table1_layout(tmp_path):
+    def run(name, config, results):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        if config is not None:
+            (folder / "train_config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    def split(acc, majority=0.69):
+        return {"accuracy": acc, "n": 400, "majority": majority}
+
+    runs = [run("a", {"model": "smollm2-135m", "data": "stg_s", "alpha": 0.0},
+                {"stg_s": {"iid": split(0.9), "ood": split(0.605, 0.665)}}),
+            run("b", {"model": "smollm2-135m", "data": "stg_s", "alpha": 0.3},
+                {"stg_s": {"iid": split(0.8975), "ood": split(0.6375, 0.665)}}),
+            run("c", {"model": "smollm2-135m", "data": "stg_s", "alpha": 0.3},
+                {"stg_s": {"iid": split(0.9075), "ood": split(0.6475, 0.665)}}),
+            run("d-no-config", None, {"stg_m": {"iid": split(0.95), "ood": split(0.7, 0.665)}})]
+    assert ev.compare_runs(runs).splitlines() == [
+        "| method | stg_s IID | stg_s OOD | stg_m IID | stg_m OOD |",
+        "|---|---|---|---|---|",
+        "| smollm2-135m Full Vanilla | 90.00% | 60.50% | – | – |",
+        "| smollm2-135m Full CAT α=0.3 | 90.25% (mean of 2) | 64.25% (mean of 2) | – | – |",
+        "| d-no-config | – | – | 95.00% | 70.00% |",
+        "| majority baseline | 69.00% | 66.50% | 69.00% | 66.50% |"]
+    with pytest.raises(FileNotFoundError, match="evaluate the run first"):
+        ev.compare_runs([str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# On a tiny random model
+
+@pytest.fixture(scope="module")
+def tiny(byte_bpe):
+    """A 2-layer random Transformer over the fixture's byte-level BPE, in float64 so that padding and batching
+    cannot flip a greedy argmax."""
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=byte_bpe.get_vocab_size(), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                     head_dim=8, hidden_dim=64, tie_word_embeddings=True)
+    model = Transformer(args).double()
+    tokenizer = Tokenizer(byte_bpe, bos_id=byte_bpe.token_to_id("<s>"), eos_ids=[byte_bpe.token_to_id("</s>")],
+                          pad_id=byte_bpe.token_to_id("</s>"))
+    return model, tokenizer
+
+
+@pytest.fixture
+def stg_data(tmp_path):
+    """Five IID and five OOD STG_E test records (stg.py's generator) as a DataSet."""
+    tests = {}
+    for split in ("iid", "ood"):
+        tests[split] = tmp_path / f"stg_e_test_{split}.jsonl"
+        stg.write_jsonl(tests[split], stg.generate(f"stg_e_test_{split}", 42)[:5])
+    return stg.DataSet("stg_tiny", "stg_e", None, None, tests)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_batched_equals_one_by_one(tiny, stg_data, tmp_path):
+    model, tokenizer = tiny
+    records = stg.read_records(stg_data.tests["iid"]) + stg.read_records(stg_data.tests["ood"])
+    prompts = [ev.prompt_ids(tokenizer, r["input"]) for r in records]
+    prompts[3] = prompts[3][:-9]  # lengths differ, so batches carry left padding
+    batched = ev.generate_answers(model, tokenizer, prompts, batch_size=4, max_new_tokens=6)
+    single = [ev.generate_answers(model, tokenizer, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert all(len(ids) == 6 for ids in single)  # a random model rarely says EOS: the comparison covers 6 steps
+
+    results = {}
+    for batch_size in (3, 1):
+        out = tmp_path / f"batch{batch_size}"
+        results[batch_size] = ev.evaluate(model, tokenizer, stg_data, batch_size=batch_size, max_new_tokens=6,
+                                          out_dir=out)
+        assert json.loads((out / "results.json").read_text()) == {"stg_tiny": results[batch_size]}
+    assert results[3] == results[1]
+    for split in ("iid", "ood"):
+        rows = read_jsonl(tmp_path / "batch3" / f"predictions_stg_tiny_{split}.jsonl")
+        assert rows == read_jsonl(tmp_path / "batch1" / f"predictions_stg_tiny_{split}.jsonl")
+        assert [r["input"] for r in rows] == [r["input"] for r in stg.read_records(stg_data.tests[split])]
+        for row in rows:
+            assert row["correct"] == ev.is_correct("stg_e", row["output"], row["target"])
+
+
+def plain_attention_numbers(model, tokenizer, text):
+    """Reference: one prompt, no padding; Ā by a loop over layers and heads; per-kind numbers by a loop."""
+    ids, offsets = cat.token_offsets(text, tokenizer.backend)
+    ids, offsets = [tokenizer.bos_id] + ids, [(0, 0)] + offsets
+    with torch.no_grad():
+        attentions = model(torch.tensor([ids]), return_attn=True).attentions
+    L, H = len(attentions), attentions[0].shape[1]
+    row = sum(attentions[l][0, h, -1] for l in range(L) for h in range(H)) / (L * H)  # answer row of Ā
+    kind_of = {}
+    for _name, kind, start, end in stg.attribute_spans(text, "stg_e"):
+        for t, (s, e) in enumerate(offsets):
+            if t > 0 and s < end and e > start:
+                kind_of[t] = kind
+    mass = {k: sum(float(row[t]) for t, kt in kind_of.items() if kt == k) for k in ev.KINDS}
+    count = {k: sum(kt == k for kt in kind_of.values()) for k in ev.KINDS}
+    return ({k: mass[k] / count[k] for k in ev.KINDS}, {k: mass[k] / sum(mass.values()) for k in ev.KINDS})
+
+
+def test_attention_numbers_equal_plain_loop(tiny, stg_data, tmp_path):
+    pytest.importorskip("matplotlib", reason="the two pictures need matplotlib (an optional extra)")
+    model, tokenizer = tiny
+    results = ev.evaluate(model, tokenizer, stg_data, batch_size=4, max_new_tokens=2, out_dir=tmp_path,
+                          attention=True)
+    for split in ("iid", "ood"):
+        records = stg.read_records(stg_data.tests[split])
+        reference = [plain_attention_numbers(model, tokenizer, r["input"]) for r in records]
+        rows = read_jsonl(tmp_path / f"predictions_stg_tiny_{split}.jsonl")
+        for row, (mean, _share) in zip(rows, reference):
+            assert row["attention"] == pytest.approx(mean, rel=1e-5)
+        summary = results[split]["attention"]
+        for kind in ev.KINDS:
+            per_token = sorted(mean[kind] for mean, _ in reference)
+            assert summary[kind]["mean"] == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
+            assert summary[kind]["median"] == pytest.approx(per_token[len(per_token) // 2], rel=1e-5)
+            assert summary[kind]["share"] == pytest.approx(
+                sum(share[kind] for _, share in reference) / len(reference), rel=1e-5)
+    assert (tmp_path / "attention_density_stg_tiny.png").stat().st_size > 0
+    assert (tmp_path / "attention_map_stg_tiny.png").stat().st_size > 0
+
+
+def test_attention_without_matplotlib(tiny, stg_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    model, tokenizer = tiny
+    results = ev.evaluate(model, tokenizer, stg_data, max_new_tokens=1, out_dir=tmp_path, attention=True, limit=2)
+    assert set(results["ood"]["attention"]) == set(ev.KINDS)
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_attention_needs_stg(tiny, tmp_path):
+    path = tmp_path / "mawps_test.jsonl"
+    path.write_text(json.dumps({"input": "William has 2 caps. He buys 41 more. Answer: ", "target": "43.0"}) + "\n")
+    with pytest.raises(ValueError, match="--attention needs STG data"):
+        ev.evaluate(*tiny, stg.resolve_data(str(path)), attention=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: train.py then eval.py
+
+def test_train_then_eval_end_to_end(tmp_path):
+    if not (ROOT / "train.py").exists():
+        pytest.skip("train.py (the lead's) has not landed yet: nothing to train the run this test evaluates")
+    pytest.importorskip("matplotlib", reason="the two pictures need matplotlib (an optional extra)")
+    run = tmp_path / "runs" / "stg_s-scratch"  # a folder under runs/: eval.py writes into it by default
+    subprocess.run([sys.executable, "train.py", "--model", "scratch", "--data", "stg_s", "--epochs", "1",
+                    "--out", str(run)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "eval.py", "--model", str(run), "--data", "stg_s", "--attention"],
+                   cwd=ROOT, check=True)
+    results = json.loads((run / "results.json").read_text())["stg_s"]
+    for split in ("iid", "ood"):
+        assert 0.0 <= results[split]["accuracy"] <= 1.0 and results[split]["n"] == 400
+        assert set(results[split]["attention"]) == set(ev.KINDS)
+    assert (run / "attention_density_stg_s.png").exists() and (run / "attention_map_stg_s.png").exists()
