@@ -154,9 +154,13 @@ def read_rows(path) -> list[dict]:
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
-            return rows if isinstance(rows, list) else rows["data"]
         except json.JSONDecodeError:
-            pass                 # JSON lines under a .json name
+            rows = None          # JSON lines under a .json name
+        if isinstance(rows, dict):   # pandas' to_json: {column: {row index: value}} or {column: [values]}
+            columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in rows.items()}
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        if rows is not None:
+            return rows
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -197,7 +201,8 @@ def _word_problem(text: str, answer) -> dict | None:
 NORMALISERS = {   # upstream row -> record (None: dropped, e.g. an ASDiv answer that is not one number)
     "gsm8k": lambda r: {"input": f"{r['question'].strip()} Answer: ", "target": r["answer"].strip()},
     "arc_e": _arc,
-    "svamp": lambda r: _word_problem(_join(r["Body"], r["Question"]), r["Answer"]),
+    "svamp": lambda r: _word_problem(_join(r.get("Body", ""), _get(r, "Question", "question")),
+                                     _get(r, "Answer", "answer", "result_float")),
     "mawps": lambda r: _word_problem(_get(r, "question", "Question"),
                                      _get(r, "result_float", "Answer", "answer", "result")),
     "asdiv": lambda r: _word_problem(_join(_get(r, "body", "Body"), _get(r, "question", "Question")),
@@ -438,7 +443,6 @@ class ChatClient:
                     "messages": [{"role": "user", "content": prompt}]}
             if self.json_mode:
                 body["response_format"] = {"type": "json_object"}
-            response = None
             try:
                 response = requests.post(self.url, json=body, timeout=self.cfg.timeout,
                                          headers={"Authorization": f"Bearer {self.key}"})
@@ -453,7 +457,7 @@ class ChatClient:
                     continue
                 if response.status_code == 429 and re.search("quota|billing|balance|余额", text, re.I):
                     raise FatalAPIError(f"{self.url}: out of quota or credit ({last})")
-                if response.status_code != 429 and response.status_code < 500:
+                if response.status_code not in (408, 429) and response.status_code < 500:
                     hint = f" (check the key in ${self.cfg.api_key_env})" if response.status_code in (401, 403) else ""
                     raise FatalAPIError(f"{self.url}: {last}{hint}")
                 retry_after = response.headers.get("Retry-After")
@@ -478,8 +482,8 @@ def annotate_one(client: ChatClient, task: str, record: dict) -> Result:
     tokens_in = tokens_out = 0
     for _ in range(2):
         reply, usage = client.complete(prompt)
-        tokens_in += usage.get("prompt_tokens", approx_tokens(prompt))
-        tokens_out += usage.get("completion_tokens", approx_tokens(reply))
+        tokens_in += usage.get("prompt_tokens") or approx_tokens(prompt)       # the server's count when it gives one
+        tokens_out += usage.get("completion_tokens") or approx_tokens(reply)
         try:
             important, dropped = parse_annotation(reply, text)
             return Result({**record, "important": important}, True, tokens_in, tokens_out, dropped)
@@ -489,21 +493,24 @@ def annotate_one(client: ChatClient, task: str, record: dict) -> Result:
                   tokens_out, 0)
 
 
+def estimate_tokens(task: str, record: dict) -> tuple[int, float]:
+    """(prompt, completion) tokens before asking: the prompt as sent, the reply by Appendix D's ratio."""
+    return approx_tokens(build_prompt(task, record)), COMPLETION_RATIO * approx_tokens(
+        record["input"] + record["target"])
+
+
 def record_cost(task: str, record: dict, stats: dict, price) -> float:
-    """Expected cost of a record: the mean so far, or before any reply the estimate of dry_run."""
+    """Expected cost of a record: the mean so far, or before any reply the estimate."""
     n = stats["annotated"] + stats["rejected"]
-    if n:
-        return stats["cost"] / n
-    return cost(approx_tokens(build_prompt(task, record)),
-                COMPLETION_RATIO * approx_tokens(record["input"] + record["target"]), price)
+    return stats["cost"] / n if n else cost(*estimate_tokens(task, record), price)
 
 
 def dry_run(cfg: AnnotateConfig, pending: list[dict], price) -> dict:
-    """The first prompt, and the tokens and cost of the rest by Appendix D's completion ratio."""
+    """The first prompt, and the tokens and cost of every pending record."""
     if pending:
         print(build_prompt(cfg.task, pending[0]), "\n" + "-" * 80)
-    tokens_in = sum(approx_tokens(build_prompt(cfg.task, r)) for r in pending)
-    tokens_out = sum(COMPLETION_RATIO * approx_tokens(r["input"] + r["target"]) for r in pending)
+    estimates = [estimate_tokens(cfg.task, r) for r in pending]
+    tokens_in, tokens_out = sum(e[0] for e in estimates), sum(e[1] for e in estimates)
     estimate = f"{cost(tokens_in, tokens_out, price):.4f} {price[2]}" if price else "unknown (set --price-in/out)"
     print(f"{len(pending)} records to annotate: ~{tokens_in} prompt + ~{tokens_out:.0f} completion tokens, "
           f"cost ~{estimate} (Appendix D: GSM8K prompts are {PROMPT_RATIO:.2f}x, replies "
@@ -531,7 +538,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
     stop = threading.Event()
     client = ChatClient(cfg, api_key, stop)
     stats = {"annotated": 0, "rejected": 0, "failed": 0, "dropped_phrases": 0, "tokens_in": 0, "tokens_out": 0,
-             "cost": 0.0, "skipped": len(done), "stopped": None}
+             "cost": 0.0, "skipped": len(done), "stopped": None, "failure": None}
     out.parent.mkdir(parents=True, exist_ok=True)
     todo, running, fatal = iter(pending), {}, None
     with ThreadPoolExecutor(cfg.concurrency) as pool, open(out, "a", encoding="utf-8") as f_out, \
@@ -549,7 +556,12 @@ def annotate(cfg: AnnotateConfig) -> dict:
                 running[pool.submit(annotate_one, client, cfg.task, record)] = record
             if not running:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            try:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:         # ask nothing more, but keep the replies already on their way
+                stats["stopped"] = "interrupted"
+                stop.set()
+                continue
             for future in finished:
                 running.pop(future)
                 try:
@@ -560,7 +572,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
                     continue
                 except TransientAPIError as e:
                     stats["failed"] += 1
-                    stats["stopped"] = stats["stopped"] or str(e)
+                    stats["failure"] = str(e)
                     continue
                 append_line(f_out if result.ok else f_rej, result.line)
                 stats["annotated" if result.ok else "rejected"] += 1
@@ -605,9 +617,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(stats))
-    if stats.get("stopped"):
-        print(f"stopped early: {stats['stopped']}; run the same command again to go on", file=sys.stderr)
-    return 1 if stats.get("failed") or stats.get("stopped") else 0
+    if stats.get("failed"):
+        print(f"{stats['failed']} records got no answer ({stats['failure']})", file=sys.stderr)
+    if stats.get("stopped") or stats.get("failed"):
+        print(f"stopped early: {stats['stopped'] or 'failures'}; run the same command again to go on",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ on small files in each upstream layout (tests/fixtures/)."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -132,7 +133,7 @@ def test_misbehaving_server_every_record_once_and_calls_bounded(tmp_path, capfd)
         if kind == 2 and n <= 2:
             return 502, {}, {"error": {"message": "bad gateway"}}, 0
         if i in timeouts and n == 1:
-            return 200, {}, good_reply(i), 1.0                            # client timeout is 0.4 s
+            return 200, {}, good_reply(i), 3.0                            # client timeout is 2 s
         if kind == 4:
             return 200, {}, f"Here you go:\n```json\n{good_reply(i)}\n```\nHope this helps.", 0
         if kind == 5 and n == 1:
@@ -145,7 +146,7 @@ def test_misbehaving_server_every_record_once_and_calls_bounded(tmp_path, capfd)
 
     records = make_records(200)
     with ChatServer(script) as server:
-        stats = A.annotate(config(tmp_path, server, records, timeout=0.4))
+        stats = A.annotate(config(tmp_path, server, records, timeout=2.0))
     out, rejects = ids(tmp_path / "out.jsonl"), ids(tmp_path / "out.rejects.jsonl")
     assert sorted(out + rejects) == list(range(200)), "every record exactly once in out or rejects"
     assert sorted(rejects) == [i for i in range(200) if i % 10 in (6, 7)]
@@ -297,6 +298,23 @@ def test_killed_run_resumes_without_asking_twice(tmp_path):
     assert_no_key(tmp_path, first_out, first_err, second.stdout, second.stderr)
 
 
+def test_interrupt_keeps_the_replies_in_flight(tmp_path):
+    """Ctrl-C asks nothing more but writes every reply already on its way: nothing paid is lost."""
+    cfg = config(tmp_path, None, make_records(60))
+    with ChatServer(lambda i, n, body, headers: (200, {}, good_reply(i), 0.3)) as server:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "annotate.py"), "annotate", "--task", "mawps", "--in",
+                                 cfg.inp, "--out", cfg.out, "--base-url", server.url, "--model", "m",
+                                 "--api-key-env", "CAT_TEST_KEY", "--concurrency", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while sum(server.calls.values()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "interrupted" in err
+    assert sorted(ids(cfg.out)) == sorted(server.calls) and len(server.calls) < 60
+
+
 # ----------------------------------------------------------------------------- replies and prompts
 @pytest.mark.parametrize("task", sorted(A.TEMPLATES))
 def test_demo_annotations_point_into_their_demo(task):
@@ -424,6 +442,13 @@ def test_fetch_local_named_splits(tmp_path):
     data = fetched("gsm8k", tmp_path, [f"train={FIXTURES / 'gsm8k_train.jsonl'}",
                                        f"test={FIXTURES / 'gsm8k_test.jsonl'}"])
     assert [len(data[s]) for s in A.SPLITS] == [3, 1, 2]
+
+
+def test_json_in_pandas_column_layout(tmp_path):
+    rows = A.read_rows(FIXTURES / "svamp_train.json")
+    columns = {k: {str(n): row[k] for n, row in enumerate(rows)} for k in rows[0]}   # DataFrame.to_json()
+    (tmp_path / "train.json").write_text(json.dumps(columns))
+    assert A.read_rows(tmp_path / "train.json") == rows
 
 
 def test_parquet_needs_pyarrow_with_a_clear_message(tmp_path, monkeypatch):
