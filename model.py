@@ -15,9 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-# architecture -> (model_type, q/k/v projections carry a bias whatever attention_bias says)
-ARCHITECTURES = {"LlamaForCausalLM": ("llama", False), "MistralForCausalLM": ("mistral", False),
-                 "Qwen2ForCausalLM": ("qwen2", True)}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
            "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M"}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -37,8 +35,7 @@ class ModelArgs:
     norm_eps: float = 1e-5                   # rms_norm_eps
     rope_theta: float = 10000.0              # rope_theta, or rope_parameters["rope_theta"]
     rope_scaling: dict | None = None         # rope_scaling, or the rest of rope_parameters; None = plain RoPE
-    qkv_bias: bool = False                   # attention_bias (Llama); always True for Qwen2
-    o_bias: bool = False                     # attention_bias (Llama only)
+    attention_bias: bool = False             # attention_bias: q, k, v, o with biases (Qwen2: q, k, v always)
     mlp_bias: bool = False                   # mlp_bias
     tie_word_embeddings: bool = False        # tie_word_embeddings: lm_head shares embed_tokens.weight
     sliding_window: int | None = None        # sliding_window (when use_sliding_window is not false): not implemented,
@@ -59,31 +56,27 @@ class ModelArgs:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"config.json: RoPE type {rope_type!r} is not supported: 'default', 'linear', 'llama3'")
-        _, always_bias = ARCHITECTURES[arch]
-        bias = cfg.get("attention_bias", False)
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        used = {"architectures", "model_type", "hidden_act", "rope_parameters", "rope_scaling", "rope_theta",
-                "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "head_dim", "intermediate_size", "rms_norm_eps", "attention_bias", "mlp_bias",
-                "tie_word_embeddings", "sliding_window", "use_sliding_window", "initializer_range"}
-        return cls(architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
+        args = cls(architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
                    n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                    n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                    hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
                    rope_theta=theta, rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
-                   qkv_bias=always_bias or bias, o_bias=bias and not always_bias, mlp_bias=cfg.get("mlp_bias", False),
+                   attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
                    tie_word_embeddings=cfg.get("tie_word_embeddings", False), sliding_window=window,
-                   init_std=cfg.get("initializer_range", 0.02), extra={k: v for k, v in cfg.items() if k not in used})
+                   init_std=cfg.get("initializer_range", 0.02))
+        written = args.to_hf_config().keys() | {"rope_parameters"}  # rope_parameters goes back as its two old keys
+        args.extra = {k: v for k, v in cfg.items() if k not in written}
+        return args
 
     def to_hf_config(self) -> dict:
-        model_type, always_bias = ARCHITECTURES[self.architecture]
-        return {**self.extra, "architectures": [self.architecture], "model_type": model_type,
+        return {**self.extra, "architectures": [self.architecture], "model_type": ARCHITECTURES[self.architecture],
                 "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
                 "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
                 "intermediate_size": self.hidden_dim, "hidden_act": "silu", "rms_norm_eps": self.norm_eps,
                 "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-                "attention_bias": self.o_bias or (self.qkv_bias and not always_bias), "mlp_bias": self.mlp_bias,
+                "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
                 "tie_word_embeddings": self.tie_word_embeddings, "sliding_window": self.sliding_window,
                 "use_sliding_window": self.sliding_window is not None, "initializer_range": self.init_std}
 
@@ -153,10 +146,11 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        qkv_bias = args.attention_bias or args.architecture == "Qwen2ForCausalLM"
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache, return_attn, causal_cols, causal_group):
         """x (B, T, dim); mask (B, 1, T, S) bool, True = may attend, or None = plain causal (S == T).
@@ -247,10 +241,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, cache=None, return_attn=False,
-                causal_cols=None, causal_group=None) -> ModelOutput:
+                causal_cols=None, causal_group=None, last_only=False) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, S), 1 = real token, S = cached + new tokens; position_ids (B, T),
         by default counted over the real tokens; causal_cols (B, T, K) float and causal_group (B, T) long: the
-        CAT mask's row patterns and which one each row uses, to return causal_mass (B, T)."""
+        CAT mask's row patterns and which one each row uses, to return causal_mass (B, T); last_only: logits of
+        the last position only, (B, 1, V), as generation needs."""
         B, T = input_ids.shape
         past = cache.length() if cache is not None else 0
         S = past + T
@@ -280,7 +275,7 @@ class Transformer(nn.Module):
             x, probs, mass = layer(x, cos, sin, mask, cache, return_attn, causal_cols, causal_group)
             attentions.append(probs)
             masses.append(mass)
-        logits = self.lm_head(self.model.norm(x))                             # (B, T, V)
+        logits = self.lm_head(self.model.norm(x[:, -1:] if last_only else x))  # (B, T, V)
         return ModelOutput(logits=logits, attentions=attentions if return_attn else None,
                            causal_mass=torch.stack(masses).mean(0) if causal_cols is not None else None, cache=cache)
 
@@ -298,7 +293,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     was_training = model.training
     model.eval()
     cache, done, new = KVCache(), torch.zeros(len(prompts), dtype=torch.bool, device=device), []
-    logits = model(ids, mask, cache=cache).logits
+    logits = model(ids, mask, cache=cache, last_only=True).logits
     for _ in range(max_new_tokens):
         token = torch.where(done, pad_id, logits[:, -1].argmax(-1))           # (B,)
         new.append(token)
@@ -306,7 +301,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(token[:, None], mask, cache=cache).logits
+        logits = model(token[:, None], mask, cache=cache, last_only=True).logits
     model.train(was_training)
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
     return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
@@ -366,8 +361,7 @@ class Tokenizer:
     def save(self, out_dir) -> None:
         out_dir = Path(out_dir)
         self.backend.save(str(out_dir / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.bos_id is not None,
-                  "eos_token": self.backend.id_to_token(self.eos_ids[0]),
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.backend.id_to_token(self.eos_ids[0]),
                   "pad_token": self.backend.id_to_token(self.pad_id), **self.config}
         if self.bos_id is not None:
             config.setdefault("bos_token", self.backend.id_to_token(self.bos_id))
@@ -551,10 +545,13 @@ def merge_lora(model: Transformer) -> Transformer:
     return model
 
 
+def _lora_state(model: Transformer) -> dict:
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
 def save_adapter(model: Transformer, cfg: LoRAConfig, out_dir, base_model: str) -> None:
     """adapter_config.json and adapter_model.safetensors in PEFT's layout and key names."""
-    tensors = {f"base_model.model.{k}": v.detach().contiguous().cpu()
-               for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    tensors = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in _lora_state(model).items()}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
               "lora_dropout": cfg.dropout, "target_modules": list(cfg.target_modules), "bias": "none",
               "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True}
@@ -578,7 +575,7 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     device = model.lm_head.weight.device
     tensors = {k.removeprefix("base_model.model."): v.to(model.lm_head.weight.dtype) for k, v in
                load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(device)).items()}
-    expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    expected = {k: v.shape for k, v in _lora_state(model).items()}
     _check_tensors(expected, tensors, adapter_dir / "adapter_model.safetensors")
     model.load_state_dict(tensors, strict=False)
     return model
