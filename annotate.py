@@ -117,7 +117,7 @@ def build_prompt(task: str, record: dict) -> str:
 @dataclass(frozen=True)
 class Source:
     repo: str                  # Hugging Face dataset repository
-    files: dict                # split -> glob of its files in the repository
+    files: dict[str, str]      # split -> glob of its files in the repository
     revision: str = "main"
     pool: bool = False         # True: the upstream splits are pooled and split 6:2:2 as the paper did
 
@@ -538,7 +538,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
     stop = threading.Event()
     client = ChatClient(cfg, api_key, stop)
     stats = {"annotated": 0, "rejected": 0, "failed": 0, "dropped_phrases": 0, "tokens_in": 0, "tokens_out": 0,
-             "cost": 0.0, "skipped": len(done), "stopped": None, "failure": None}
+             "cost": 0.0, "already_done": len(done), "stopped": None, "failure": None}
     out.parent.mkdir(parents=True, exist_ok=True)
     todo, running, fatal = iter(pending), {}, None
     with ThreadPoolExecutor(cfg.concurrency) as pool, open(out, "a", encoding="utf-8") as f_out, \
@@ -598,7 +598,8 @@ def main(argv=None) -> int:
     p_fetch.add_argument("--source", action="append", help="a local upstream file instead of the hub: FILE or "
                                                            "SPLIT=FILE (train/validation/test); repeatable")
     p_fetch.add_argument("--out", default="data")
-    p_ann = sub.add_parser("annotate", help="annotate records with an assistant LLM (resumable)")
+    p_ann = sub.add_parser("annotate", help="annotate records with an assistant LLM (resumable)",
+                           description="Each option is a field of AnnotateConfig in annotate.py, commented there.")
     for field in fields(AnnotateConfig):      # argparse mapped onto the dataclass: --in, --base-url, ...
         flag = "--in" if field.name == "inp" else "--" + field.name.replace("_", "-")
         if field.type is bool:

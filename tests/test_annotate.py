@@ -103,6 +103,7 @@ def config(tmp_path, server, records, **kw) -> A.AnnotateConfig:
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
     monkeypatch.setenv("CAT_TEST_KEY", KEY)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")     # the test server is local, whatever proxy is set
 
 
 def ids(path) -> list[int]:
@@ -252,6 +253,16 @@ def test_dry_run_calls_nothing(tmp_path, capsys, monkeypatch):
     assert stats["pending"] == 3 and not (tmp_path / "out.jsonl").exists()
 
 
+def test_user_errors_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--price-in"):
+        A.annotate(config(tmp_path, None, make_records(1), max_cost=1.0))
+    with pytest.raises(SystemExit, match="no prompt template for task 'stg_e'"):
+        A.annotate(config(tmp_path, None, make_records(1), task="stg_e"))
+    monkeypatch.delenv("CAT_TEST_KEY")
+    with pytest.raises(SystemExit, match="CAT_TEST_KEY"):
+        A.annotate(config(tmp_path, None, make_records(1)))
+
+
 # ----------------------------------------------------------------------------- resuming
 def test_half_written_last_line_is_cut_and_asked_again(tmp_path):
     records = make_records(4)
@@ -286,7 +297,8 @@ def test_killed_run_resumes_without_asking_twice(tmp_path):
         proc.kill()
         first_out, first_err = proc.communicate(timeout=30)
         assert proc.returncode != 0, "killed mid-run"
-    A.done_keys(out), A.done_keys(rejects)                               # cut a half-written line, as a restart does
+    for path in (out, rejects):
+        A.done_keys(path)                 # cuts a line the kill left half-written, as the restart will
     answered = set(ids(out)) | set(ids(rejects))
     assert 10 <= len(answered) < 120
     with ChatServer(script) as server:
@@ -468,10 +480,10 @@ def test_parquet_rows(tmp_path):
 
 def test_cli_fetch_and_dry_run(tmp_path):
     run = [sys.executable, str(ROOT / "annotate.py")]
-    fetched_ = subprocess.run(run + ["fetch", "svamp", "--source", str(FIXTURES / "svamp_train.json"), "--source",
+    fetch_run = subprocess.run(run + ["fetch", "svamp", "--source", str(FIXTURES / "svamp_train.json"), "--source",
                                      str(FIXTURES / "svamp_test.json"), "--out", str(tmp_path)],
                               capture_output=True, text=True, timeout=60)
-    assert fetched_.returncode == 0, fetched_.stderr
+    assert fetch_run.returncode == 0, fetch_run.stderr
     dry = subprocess.run(run + ["annotate", "--task", "svamp", "--in", str(tmp_path / "svamp_train.jsonl"),
                                 "--out", str(tmp_path / "svamp_train_annotated.jsonl"), "--model", "glm-4-air",
                                 "--dry-run"], capture_output=True, text=True, timeout=60, env={
