@@ -165,6 +165,14 @@ def test_save_load_round_trip_is_exact_and_transformers_reads_it(tmp_path, byte_
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+    # the tokenizer files alone: beside a config.json, transformers may rebuild the tokenizer class of the
+    # model_type (Qwen2's pre-tokenizer), which this toy tokenizer was not trained with
+    (tmp_path / "tokenizer").mkdir()
+    tokenizer.save(tmp_path / "tokenizer")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    text = "Smoking: 8, Weight: 4 Answer: High Risk"
+    assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_ids[0]
 
 
 def test_wrong_shape_missing_tensor_alias_and_architecture_errors(tmp_path, byte_bpe):
@@ -181,6 +189,16 @@ def test_wrong_shape_missing_tensor_alias_and_architecture_errors(tmp_path, byte
         load_model("no-such-alias")
     with pytest.raises(ValueError, match="'GPT2LMHeadModel' is not supported.*LlamaForCausalLM"):
         ModelArgs.from_hf_config(dict(SMALL, architectures=["GPT2LMHeadModel"]))
+
+
+def test_unreachable_hub_suggests_a_local_folder(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="could not download someone/some-model.*pass a local folder"):
+        load_model("someone/some-model")
 
 
 def test_tokenizer_special_ids(tmp_path, byte_bpe, sentencepiece_bpe):
@@ -200,6 +218,14 @@ def test_tokenizer_special_ids(tmp_path, byte_bpe, sentencepiece_bpe):
     llama3 = Tokenizer.from_dir(folder)
     assert (llama3.bos_id, llama3.eos_ids, llama3.pad_id) == (1, [2, 0], 0)
     assert llama3.encode("Answer: ")[0] != 1  # encode adds no special token
+
+
+def test_smollm2_logits_match_transformers(smollm2_dir):
+    ours, tokenizer = load_model(str(smollm2_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("Smoking: 8, Weight: 4, Exercise: 2 Answer: High Risk")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 def test_cli_continues_prompt_on_smollm2(smollm2_dir):
