@@ -510,13 +510,15 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # may be float32 on a bf16 base
+        return out + (lora * self.scaling).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """W0 <- W0 + (alpha/r) · B A, once; the LoRA branch is then skipped."""
         if not self.merged:
-            self.base_layer.weight += (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+            weight = self.base_layer.weight
+            weight += (self.lora_B.weight @ self.lora_A.weight * self.scaling).to(weight.dtype)
             self.merged = True
 
 

@@ -68,6 +68,20 @@ def test_merged_equals_unmerged():
         torch.testing.assert_close(merged(ids()).logits, unmerged, atol=1e-5, rtol=0)
 
 
+def test_float32_lora_on_bfloat16_base():
+    base = tiny_model().to(torch.bfloat16)
+    lora = randomise_b(apply_lora(copy.deepcopy(base), CFG)).eval()
+    for p in lora.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()   # as training keeps them: float32 LoRA weights beside bfloat16 base weights
+    with torch.no_grad():
+        unmerged = lora(ids()).logits
+        assert unmerged.dtype == torch.bfloat16
+        assert (unmerged - base(ids()).logits).abs().max() > 0.01   # the adapter does change the output
+        merged = merge_lora(lora)(ids()).logits
+    torch.testing.assert_close(merged.float(), unmerged.float(), atol=0.05, rtol=0.05)
+
+
 def test_base_weights_unchanged_after_optimizer_step():
     lora = apply_lora(tiny_model(), CFG).train()
     before = {k: v.clone() for k, v in lora.state_dict().items()}
