@@ -112,7 +112,8 @@ def token_adjacency(text: str | Sequence[str], important: list[dict] | None,
                     tokenizer) -> tuple[list[int], Tensor, dict]:
     """CAT §4.1 Eq. 4: ids, A_adj (T, T) bool (A[i, j] = 1: i in an effect, j in a cause before it), stats."""
     ids, offsets = token_offsets(text, tokenizer)
-    full = "".join([text] if isinstance(text, str) else text)
+    pieces = [text] if isinstance(text, str) else list(text)
+    full, answer_start = "".join(pieces), len("".join(pieces[:-1]))
     adj = np.zeros((len(ids), len(ids)), dtype=bool)
     spans: dict[str, list[tuple[int, int]]] = {}        # phrase -> its character spans, found once
     found, missing = 0, []
@@ -124,7 +125,11 @@ def token_adjacency(text: str | Sequence[str], important: list[dict] | None,
                 found += 1
             else:
                 missing.append(phrase)
-        for key_start, key_end in spans[key]:
+        key_spans = spans[key]
+        if len(pieces) > 1 and key.casefold() == pieces[-1].strip().casefold():
+            # The key is the whole answer (e.g. the AQI "26" of STG_H): its look-alikes in the input are other numbers.
+            key_spans = [span for span in key_spans if span[0] >= answer_start]
+        for key_start, key_end in key_spans:
             rows = tokens_in_span(offsets, key_start, key_end)
             # A cause must come before the effect it causes: only value occurrences that end before this key.
             cols = [j for v in values for s, e in spans[v] if e <= key_start for j in tokens_in_span(offsets, s, e)]

@@ -225,6 +225,16 @@ def test_token_adjacency_cases(tokenizer):
     assert stats == {"found": 8, "not_found": 1, "missing_phrases": ["Exercise: 9"], "edges": int(expected.sum())}
 
 
+def test_a_key_that_is_the_whole_answer_is_not_matched_in_the_input(byte_bpe):
+    """STG_H: the answer "26" must not also supervise the "26" of "City anniversary: 26" in the input."""
+    text = ["Industrial emissions: 40.0, City anniversary: 26, Vehicle emissions: 31.5 Answer: ", "26"]
+    ids, adj, _ = cat.token_adjacency(text, [{"26": ["Industrial emissions: 40.0", "Vehicle emissions: 31.5"]}],
+                                      byte_bpe)
+    n_input = len(byte_bpe.encode(text[0], add_special_tokens=False).ids)
+    rows = adj.any(dim=1).nonzero().flatten().tolist()
+    assert rows and min(rows) >= n_input, f"rows {rows} reach into the input ({n_input} tokens)"
+
+
 def test_find_phrase():
     text = "He has 48 caps and buys 8 more. Answer: 56. high risk, High Risk"
     assert cat.find_phrase(text, "8") == [(24, 25)], "whole numbers, not the 8 of 48"
