@@ -177,7 +177,7 @@ def prompt_kinds(tokenizer, text: str, task: str) -> tuple[list[int], list[str],
     """Prompt ids ([bos?] + ids(text)), each token's text, and each token's factor kind (None outside the
     "Name: value" phrases stg.attribute_spans finds; a token overlapping two phrases takes the later's kind)."""
     ids, offsets = cat.token_offsets(text, tokenizer.backend)
-    labels = [text[start:end] for start, end in offsets]
+    labels = [text[start:end].strip() or "␣" for start, end in offsets]  # ␣: a token that is only a space
     kinds: list[str | None] = [None] * len(ids)
     for _name, kind, start, end in stg.attribute_spans(text, task):
         for t in cat.tokens_in_span(offsets, start, end):
@@ -254,6 +254,7 @@ def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path,
             ax.hist([n["mean"][kind] for n in per_record], bins=30, density=True, histtype="step",
                     color=COLORS[kind], label=kind)
         ax.set(title=f"{name} {split}", xlabel="attention per token from the answer row", ylabel="density")
+        ax.locator_params(axis="x", nbins=5)
         ax.legend()
     fig.tight_layout()
     fig.savefig(density, dpi=150)
@@ -362,8 +363,10 @@ def run_label(run: Path) -> str:
     if not path.exists():
         return run.name
     cfg = json.loads(path.read_text())
-    method = f"CAT α={cfg['alpha']:g}" if cfg.get("alpha") else "Vanilla"
-    return f"{cfg.get('model', run.name)} {'LoRA' if cfg.get('lora') else 'Full'} {method}"
+    method = f"CAT α={cfg['alpha']:g}" if cfg.get("alpha") else "Vanilla"   # train.py: α = 0 is vanilla
+    if cfg.get("alpha") and cfg.get("gamma") == "constant":
+        method += " γ=1"                                                  # Table 3's ablation of the γ decay
+    return f"{Path(cfg.get('model', run.name)).name} {'LoRA' if cfg.get('lora') else 'Full'} {method}"
 
 
 def compare_runs(runs: list[str]) -> str:

@@ -135,12 +135,15 @@ def test_compare_runs_table1_layout(tmp_path):
                 {"stg_s": {"iid": split(0.8975), "ood": split(0.6375, 0.665)}}),
             run("c", {"model": "smollm2-135m", "data": "stg_s", "alpha": 0.3},
                 {"stg_s": {"iid": split(0.9075), "ood": split(0.6475, 0.665)}}),
+            run("e", {"model": "/models/smollm2-135m", "data": "stg_s", "alpha": 0.3, "gamma": "constant",
+                      "lora": True}, {"stg_s": {"iid": split(0.8), "ood": split(0.7, 0.665)}}),
             run("d-no-config", None, {"stg_m": {"iid": split(0.95), "ood": split(0.7, 0.665)}})]
     assert ev.compare_runs(runs).splitlines() == [
         "| method | stg_s IID | stg_s OOD | stg_m IID | stg_m OOD |",
         "|---|---|---|---|---|",
         "| smollm2-135m Full Vanilla | 90.00% | 60.50% | – | – |",
         "| smollm2-135m Full CAT α=0.3 | 90.25% (mean of 2) | 64.25% (mean of 2) | – | – |",
+        "| smollm2-135m LoRA CAT α=0.3 γ=1 | 80.00% | 70.00% | – | – |",
         "| d-no-config | – | – | 95.00% | 70.00% |",
         "| majority baseline | 69.00% | 66.50% | 69.00% | 66.50% |"]
     with pytest.raises(FileNotFoundError, match="evaluate the run first"):
@@ -262,16 +265,24 @@ def test_attention_needs_stg(tiny, tmp_path):
 # End to end: train.py then eval.py
 
 def test_train_then_eval_end_to_end(tmp_path):
+    """One epoch of a small scratch model on stg_s (train.py evaluates 20 records per split in memory), then
+    eval.py on the saved run with --attention. About a minute on two CPU cores."""
     if not (ROOT / "train.py").exists():
         pytest.skip("train.py (the lead's) has not landed yet: nothing to train the run this test evaluates")
     pytest.importorskip("matplotlib", reason="the two pictures need matplotlib (an optional extra)")
-    run = tmp_path / "runs" / "stg_s-scratch"  # a folder under runs/: eval.py writes into it by default
+    runs = tmp_path / "runs"
     subprocess.run([sys.executable, "train.py", "--model", "scratch", "--data", "stg_s", "--epochs", "1",
-                    "--out", str(run)], cwd=ROOT, check=True)
-    subprocess.run([sys.executable, "eval.py", "--model", str(run), "--data", "stg_s", "--attention"],
-                   cwd=ROOT, check=True)
+                    "--scratch-dim", "64", "--scratch-layers", "2", "--eval-limit", "20", "--out", str(runs),
+                    "--name", "stg_s-scratch"], cwd=ROOT, check=True)
+    run = runs / "stg_s-scratch"
+    after_training = json.loads((run / "results.json").read_text())["stg_s"]
+    assert {split: r["n"] for split, r in after_training.items()} == {"iid": 20, "ood": 20}
+    subprocess.run([sys.executable, "eval.py", "--model", str(run), "--data", "stg_s", "--attention",
+                    "--limit", "50"], cwd=ROOT, check=True)  # a folder under runs/: results go into it
     results = json.loads((run / "results.json").read_text())["stg_s"]
     for split in ("iid", "ood"):
-        assert 0.0 <= results[split]["accuracy"] <= 1.0 and results[split]["n"] == 400
+        assert 0.0 <= results[split]["accuracy"] <= 1.0 and results[split]["n"] == 50
         assert set(results[split]["attention"]) == set(ev.KINDS)
+        rows = read_jsonl(run / f"predictions_stg_s_{split}.jsonl")
+        assert results[split]["correct"] == sum(r["correct"] for r in rows)
     assert (run / "attention_density_stg_s.png").exists() and (run / "attention_map_stg_s.png").exists()
