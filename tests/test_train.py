@@ -1,0 +1,168 @@
+"""train.py: the loop lowers the loss, CAT raises C/N, LoRA trains only the adapter, resume equals no interruption."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cat
+import model as M
+import stg
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stg_file(tmp_path_factory) -> Path:
+    """The first 48 records of a generated STG_S training file, as a JSONL path."""
+    out = tmp_path_factory.mktemp("data")
+    records = stg.generate("stg_s_train", 42)[:48]
+    path = out / "stg_small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tiny_config(stg_file, tmp_path, **kw) -> train.TrainConfig:
+    base = dict(model="scratch", data=str(stg_file), scratch_dim=32, scratch_layers=2, scratch_heads=2,
+                scratch_vocab=300, batch_size=8, epochs=2, lr=3e-3, out=str(tmp_path), eval=False)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def fixed_batch(cfg, stg_file):
+    records = stg.read_records(stg_file)[:8]
+    data = stg.resolve_data(cfg.data)
+    train.resolve(cfg, data)
+    model, tok, lora_cfg = train.build_model(cfg, records, "cpu", torch.float32)
+    examples = train.encode_all(records, tok, cfg)
+    batch = train.collate(examples, tok.pad_id, "cpu")
+    n_tokens = sum(len(ex.ids) - ex.n_prompt for ex in examples)
+    return model, batch, n_tokens, len(examples)
+
+
+def run_steps(model, batch, cfg, n_tokens, n_seqs, steps, gamma=1.0):
+    """Plain AdamW steps on one fixed batch; returns the (L_next, L_attn, mean C/N) before each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model.eval()  # no dropout: the comparison is about the optimisation, not the noise
+    history = []
+    for _ in range(steps):
+        l_next, l_attn, ratio = train.losses(model, *batch, cfg, n_tokens, n_seqs)
+        history.append((l_next.item(), l_attn.item(), ratio.mean().item() if len(ratio) else math.nan))
+        (l_next + gamma * l_attn).backward()
+        opt.step()
+        opt.zero_grad()
+    return history
+
+
+@pytest.mark.parametrize("alpha,lora", [(0.0, False), (2.0, False), (2.0, True)], ids=["vanilla", "cat", "lora"])
+def test_a_step_lowers_the_loss_on_a_fixed_batch(stg_file, tmp_path, alpha, lora):
+    cfg = tiny_config(stg_file, tmp_path, alpha=alpha, lora=lora, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model, batch, n_tokens, n_seqs = fixed_batch(cfg, stg_file)
+    history = run_steps(model, batch, cfg, n_tokens, n_seqs, steps=2)
+    (before_next, before_attn, _), (after_next, after_attn, _) = history
+    assert after_next + after_attn < before_next + before_attn, history
+
+
+def test_cat_raises_the_causal_ratio_and_vanilla_does_not_touch_it(stg_file, tmp_path):
+    """CAT with α above the starting C/N pushes attention onto the causal tokens within a few steps."""
+    cfg = tiny_config(stg_file, tmp_path, alpha=3.0, lr=1e-2)
+    model, batch, n_tokens, n_seqs = fixed_batch(cfg, stg_file)
+    history = run_steps(model, batch, cfg, n_tokens, n_seqs, steps=8, gamma=10.0)
+    first, last = history[0][2], history[-1][2]
+    assert last > first + 0.2, f"mean C/N went {first:.3f} -> {last:.3f}"
+    assert history[-1][1] < history[0][1]
+
+
+def test_fast_and_explicit_attention_give_the_same_losses_and_gradients(stg_file, tmp_path):
+    grads = {}
+    for attn in ("fast", "explicit"):
+        cfg = tiny_config(stg_file, tmp_path, alpha=2.0, attn=attn)
+        model, batch, n_tokens, n_seqs = fixed_batch(cfg, stg_file)
+        model.eval()
+        l_next, l_attn, ratio = train.losses(model, *batch, cfg, n_tokens, n_seqs)
+        (l_next + l_attn).backward()
+        grads[attn] = (l_attn.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads["fast"][0] == pytest.approx(grads["explicit"][0], abs=1e-5)
+    for name, g in grads["fast"][1].items():
+        torch.testing.assert_close(g, grads["explicit"][1][name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_collate_masks_only_target_tokens_and_shifts_the_adjacency(stg_file, tmp_path):
+    cfg = tiny_config(stg_file, tmp_path, alpha=1.0)
+    records = stg.read_records(stg_file)[:2]
+    _, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    examples = train.encode_all(records, tok, cfg)
+    ids, pad_mask, labels, mask = train.collate(examples, tok.pad_id, "cpu")
+    for b, ex in enumerate(examples):
+        n = len(ex.ids)
+        target = tok.encode(records[b]["target"]) + [tok.eos_ids[0]]
+        assert labels[b][labels[b] != -100].tolist() == target
+        assert pad_mask[b].sum() == n
+        assert torch.equal(mask[b, :n - 1, :n], ex.adj[1:n, :n])     # row i holds adjacency row i+1
+        # the row that predicts the first answer token attends to the three causal attributes
+        row = mask[b, ex.n_prompt - 1]
+        causal_text = tok.decode(ids[b][row].tolist())
+        for phrase in records[b]["important"][0][records[b]["target"]]:
+            assert phrase.replace(" ", "") in causal_text.replace(" ", "")
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = train.TrainConfig(lr=1.0, warmup_ratio=0.1)
+    lrs = [train.lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
+
+
+def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_path):
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, lora=True, lora_r=4, lora_alpha=8, epochs=1)
+    run = train.train(cfg)
+    assert (run / "adapter_config.json").exists() and (run / "adapter_model.safetensors").exists()
+    assert json.loads((run / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path):
+    """Stop after 5 steps (mid-epoch, with dropout on), resume: same final weights and losses as one run."""
+    whole = train.train(tiny_config(stg_file, tmp_path / "a", alpha=2.0, lora_dropout=0.1))
+    cfg = tiny_config(stg_file, tmp_path / "b", alpha=2.0, lora_dropout=0.1, stop_after=5, save_every=1)
+    part = train.train(cfg)
+    assert not (part / "model.safetensors").exists()
+    train.train(train.TrainConfig(resume=str(part)))
+    a, b = (M.load_model(str(run))[0].state_dict() for run in (whole, part))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, part)]
+    assert [m["step"] for m in metrics[1]] == [m["step"] for m in metrics[0]]
+    assert metrics[1][-1]["l_next"] == pytest.approx(metrics[0][-1]["l_next"], abs=1e-6)
+
+
+def test_cat_without_annotations_stops_with_a_clear_message(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"input": "2 + 2 = Answer: ", "target": "4"}) + "\n")
+    with pytest.raises(SystemExit, match="important"):
+        train.train(tiny_config(path, tmp_path, alpha=1.0))
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"input": "a", "target": "b"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl.*2"):
+        train.train(tiny_config(path, tmp_path))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(stg_file, tmp_path):
+    with pytest.raises(SystemExit, match=r"step \d+.*checkpoint"):
+        train.train(tiny_config(stg_file, tmp_path, lr=1e30, max_grad_norm=1e30, epochs=3))
+
+
+def test_cli_scratch_stg_s_one_epoch(tmp_path):
+    """The README's embedded default, shortened to one epoch: trains, saves, evaluates IID and OOD."""
+    cmd = [sys.executable, "train.py", "--model", "scratch", "--data", "stg_s", "--epochs", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "scratch-stg_s-vanilla-s42"
+    assert (run / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
+    results = json.loads((run / "results.json").read_text())
+    assert {"iid", "ood"} <= set(results)
