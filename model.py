@@ -182,7 +182,7 @@ class Attention(nn.Module):
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)         # (B, H, T, S)
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # float32 attention map
             out = probs.to(v.dtype) @ v                                       # (B, H, T, D [+ K8])
-        else:  # fused kernel; q and k padded with zeros to V's width leave Q Kᵀ unchanged, so the scale stays 1/sqrt(D)
+        else:  # fused kernel; q, k padded with zeros to V's width leave Q Kᵀ unchanged, so the scale stays 1/sqrt(D)
             width = v.shape[-1]
             out = F.scaled_dot_product_attention(F.pad(q, (0, width - D)), F.pad(k, (0, width - D)), v,
                                                  attn_mask=mask, is_causal=mask is None, scale=1 / math.sqrt(D))
@@ -333,7 +333,7 @@ class Tokenizer:
     def from_dir(cls, path) -> "Tokenizer":
         path = Path(path)
         if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the model folder needs a fast tokenizer file")
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the model folder needs this tokenizer file")
         backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         config, gen, model_cfg = (_read_json(path / n) for n in
                                   ("tokenizer_config.json", "generation_config.json", "config.json"))
@@ -440,8 +440,8 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
     args = ModelArgs.from_hf_config(_read_json(folder / "config.json"))
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
         model = Transformer(args)
-    # older checkpoints also stored RoPE's inverse frequencies, which are recomputed here
-    tensors = {k: v.to(dtype) for k, v in _read_weights(folder, device).items() if not k.endswith("rotary_emb.inv_freq")}
+    tensors = {k: v.to(dtype) for k, v in _read_weights(folder, device).items()
+               if not k.endswith("rotary_emb.inv_freq")}  # older checkpoints stored RoPE's frequencies, recomputed here
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_tensors(expected, tensors, folder, optional={"lm_head.weight"} if args.tie_word_embeddings else ())
     if args.tie_word_embeddings:
