@@ -7,6 +7,7 @@ Table 1's layout from the results of several runs.
 """
 import argparse
 import json
+import os
 import re
 import statistics
 from collections import Counter
@@ -296,6 +297,20 @@ def score(task: str, rows: list[dict]) -> dict:
     return result
 
 
+def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size: int,
+                max_new_tokens: int) -> list[dict]:
+    """One row per record: input, target, the raw output, the answer the task's checker read, correct."""
+    new = generate_answers(model, tokenizer, [prompt_ids(tokenizer, r["input"]) for r in records],
+                           batch_size=batch_size, max_new_tokens=max_new_tokens)
+    rows = []
+    for record, ids in zip(records, new):
+        output = tokenizer.decode(ids)
+        answer, correct = check(task, output, record["target"], record["input"])
+        rows.append({"input": record["input"], "target": str(record["target"]), "output": output,
+                     "answer": answer, "correct": correct})
+    return rows
+
+
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
              out_dir=None, attention: bool = False, limit: int | None = None) -> dict:
     """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}. With out_dir, writes
@@ -304,6 +319,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     if attention and data.task not in stg.FACTORS:
         raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
+    out_dir = Path(out_dir) if out_dir is not None else None
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -313,34 +329,33 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
             records = stg.read_records(path)[:limit]
             if not records:
                 raise ValueError(f"{path}: no records to evaluate")
-            new = generate_answers(model, tokenizer, [prompt_ids(tokenizer, r["input"]) for r in records],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
-            rows = []
-            for record, ids in zip(records, new):
-                output = tokenizer.decode(ids)
-                answer, correct = check(data.task, output, record["target"], record["input"])
-                rows.append({"input": record["input"], "target": str(record["target"]), "output": output,
-                             "answer": answer, "correct": correct})
+            rows = answer_rows(model, tokenizer, records, data.task, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens)
             results[split] = score(data.task, rows)
-            if attention:
-                numbers[split], split_example = attention_by_kind(model, tokenizer, records, data.task)
-                example = split_example  # the last split's first record: OOD for STG, where the trap shows
+            if attention:  # the example drawn is the last split's first record: OOD for STG, where the trap shows
+                numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
                 results[split]["attention"] = summarize_attention(numbers[split])
                 for row, n in zip(rows, numbers[split]):
                     row["attention"] = n["mean"]
             if out_dir is not None:
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
-                with open(Path(out_dir) / f"predictions_{data.name}_{split}.jsonl", "w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
+                stg.write_jsonl(out_dir / f"predictions_{data.name}_{split}.jsonl", rows)
     model.train(was_training)
     if out_dir is not None:
-        path = Path(out_dir) / "results.json"
+        path = out_dir / "results.json"
         merged = json.loads(path.read_text()) if path.exists() else {}
-        merged[data.name] = results
-        path.write_text(json.dumps(merged, indent=2) + "\n")
+        write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
         if attention:
-            plot_attention(numbers, example, Path(out_dir), data.name)
+            plot_attention(numbers, example, out_dir, data.name)
     return results
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename (as stg.write_jsonl does for records), so that an interrupted
+    run leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def format_results(name: str, results: dict) -> str:
@@ -437,7 +452,7 @@ def main(argv=None) -> None:
         table = compare_runs(cfg.compare)
         print(table)
         if cfg.out:
-            Path(cfg.out).write_text(table + "\n")
+            write_text(Path(cfg.out), table + "\n")
         return
     model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     data = stg.resolve_data(cfg.data)
