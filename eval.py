@@ -112,16 +112,17 @@ def check_gsm8k(prediction: str, target: str, input: str = "") -> tuple[str | No
 
 
 def check_arc_e(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
-    """ARC-E: the option label the output gives, read in this order, with the labels of the input's options
-    ("A." to "E." or "1." to "4."; all of them when no input is given):
-    1. the first "answer is X" / "Answer: X" anywhere ("not B, the answer is D" is D);
-    2. a first line that is the text of one option ("a bacterial population in the bloodstream" is B);
-    3. a first line that starts with a label followed by ".", ")", ":", "," or nothing ("B", "(B)", "B. ...").
+    """ARC-E: the option label given by the output's first line (what follows it may be a made-up next
+    question), read in this order, with the labels of the input's options ("A." to "E." or "1." to "4.";
+    all of them when no input is given):
+    1. the first "answer is X" / "Answer: X" ("not B, the answer is D" is D);
+    2. a line that is the text of one option ("a bacterial population in the bloodstream" is B);
+    3. a line that starts with a label followed by ".", ")", ":", "," or nothing ("B", "(B)", "B. ...").
     Anything else has no answer ("Because ..." is not B, "A bacterial ..." is not A, "B or D" is neither)."""
     options = dict(OPTION.findall(input))
     labels = re.escape("".join(options) or "ABCDE1234")
-    said = re.search(rf"(?i:answer(?:\s+is)?\s*:?)\s*\(?([{labels}])(?![A-Za-z0-9])", prediction)
     line = _first_line(prediction)
+    said = re.search(rf"(?i:answer(?:\s+is)?\s*:?)\s*\(?([{labels}])(?![A-Za-z0-9])", line)
     texts = {text.strip().rstrip(".").lower(): label for label, text in options.items()}
     starts = re.match(rf"\(?([{labels}])\)?(?:[.):,]|$)", line)
     if said:

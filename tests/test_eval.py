@@ -76,6 +76,8 @@ CASES = [
     ("arc_e", "B or D", "B", FEVER, None, False),
     ("arc_e", "the answer is a bacterial population", "A", FEVER, None, False),  # "a" is a word, not option A
     ("arc_e", "C", "B", FEVER, "C", False),
+    ("arc_e", "B\nWhich gas do plants take in?\nA. oxygen\nB. carbon dioxide\nAnswer: B", "B", FEVER, "B", True),
+    ("arc_e", "C\nWhich factor most likely causes a fever?\nAnswer: B", "B", FEVER, "C", False),  # first line
     ("arc_e", "E", "E", FEVER, None, False),                  # not one of this question's labels
     ("arc_e", "2", "2", MATTER, "2", True),
     ("arc_e", "elements", "2", MATTER, "2", True),
