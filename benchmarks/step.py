@@ -1,0 +1,296 @@
+"""Step benchmark: a CAT training step against a vanilla one, in time and peak memory, at several lengths.
+
+    python benchmarks/step.py --model smollm2-135m --batch 4 --seq-len 128,512 --repeats 5 --out step.json
+    python benchmarks/step.py --shape tinyllama --device cuda --batch 8 --seq-len 512,1024,2048
+
+A step is what train.py does for one optimiser step of one micro-batch: train.losses (forward, L_next, and
+L_attn for CAT, §4.2) -> (L_next + γ·L_attn).backward() with γ = 1 -> clip the gradient norm -> AdamW step ->
+zero_grad. Three variants of it, on the same weights and tokens:
+  vanilla   train.losses with alpha 0 and a CAT mask of all zeros, so no attention path runs: a pure vanilla step
+  explicit  alpha > 0, attn "explicit": per-layer probabilities (B, H, T, T) -> Ā -> C_i / N_i (§4.2)
+  fast      alpha > 0, attn "fast": the causal mass (B, T) from the mask's row patterns appended to V
+AdamW runs at lr 0: it does all its arithmetic, but the weights never change, so every variant and every
+repeat sees the same model, and L_next and L_attn of the three variants must agree (fast == explicit).
+The batch is built once, outside the timed step (train.collate's work); cat.causal_patterns, which train.losses
+calls, is inside it.
+
+Data: B sequences of exactly T tokens, each STG_S training records (stg.generate) encoded as train.encode does,
+packed back to back, the last one cut at T; L_next covers each record's target + eos. Every record keeps its own
+adjacency (3 causal phrases of ~4 tokens, caused rows = the answer, shifted one row up, §4.2), so the mask has
+one row pattern per packed record plus the empty one: --annotated first keeps only the first record's, one
+causal region per sequence whatever T is.
+
+CPU: each variant runs in its own subprocess (`--variant NAME --seq-len T`, the worker mode, one JSON line
+out); memory = its peak RSS (getrusage ru_maxrss), variants interleaved over --rounds. GPU (--device cuda):
+one process, variants interleaved step by step, bf16 autocast as train.py, torch.cuda.synchronize around each
+step, torch.cuda.max_memory_allocated reset before each step; model FLOPs utilisation = 6·N·B·T / step time /
+--peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cat  # noqa: E402
+import model as M  # noqa: E402
+import stg  # noqa: E402
+import train  # noqa: E402
+
+VARIANTS = ("vanilla", "explicit", "fast")
+SHAPES = {  # random-weights models: ModelArgs fields of a real checkpoint's config.json
+    "tinyllama": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                      hidden_dim=5632),                                          # TinyLlama-1.1B
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                         hidden_dim=1536, rope_theta=100000.0, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128),
+}
+
+
+@dataclass
+class BenchConfig:
+    model: str = ""               # a model folder, alias or hub id (train.py's --model), or empty with --shape
+    shape: str = ""               # a random-weights model of this shape (SHAPES), tokenizer: BPE trained on STG_S
+    batch: int = 4                # sequences per step (B)
+    seq_len: str = "128,512"      # one or several T, comma-separated
+    repeats: int = 5              # timed steps per variant (per round on CPU)
+    warmup: int = 1               # untimed steps first (per round on CPU)
+    rounds: int = 1               # CPU: worker subprocesses per variant, run interleaved vanilla, explicit, fast, ...
+    device: str = "cpu"           # cpu | cuda
+    threads: int = 0              # CPU: torch threads per worker (0 = torch's default, one per core)
+    alpha: float = 2.0            # CAT hinge threshold: above C_i/N_i of pretrained and random models alike, so
+                                  # L_attn is non-zero on every causal row (its cost does not depend on alpha)
+    annotated: str = "all"        # all: every packed record keeps its adjacency; first: only the first of each row
+    peak_tflops: float = 989.0    # dense bf16 peak of the GPU for MFU (H100 SXM: 989)
+    seed: int = 42                # STG records, random weights
+    out: str = ""                 # write the results as JSON here
+    variant: str = ""             # worker mode: run this variant only, at one --seq-len, print one JSON line
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+
+def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
+    """The checkpoint of --model (float32, as train.py's full fine-tuning), or random weights of --shape."""
+    if bool(cfg.model) == bool(cfg.shape):
+        raise SystemExit("give exactly one of --model (a checkpoint) and --shape (random weights: "
+                         f"{', '.join(SHAPES)})")
+    if cfg.model:
+        return M.load_model(cfg.model, torch.float32, device)
+    if cfg.shape not in SHAPES:
+        raise SystemExit(f"--shape {cfg.shape!r}: choose one of {', '.join(SHAPES)}")
+    texts = [r["input"] + r["target"] for r in stg.generate("stg_s_train", cfg.seed)]
+    _, tok = train.build_scratch(texts, train.TrainConfig(scratch_vocab=1000, seed=cfg.seed))
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        return M.Transformer(M.ModelArgs(**SHAPES[cfg.shape])), tok
+
+
+def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int, device):
+    """STG_S records packed into B rows of T tokens: ids, pad_mask, labels (B, T), shifted CAT mask (B, T, T)."""
+    examples = [train.encode(r, tok)[0] for r in stg.generate("stg_s_train", seed)]
+    ids = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    adj = torch.zeros(B, T, T, dtype=torch.bool)
+    k = 0
+    for b in range(B):
+        t = 0
+        while t < T:
+            ex = examples[k % len(examples)]
+            n = min(len(ex.ids), T - t)                                       # the last record is cut at T
+            ids[b, t:t + n] = torch.tensor(ex.ids[:n])
+            labels[b, t + ex.n_prompt - 1:t + n - 1] = ids[b, t + ex.n_prompt:t + n]   # target + eos, as collate
+            if annotated == "all" or t == 0:
+                adj[b, t:t + n, t:t + n] = ex.adj[:n, :n]                     # (n, n) block on the diagonal
+            t, k = t + n, k + 1
+    pad_mask = torch.ones(B, T, dtype=torch.bool)
+    return ids.to(device), pad_mask.to(device), labels.to(device), cat.shift_up(adj).to(device)
+
+
+def matmul_params(model: nn.Module) -> int:
+    """N of 6·N FLOPs per token: weights of the linear layers, lm_head included (tied or not)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+def train_step(model, optimizer, params, batch, variant: str, alpha: float, autocast) -> tuple[float, float]:
+    """One optimiser step as train.py takes it; returns (L_next, L_attn) before the update."""
+    ids, pad_mask, labels, mask = batch
+    if variant == "vanilla":
+        tcfg, mask = train.TrainConfig(alpha=0.0), torch.zeros_like(mask)
+    else:
+        tcfg = train.TrainConfig(alpha=alpha, attn=variant)
+    n_tokens, n_seqs = int((labels != -100).sum()), ids.shape[0]
+    with autocast:
+        l_next, l_attn, _ = train.losses(model, ids, pad_mask, labels, mask, tcfg, n_tokens, n_seqs)
+        (l_next + l_attn).backward()                                   # §4.2: L_next + γ·L_attn, γ = e^0 = 1
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return l_next.item(), l_attn.item()
+
+
+def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
+    """Warm-up, then timed steps of each variant in turn, in this process: {variant: measurements}."""
+    on_cuda = cfg.device.startswith("cuda")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = build(cfg, cfg.device)
+    model.train()
+    batch = packed_batch(tok, cfg.batch, T, cfg.annotated, cfg.seed, cfg.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0)          # all of AdamW's work, weights unchanged
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = {v: {"times_s": [], "peak_mem_bytes": 0} for v in variants}
+    for r in range(cfg.warmup + cfg.repeats):
+        for v in variants:
+            if "error" in out[v]:
+                continue
+            if on_cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            try:
+                losses = train_step(model, optimizer, params, batch, v, cfg.alpha, autocast)
+            except torch.OutOfMemoryError as error:
+                out[v]["error"] = f"out of memory: {str(error).splitlines()[0]}"
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            if on_cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            if r == 0:
+                out[v]["l_next"], out[v]["l_attn"] = losses
+            if r >= cfg.warmup:
+                out[v]["times_s"].append(elapsed)
+                if on_cuda:
+                    out[v]["peak_mem_bytes"] = max(out[v]["peak_mem_bytes"], torch.cuda.max_memory_allocated())
+    mask = batch[3]
+    for v in variants:
+        out[v]["patterns"] = int(cat.causal_patterns(mask)[0].shape[-1]) if v != "vanilla" else 0
+        out[v]["n_matmul_params"] = matmul_params(model)
+        if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step
+            out[v]["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out[v]["rss_before_steps_bytes"] = rss_before
+    return out
+
+
+def run_worker(cfg: BenchConfig, variant: str, T: int) -> dict:
+    """This variant at length T in a fresh subprocess (`--variant`), so its peak RSS is its own."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--seq-len", str(T)]
+    for f in dataclasses.fields(BenchConfig):
+        if f.name not in ("seq_len", "variant", "out", "rounds"):
+            argv += ["--" + f.name.replace("_", "-"), str(getattr(cfg, f.name))]
+    load = os.getloadavg()[0]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": f"worker exited {done.returncode}: {done.stderr.strip()[-500:]}", "times_s": [],
+                "load_1min": load}
+    return {**json.loads(done.stdout.strip().splitlines()[-1])[variant], "load_1min": load}
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+def summarise(cfg: BenchConfig, raw: dict, T: int) -> dict:
+    """Median step time, peak memory, ratios to vanilla, FLOPs and (GPU) MFU of each variant at length T."""
+    rows = {}
+    for v, m in raw.items():
+        row = {k: m[k] for k in ("l_next", "l_attn", "patterns", "error") if k in m}
+        if m["times_s"]:
+            median = statistics.median(m["times_s"])
+            flops = 6 * m["n_matmul_params"] * cfg.batch * T
+            row.update(median_s=median, times_s=m["times_s"], peak_mem_bytes=m["peak_mem_bytes"],
+                       tflops=flops / median / 1e12)
+            if cfg.device.startswith("cuda"):
+                row["mfu"] = row["tflops"] / cfg.peak_tflops
+            for k in ("rss_before_steps_bytes", "load_1min"):
+                if k in m:
+                    row[k] = m[k]
+        rows[v] = row
+    base = rows.get("vanilla", {})
+    for row in rows.values():
+        if "median_s" in row and "median_s" in base:
+            row["time_vs_vanilla"] = row["median_s"] / base["median_s"]
+            row["mem_vs_vanilla"] = row["peak_mem_bytes"] / base["peak_mem_bytes"]
+    return rows
+
+
+def markdown(cfg: BenchConfig, results: dict) -> str:
+    mfu = cfg.device.startswith("cuda")
+    lines = ["| T | variant | median step (s) | × vanilla | peak mem (MiB) | × vanilla | TFLOP/s |"
+             + (" MFU |" if mfu else "") + " L_attn |",
+             "|---|---|---|---|---|---|---|" + ("---|" if mfu else "") + "---|"]
+    for T, rows in results.items():
+        for v, r in rows.items():
+            if "median_s" not in r:
+                lines.append(f"| {T} | {v} | {r.get('error', 'no timed step')} |")
+                continue
+            lines.append(f"| {T} | {v} | {r['median_s']:.3f} | {r['time_vs_vanilla']:.3f} | "
+                         f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['mem_vs_vanilla']:.3f} | {r['tflops']:.2f} |"
+                         + (f" {r['mfu']:.1%} |" if mfu else "") + f" {r.get('l_attn', float('nan')):.6g} |")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv=None) -> BenchConfig:
+    """argparse mapped one-to-one onto BenchConfig."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(BenchConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return BenchConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None) -> dict | None:
+    cfg = parse_args(argv)
+    seq_lens = [int(t) for t in cfg.seq_len.split(",")]
+    if cfg.variant:  # worker mode
+        if cfg.variant not in VARIANTS or len(seq_lens) != 1:
+            raise SystemExit(f"--variant {cfg.variant!r} takes one of {VARIANTS} and one --seq-len")
+        print(json.dumps(run_variants(cfg, [cfg.variant], seq_lens[0])))
+        return None
+    start = time.strftime("%Y-%m-%d %H:%M:%S")
+    results = {}
+    for T in seq_lens:
+        if cfg.device.startswith("cuda"):
+            raw = run_variants(cfg, VARIANTS, T)
+        else:
+            raw = {v: {"times_s": [], "load_1min": []} for v in VARIANTS}
+            for _ in range(cfg.rounds):
+                for v in VARIANTS:
+                    m = run_worker(cfg, v, T)
+                    raw[v] = {**raw[v], **m, "times_s": raw[v]["times_s"] + m["times_s"],
+                              "load_1min": raw[v]["load_1min"] + [m["load_1min"]],
+                              "peak_mem_bytes": max(raw[v].get("peak_mem_bytes", 0), m.get("peak_mem_bytes", 0))}
+        results[str(T)] = summarise(cfg, raw, T)
+    report = {"config": dataclasses.asdict(cfg), "device": device_name(cfg.device), "torch": torch.__version__,
+              "start": start, "end": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_end": os.getloadavg(),
+              "results": results}
+    print(markdown(cfg, results))
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
