@@ -233,55 +233,45 @@ def verdict(data: str, cat: dict | None, vanilla: dict | None, majority: float) 
     return head + f"CAT ahead by {diff:.2f} points, less than the seed std ({spread:.2f}): within seed noise."
 
 
+def evaluated_n(finals: dict) -> dict:
+    """{split: records tested} of the first finished run among `finals` (train.py --eval-limit may cap it)."""
+    return next(({split: r[split]["n"] for split in SPLITS} for r in finals.values() if r is not None), {})
+
+
 def summarize(cfg: GridConfig, out: Path) -> dict:
     """Everything summary.json holds, from the run folders that exist."""
     datas, seeds = cfg.data.split(","), [int(s) for s in cfg.seeds.split(",")]
-    runs, cells, mae = [], {}, {}
-    for data in datas:
+    finals = {(d, m, s): read_final(out, d, m, s) for d in datas for m in METHODS for s in seeds}
+    done = {key: r for key, r in finals.items() if r is not None}
+    table, mae = {}, {}
+    for split in SPLITS:           # Table 1's row order: IID vanilla, IID CAT, OOD vanilla, OOD CAT
         for method in METHODS:
-            finals = {seed: read_final(out, data, method, seed) for seed in seeds}
-            for seed, result in finals.items():
-                if result is not None:
-                    runs.append({"data": data, "method": method, "seed": seed, **{
-                        f"{split}_{k}": result[split][k] for split in SPLITS for k in ("accuracy", "mae")
-                        if k in result[split]}})
-            for split in SPLITS:
-                values = [r[split]["accuracy"] for r in finals.values() if r is not None]
-                cells[method, split, data] = mean_std(values) if values else None
-                errors = [r[split]["mae"] for r in finals.values() if r is not None and r[split].get("mae") is not None]
-                if errors:
-                    mae[method, split, data] = mean_std(errors)
-    average = {}   # per seed: mean over the data sets; then mean ± std over the seeds that have every data set
-    for method in METHODS:
-        for split in SPLITS:
-            per_seed = [[r[f"{split}_accuracy"] for r in runs if r["method"] == method and r["seed"] == seed]
-                        for seed in seeds]
+            row = {}
+            for data in datas:
+                values = [r[split]["accuracy"] for (d, m, _), r in done.items() if (d, m) == (data, method)]
+                row[data] = mean_std(values) if values else None
+            # Average: each seed's mean over the data sets, then mean ± std over the seeds that have them all
+            per_seed = [[done[d, method, s][split]["accuracy"] for d in datas if (d, method, s) in done]
+                        for s in seeds]
             values = [statistics.fmean(v) for v in per_seed if len(v) == len(datas)]
-            average[method, split] = mean_std(values) if values else None
-    n_eval = {data: evaluated_n(out, data, seeds) for data in datas}
-    majority = {data: majority_baseline(data, n_eval[data]) for data in datas}
-    walls = []
-    for wall in sorted(out.glob("**/wall_time.json")):
-        walls.append({"run": str(wall.parent.relative_to(out)), "seconds": json.loads(wall.read_text())["seconds"]})
-    return {"model": cfg.model, "lora": cfg.lora, "config": dataclasses.asdict(cfg),
-            "selection": {data: choose_alpha(out, data, floats(cfg.alphas), seeds[0]) for data in datas},
-            "table": {f"{m} {s}": {d: cells[m, s, d] for d in datas} | {"average": average[m, s]}
-                      for s in SPLITS for m in METHODS},
-            "stg_h_mae": {f"{m} {s}": v for (m, s, d), v in mae.items() if d == "stg_h"},
-            "majority": majority, "paper_tinyllama_full": {f"{m} {s}": v for (m, s), v in PAPER.items()},
-            "verdicts": {d: verdict(d, cells["cat", "ood", d], cells["vanilla", "ood", d], majority[d]["ood"]["accuracy"])
+            table[f"{method} {split}"] = {**row, "average": mean_std(values) if values else None}
+            errors = [r[split]["mae"] for (d, m, _), r in done.items()
+                      if (d, m) == ("stg_h", method) and r[split].get("mae") is not None]
+            if errors:
+                mae[f"{method} {split}"] = mean_std(errors)
+    majority = {d: majority_baseline(d, evaluated_n({k: r for k, r in finals.items() if k[0] == d})) for d in datas}
+    runs = [{"data": d, "method": m, "seed": s, **{f"{split}_{k}": r[split][k] for split in SPLITS
+                                                     for k in ("accuracy", "mae") if k in r[split]}}
+            for (d, m, s), r in done.items()]
+    walls = [{"run": str(w.parent.relative_to(out)), "seconds": json.loads(w.read_text())["seconds"]}
+             for w in sorted(out.glob("**/wall_time.json"))]
+    return {"config": dataclasses.asdict(cfg),
+            "selection": {d: choose_alpha(out, d, floats(cfg.alphas), seeds[0]) for d in datas},
+            "table": table, "stg_h_mae": mae, "majority": majority,
+            "paper_tinyllama_full": {f"{m} {s}": v for (m, s), v in PAPER.items()},
+            "verdicts": {d: verdict(d, table["cat ood"][d], table["vanilla ood"][d], majority[d]["ood"]["accuracy"])
                          for d in datas},
             "runs": runs, "wall_times": walls, "attention": attention_numbers(cfg, out, seeds[0])}
-
-
-def evaluated_n(out: Path, data: str, seeds: list[int]) -> dict:
-    """{split: records tested} of the data set's first finished final run (train.py --eval-limit may cap it)."""
-    for method in METHODS:
-        for seed in seeds:
-            result = read_final(out, data, method, seed)
-            if result is not None:
-                return {split: result[split]["n"] for split in SPLITS}
-    return {}
 
 
 def attention_numbers(cfg: GridConfig, out: Path, seed: int) -> dict:
@@ -360,7 +350,8 @@ def markdown(summary: dict) -> str:
         accs = [f"{100 * sel['val_accuracy'][a]:.2f}" if a in sel["val_accuracy"] else "–" for a in alphas]
         chosen = "–" if sel["alpha"] is None else f"{sel['alpha']:g}"
         lines.append(f"| {data.upper()} | " + " | ".join(accs) + f" | {chosen} |")
-    lines += ["", "Verdicts (the OOD means of CAT and vanilla, their difference against the larger seed std):", ""] + [f"- {v}" for v in summary["verdicts"].values()] + [""]
+    lines += ["", "Verdicts (the OOD means of CAT and vanilla, their difference against the larger seed std):", ""]
+    lines += [f"- {v}" for v in summary["verdicts"].values()] + [""]
     if summary["attention"]:
         lines += [f"Attention of the answer row on each factor kind ({cfg['attention_data'].upper()}, seed "
                   f"{cfg['seeds'].split(',')[0]}; share of the attention on attribute tokens, eval.py --attention):",
