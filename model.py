@@ -5,7 +5,7 @@ import argparse
 import json
 import math
 import os
-import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -405,13 +405,13 @@ def _resolve(name_or_path: str) -> Path:
 
 
 def _read_weights(folder: Path, device) -> dict:
-    """All tensors of a checkpoint: one safetensors file, shards listed in model.safetensors.index.json, or
+    """All tensors of a checkpoint: model.safetensors, shards listed in model.safetensors.index.json, or
     pytorch_model*.bin converted once to model.safetensors beside them."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (folder / "model.safetensors").exists():
+    if (folder / "model.safetensors").exists():
         files = [folder / "model.safetensors"]
+    elif index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     elif bins := sorted(folder.glob("pytorch_model*.bin")):
         tensors = {}
         for path in bins:
@@ -452,17 +452,14 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
 
 
 def _write_atomically(out_dir, write) -> None:
-    """write(tmp_dir) fills a temporary folder beside out_dir, which then replaces out_dir."""
+    """write(tmp) fills a temporary folder inside out_dir; each file then replaces its namesake by a rename, so no
+    reader sees a half-written file, and the other files of out_dir (a run's metrics) stay."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
+        write(Path(tmp))
+        for path in Path(tmp).iterdir():
+            os.replace(path, out_dir / path.name)
 
 
 def save_model(model: Transformer, tokenizer: Tokenizer, out_dir) -> None:

@@ -154,8 +154,11 @@ def test_save_load_round_trip_is_exact_and_transformers_reads_it(tmp_path, byte_
     _, folder = hf_folder(tmp_path, "qwen2_bias_tied", byte_bpe)
     ours, tokenizer = load_model(str(folder))
     save_model(ours, tokenizer, tmp_path / "saved")
-    save_model(ours, tokenizer, tmp_path / "saved")  # replacing an existing folder
-    assert not list(tmp_path.glob("saved.*"))  # no temporary folder left behind
+    (tmp_path / "saved/metrics.jsonl").write_text("{}\n")
+    save_model(ours, tokenizer, tmp_path / "saved")  # into an existing folder: its files replaced, others kept
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "config.json", "generation_config.json", "metrics.jsonl", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]  # and no temporary folder left behind
     again, tokenizer2 = load_model(str(tmp_path / "saved"))
     for (k, v), (k2, v2) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
