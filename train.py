@@ -10,10 +10,12 @@ metrics.jsonl, a resumable checkpoint/, and results.json from eval.py on the dat
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -43,14 +45,15 @@ class TrainConfig:
     lora: bool = False               # LoRA instead of full fine-tuning
     lora_r: int = 64                 # LoRA rank (the authors' code)
     lora_alpha: float = 32.0         # LoRA scaling numerator: ΔW = (alpha/r)·B·A
-    lora_dropout: float = 0.1
-    lora_targets: str = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
+    lora_dropout: float = 0.1        # dropout on the input of the LoRA branch
+    lora_targets: str = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"  # linear layers that get an adapter
+    fsdp: bool = False               # under torchrun, full fine-tuning sharded with FSDP (one unit per decoder layer)
     epochs: int = 0                  # 0 = the paper's default: 6 on STG, 4 elsewhere (scratch: 30)
     lr: float = 0.0                  # 0 = the paper's default: 5e-5 full, 1e-4 LoRA (scratch: 1e-3)
     batch_size: int = 8              # global batch (records per optimiser step), split over processes
     grad_accum: int = 1              # micro-batches per optimiser step on each process
     warmup_ratio: float = 0.1        # §5.1: linear warm-up over this share of the steps, then cosine decay
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0        # AdamW weight decay
     max_grad_norm: float = 1.0       # gradient clipping
     max_len: int = 1024              # longer records are skipped (and counted)
     val_frac: float = 0.0            # carve this share of the training file out as a validation split (choose α on it)
@@ -61,7 +64,7 @@ class TrainConfig:
     scratch_layers: int = 4
     scratch_heads: int = 4
     scratch_vocab: int = 1000
-    out: str = "runs"
+    out: str = "runs"                # parent folder of the run folders
     name: str = ""                   # run folder name; default <model>-<data>-<method>[-lora]-s<seed>
     resume: str = ""                 # a run folder: continue from its last checkpoint
     save_every: int = 0              # checkpoint every N optimiser steps (0: at the end of each epoch)
@@ -216,30 +219,49 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: trainable weights, optimiser, step and RNG, written atomically; safe to load.
 
-def save_checkpoint(run_dir: Path, model, optimizer, step: int) -> None:
+def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(trainable weights, optimiser state), whole and on CPU. Under FSDP every rank must call it: it gathers shards."""
+    names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]   # tied weights once
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+        return {n: weights[n].contiguous() for n in names if n in weights}, optim   # empty off rank 0
+    params = dict(unwrap(model).named_parameters())
+    return {n: params[n].detach().cpu().contiguous() for n in names}, optimizer.state_dict()
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, step: int, fsdp: bool, rank: int) -> None:
+    weights, optim = full_state(model, optimizer, fsdp)
+    if rank != 0:
+        return
     tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim, "step": step, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def load_checkpoint(run_dir: Path, model, optimizer) -> int:
+def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
     folder = run_dir / "checkpoint"
     if not (folder / "state.pt").exists():
         raise SystemExit(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
-    trainable = load_file(str(folder / "trainable.safetensors"))
-    params = dict(unwrap(model).named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
+    weights = load_file(str(folder / "trainable.safetensors"))
     state = torch.load(folder / "state.pt", weights_only=True)  # tensors and plain containers only
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp:   # every rank reads the whole state and keeps its own shard of it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        params = dict(unwrap(model).named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -260,10 +282,23 @@ def unwrap(model):
 def save_final(run_dir: Path, model, tok, lora_cfg, cfg: TrainConfig) -> None:
     """Full fine-tuning: the model in HF layout. LoRA: the adapter in PEFT's layout (+ the tokenizer)."""
     if lora_cfg is None:
-        M.save_model(unwrap(model), tok, run_dir)
+        M.save_model(model, tok, run_dir)
     else:
-        M.save_adapter(unwrap(model), lora_cfg, run_dir, base_model=cfg.model)
+        M.save_adapter(model, lora_cfg, run_dir, base_model=cfg.model)
         tok.save(run_dir)
+
+
+def gather_model(model, fsdp: bool, rank: int):
+    """The trained model as one plain module on rank 0 (None elsewhere): FSDP shards are gathered first."""
+    if not fsdp:
+        return unwrap(model) if rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    plain = M.Transformer(model.args)
+    plain.load_state_dict(weights)
+    return plain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +309,16 @@ def init_distributed(device: str) -> tuple[int, int]:
         return 0, 1
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def shard(model, on_cuda: bool):
+    """FSDP (fully_shard): each decoder layer one unit, then the rest; bf16 compute with float32 reductions on CUDA."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else \
+        MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
 
 
 def mean_over_ranks(values: list[float], world: int) -> list[float]:
@@ -343,14 +388,19 @@ def train(cfg: TrainConfig) -> Path:
         if val_records:   # the validation split travels with the run, and is evaluated beside the test files
             write_atomic(run_dir / "val.jsonl", "".join(json.dumps(r) + "\n" for r in val_records))
             data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
-    if world > 1:   # only trainable parameters are synchronised; every parameter gets a gradient every step
+    if cfg.fsdp and (world == 1 or cfg.lora):
+        raise SystemExit("--fsdp shards full fine-tuning under torchrun; LoRA and single processes use plain DDP")
+    # The CAT loss needs nothing from other ranks: each sequence's attention, and so its L_attn, stays on its rank.
+    if cfg.fsdp:
+        model = shard(model, on_cuda)
+    elif world > 1:   # only trainable parameters are synchronised; every parameter gets a gradient every step
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    step = load_checkpoint(run_dir, model, optimizer) if cfg.resume else 0
+    step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         write_atomic(run_dir / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
@@ -366,20 +416,23 @@ def train(cfg: TrainConfig) -> Path:
         n_tokens = sum(len(ex.ids) - ex.n_prompt for ex in batch)          # global counts: the loss normaliser
         n_seqs = len(batch)
         mine = batch[rank::world]                                           # this rank's disjoint slice
-        weight = 1.0
-        if not mine:    # a last batch smaller than the world: this rank joins the gradient sync with zero weight
-            mine, weight = batch[:1], 0.0
-        micro = math.ceil(len(mine) / cfg.grad_accum) or 1
+        per_rank = math.ceil(len(batch) / world)
+        micro = math.ceil(per_rank / cfg.grad_accum)
+        chunks = [mine[m:m + micro] for m in range(0, per_rank, micro)]     # the same count on every rank
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
         t0, sums, ratios = time.time(), [0.0, 0.0], []
-        for m in range(0, len(mine), micro):
-            ids, pad_mask, labels, mask = collate(mine[m:m + micro], tok.pad_id, device)
-            last = m + micro >= len(mine)
-            sync = nullcontext() if (world == 1 or last) else model.no_sync()
+        for c, chunk in enumerate(chunks):
+            # a rank short of records (the last batch of an epoch) still joins every collective, with weight zero
+            weight = 1.0 if chunk else 0.0
+            ids, pad_mask, labels, mask = collate(chunk or batch[:1], tok.pad_id, device)
+            last = c == len(chunks) - 1
+            if cfg.fsdp:   # gradients are reduced after the last micro-batch only
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if (world > 1 and not cfg.fsdp and not last) else nullcontext()
             with sync, autocast:
                 l_next, l_attn, ratio = losses(model, ids, pad_mask, labels, mask, cfg, n_tokens, n_seqs)
-                # §4.2: L_total = L_next + γ·L_attn; ×world because DDP averages gradients over ranks
+                # §4.2: L_total = L_next + γ·L_attn; ×world because DDP and FSDP average gradients over ranks
                 ((l_next + gamma * l_attn) * world * weight).backward()
             sums[0] += l_next.item() * weight
             sums[1] += l_attn.item() * weight
@@ -404,34 +457,48 @@ def train(cfg: TrainConfig) -> Path:
             bar.update()
         end_of_epoch = step % steps_per_epoch == 0
         stopping = cfg.stop_after and step >= cfg.stop_after
-        if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or stopping):
-            save_checkpoint(run_dir, model, optimizer, step)
-        if stopping and step < total:
-            bar.close()
-            print(f"stopped after step {step}; continue with: python train.py --resume {run_dir}")
-            return run_dir
+        if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or stopping:
+            save_checkpoint(run_dir, model, optimizer, step, cfg.fsdp, rank)
+        if stopping:
+            break
     bar.close()
-    if rank == 0:
-        save_final(run_dir, model, tok, lora_cfg, cfg)
-        if cfg.eval and data.tests:
-            import eval as evaluation
-            evaluation.evaluate(unwrap(model), tok, data, out_dir=run_dir, limit=cfg.eval_limit or None)
+    if step < total:
+        print(f"stopped after step {step}; continue with: python train.py --resume {run_dir}")
+    else:
+        final = gather_model(model, cfg.fsdp, rank)
+        if rank == 0:
+            save_final(run_dir, final, tok, lora_cfg, cfg)
+            if cfg.eval and data.tests:
+                import eval as evaluation
+                evaluation.evaluate(final, tok, data, out_dir=run_dir, limit=cfg.eval_limit or None)
     if world > 1:
         dist.destroy_process_group()
     return run_dir
 
 
+def field_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a dataclass (and its continuation lines): its --help text."""
+    comments, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+(\w+): [^#]*#\s?(.*)", line):
+            name, comments[m[1]] = m[1], m[2]
+        elif name and (m := re.match(r"\s+#\s?(.*)", line)):
+            comments[name] += " " + m[1]
+    return comments
+
+
 def parse_args(argv=None) -> TrainConfig:
     """argparse mapped one-to-one onto TrainConfig: every field is a flag, with the dataclass default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "") + " (default: %(default)s)"
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+            p.add_argument(flag, type=type(f.default), default=f.default, help=text)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

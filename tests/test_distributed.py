@@ -35,12 +35,15 @@ def run(nproc: int, stg_file: Path, out: Path, extra: list[str]) -> Path:
     return out / "run"
 
 
-@pytest.mark.parametrize("extra,weights", [([], "model.safetensors"),
-                                           (["--lora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"],
-                                            "adapter_model.safetensors")], ids=["full", "lora"])
-def test_two_processes_equal_one(stg_file, tmp_path, extra, weights):
+LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]
+
+
+@pytest.mark.parametrize("extra,sharded,weights", [([], [], "model.safetensors"),
+                                                   (LORA, [], "adapter_model.safetensors"),
+                                                   ([], ["--fsdp"], "model.safetensors")], ids=["ddp", "lora", "fsdp"])
+def test_two_processes_equal_one(stg_file, tmp_path, extra, sharded, weights):
     one = run(1, stg_file, tmp_path / "one", extra)
-    two = run(2, stg_file, tmp_path / "two", extra)
+    two = run(2, stg_file, tmp_path / "two", extra + sharded)
     a, b = load_file(str(one / weights)), load_file(str(two / weights))
     assert a.keys() == b.keys()
     for name in a:

@@ -164,5 +164,5 @@ def test_cli_scratch_stg_s_one_epoch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "scratch-stg_s-vanilla-s42"
     assert (run / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
-    results = json.loads((run / "results.json").read_text())
-    assert {"iid", "ood"} <= set(results)
+    results = json.loads((run / "results.json").read_text())["stg_s"]
+    assert {"iid", "ood"} <= set(results) and all(0 <= results[s]["accuracy"] <= 1 for s in ("iid", "ood"))
