@@ -247,10 +247,11 @@ def markdown(cfg: BenchConfig, results: dict) -> str:
     return "\n".join(lines)
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+def device_name(cfg: BenchConfig) -> str:
+    if cfg.device.startswith("cuda"):
+        return torch.cuda.get_device_name(cfg.device)
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{cfg.threads or torch.get_num_threads()} torch threads per worker")
 
 
 def parse_args(argv=None) -> BenchConfig:
@@ -283,7 +284,7 @@ def main(argv=None) -> dict | None:
                               "load_1min": raw[v]["load_1min"] + [m["load_1min"]],
                               "peak_mem_bytes": max(raw[v].get("peak_mem_bytes", 0), m.get("peak_mem_bytes", 0))}
         results[str(T)] = summarise(cfg, raw, T)
-    report = {"config": dataclasses.asdict(cfg), "device": device_name(cfg.device), "torch": torch.__version__,
+    report = {"config": dataclasses.asdict(cfg), "device": device_name(cfg), "torch": torch.__version__,
               "start": start, "end": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_end": os.getloadavg(),
               "results": results}
     print(markdown(cfg, results))
