@@ -67,7 +67,7 @@ class TrainConfig:
     out: str = "runs"                # parent folder of the run folders
     name: str = ""                   # run folder name; default <model>-<data>-<method>[-lora]-s<seed>
     resume: str = ""                 # a run folder: continue from its last checkpoint
-    save_every: int = 0              # checkpoint every N optimiser steps (0: at the end of each epoch)
+    save_every: int = 0              # checkpoint every N optimiser steps (0: at the end of each epoch; -1: never)
     stop_after: int = 0              # stop (checkpointed) after N optimiser steps in total; resume later
     eval: bool = True                # evaluate on the data set's test files at the end
     eval_limit: int = 0              # evaluate on the first N records of each test file (0 = all)
@@ -304,8 +304,11 @@ def gather_model(model, fsdp: bool, rank: int):
 # ---------------------------------------------------------------------------------------------
 # Distributed: torchrun sets RANK / WORLD_SIZE; each sequence's attention stays on its own rank.
 
-def init_distributed(device: str) -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+def init_distributed(device: str, fsdp: bool) -> tuple[int, int]:
+    """(rank, world size): a process group when torchrun started several processes, or one for FSDP."""
+    if "WORLD_SIZE" not in os.environ and fsdp:
+        raise SystemExit("--fsdp needs torchrun: torchrun --nproc_per_node N train.py ... --fsdp")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp:
         return 0, 1
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -363,7 +366,7 @@ def train(cfg: TrainConfig) -> Path:
         saved = json.loads((Path(cfg.resume) / "train_config.json").read_text())
         cfg = TrainConfig(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device, cfg.fsdp)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     on_cuda = device.startswith("cuda")
@@ -388,8 +391,8 @@ def train(cfg: TrainConfig) -> Path:
         if val_records:   # the validation split travels with the run, and is evaluated beside the test files
             write_atomic(run_dir / "val.jsonl", "".join(json.dumps(r) + "\n" for r in val_records))
             data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
-    if cfg.fsdp and (world == 1 or cfg.lora):
-        raise SystemExit("--fsdp shards full fine-tuning under torchrun; LoRA and single processes use plain DDP")
+    if cfg.fsdp and cfg.lora:
+        raise SystemExit("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under torchrun")
     # The CAT loss needs nothing from other ranks: each sequence's attention, and so its L_attn, stays on its rank.
     if cfg.fsdp:
         model = shard(model, on_cuda)
@@ -449,6 +452,8 @@ def train(cfg: TrainConfig) -> Path:
         record = {"step": step, "epoch": epoch, "lr": lr_at(step - 1, total, cfg), "l_next": l_next_v,
                   "l_attn": l_attn_v, "gamma": gamma, "cn_ratio": ratio.mean().item() if len(ratio) else None,
                   "tokens_per_s": sum(len(ex.ids) for ex in mine) * world / (time.time() - t0)}
+        if on_cuda:
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if rank == 0:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -457,7 +462,7 @@ def train(cfg: TrainConfig) -> Path:
             bar.update()
         end_of_epoch = step % steps_per_epoch == 0
         stopping = cfg.stop_after and step >= cfg.stop_after
-        if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or stopping:
+        if (cfg.save_every > 0 and step % cfg.save_every == 0) or (end_of_epoch and cfg.save_every == 0) or stopping:
             save_checkpoint(run_dir, model, optimizer, step, cfg.fsdp, rank)
         if stopping:
             break
@@ -468,10 +473,11 @@ def train(cfg: TrainConfig) -> Path:
         final = gather_model(model, cfg.fsdp, rank)
         if rank == 0:
             save_final(run_dir, final, tok, lora_cfg, cfg)
+            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)   # the run is complete: nothing to resume
             if cfg.eval and data.tests:
                 import eval as evaluation
                 evaluation.evaluate(final, tok, data, out_dir=run_dir, limit=cfg.eval_limit or None)
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return run_dir
 
