@@ -5,7 +5,7 @@ Read beside §4 of the paper, top to bottom:
   §4.2         shift_up: A_adj[i, j] <- A_adj[i+1, j], row i predicts token i+1 (Eq. 6)
   §4.2         average_attention: mean attention map over all layers and heads (Eq. 7)
   §4.2         causal_ratio / hinge / reattention_loss: C_i, N_i (Eq. 8, 9) and L_attn (Eq. 10)
-  §4.2 (fast)  causal_patterns / ratio_from_mass: the same loss from the attention mass on causal tokens
+  §4.2 (fast)  causal_rows / ratio_from_mass: the same loss from the attention mass on causal tokens
   §5.1         gamma: the weight of L_attn in L_total = L_next + gamma * L_attn
 Pure functions on strings and tensors: nothing here knows about models or files.
 """
@@ -196,20 +196,13 @@ def reattention_loss(avg_attn: Tensor, mask: Tensor, alpha: float, pad_mask: Ten
 # C_i = mass_i / |M_i| and N_i = (1 - mass_i) / (n_i - |M_i|). The model then returns a (B, T) vector, not L maps.
 
 
-def causal_patterns(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """CAT §4.2 fast path: distinct row patterns of each mask (B, T, T) -> cols (B, T, K) float, group (B, T) long."""
-    # mask[b, i, :] == cols[b, :, group[b, i]]; the empty pattern, where a sequence has one, is an all-zero column.
-    B, T, _ = mask.shape
-    batch = torch.arange(B, device=mask.device, dtype=torch.int32).repeat_interleave(T)   # (B*T,)
-    keyed = torch.cat([batch[:, None], mask.reshape(B * T, T).int()], dim=1)         # (B*T, 1+T) sequence, then row
-    patterns, inverse = torch.unique(keyed, dim=0, return_inverse=True)              # (U, 1+T) sorted by sequence
-    owner = patterns[:, 0].long()                                                    # (U,) sequence of each pattern
-    count = torch.bincount(owner, minlength=B)                                       # (B,) patterns per sequence
-    first = count.cumsum(0) - count                                                  # (B,) index of its first pattern
-    rank = torch.arange(len(owner), device=mask.device) - first[owner]               # (U,) index in its sequence
-    cols = mask.new_zeros(B, T, int(count.max()), dtype=torch.float32)              # (B, T, K)
-    cols[owner, :, rank] = patterns[:, 1:].float()
-    return cols, rank[inverse].view(B, T)
+def causal_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """CAT §4.2 fast path: the rows of mask (B, T, T) that hold causal tokens -> rows (B, R) long, their mask rows
+    (B, R, T). R is the most such rows in one sequence; a sequence with fewer is filled up with empty rows."""
+    has = mask.any(dim=-1)                                                 # (B, T)
+    R = max(int(has.sum(-1).max()), 1)
+    rows = torch.argsort((~has).int(), dim=-1, stable=True)[:, :R]         # rows with causal tokens first, in order
+    return rows, mask.gather(1, rows[..., None].expand(-1, -1, mask.shape[-1]))
 
 
 def ratio_from_mass(mass: Tensor, mask: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

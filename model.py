@@ -142,6 +142,13 @@ class KVCache:
         return k, v
 
 
+def _row_visibility(rows, mask, S: int):
+    """The keys that query rows (B, R) may attend to: their rows of mask (B, 1, T, S), or j <= i when mask is None."""
+    if mask is None:
+        return (torch.arange(S, device=rows.device) <= rows[..., None])[:, None]        # (B, 1, R, S)
+    return mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, S))
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -152,9 +159,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache, return_attn, causal_cols, causal_group):
-        """x (B, T, dim); mask (B, 1, T, S) bool, True = may attend, or None = plain causal (S == T).
-        Returns the output (B, T, dim), the probabilities (B, H, T, S) or None, the causal mass (B, T) or None."""
+    def forward(self, x, cos, sin, mask, cache, return_attn, causal_rows, causal_row_mask):
+        """x (B, T, dim); mask (B, 1, T, S) bool, True = may attend, or None = plain causal (S == T);
+        causal_rows (B, R) long and causal_row_mask (B, R, S) bool, the rows of the CAT mask that hold causal tokens.
+        Returns the output (B, T, dim), the probabilities (B, H, T, S) or None, the causal mass (B, R) or None."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)       # (B, H, T, D)
@@ -163,34 +171,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                             # (B, H_kv, S, D)
-        if causal_cols is not None:
-            # CAT §4.2 fast path (DESIGN.md, "useful identity"): the loss needs only m_i = sum_j P_ij M_ij, and the
-            # rows of the mask M take K patterns. Append the patterns to V as K extra columns: then P @ [V | C]
-            # = [P V | P C], the layer's output beside every row's mass on each pattern, in one attention call,
-            # without forming P. Widened to a multiple of 8 with zero columns, as fused kernels want.
-            K = causal_cols.shape[-1]
-            cols = F.pad(causal_cols, (0, -K % 8)).to(v.dtype)                # (B, S, K8)
-            v = torch.cat([v, cols[:, None].expand(B, self.n_kv_heads, -1, -1)], dim=-1)  # (B, H_kv, S, D + K8)
         # grouped-query attention: kv head g serves query heads g*n .. g*n + n - 1
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D)
-        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D [+ K8])
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D)
         probs = None
         if return_attn:  # CAT §3.1 written out: softmax(Q Kᵀ / sqrt(d_k)) · V
             S = k.shape[2]
-            if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if mask is None else mask
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)         # (B, H, T, S)
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # float32 attention map
-            out = probs.to(v.dtype) @ v                                       # (B, H, T, D [+ K8])
-        else:  # fused kernel; q, k padded with zeros to V's width leave Q Kᵀ unchanged, so the scale stays 1/sqrt(D)
-            width = v.shape[-1]
-            out = F.scaled_dot_product_attention(F.pad(q, (0, width - D)), F.pad(k, (0, width - D)), v,
-                                                 attn_mask=mask, is_causal=mask is None, scale=1 / math.sqrt(D))
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # float32 attention map
+            out = probs.to(v.dtype) @ v                                       # (B, H, T, D)
+        else:  # the same, fused, without forming the map
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         mass = None
-        if causal_cols is not None:  # row i keeps the column of its own pattern, causal_group[i]
-            index = causal_group[:, None, :, None].expand(B, self.n_heads, T, 1)
-            mass = out[..., D:].gather(-1, index)[..., 0].float().mean(dim=1)  # (B, T), mean over heads
-            out = out[..., :D]
+        if causal_rows is not None:
+            # CAT §4.2 fast path (DESIGN.md, "a useful identity"): the loss reads, of the attention map, only the
+            # rows that hold causal tokens, and of each such row only m_i = sum_j P_ij M_ij. So §3.1's softmax is
+            # written out for those R rows alone, (R × S) a head instead of (T × S), beside the fused call.
+            R = causal_rows.shape[1]
+            q_rows = q.gather(2, causal_rows[:, None, :, None].expand(B, self.n_heads, R, D))   # (B, H, R, D)
+            scores = (q_rows @ k.transpose(-2, -1)).float() / math.sqrt(D)   # (B, H, R, S)
+            visible = _row_visibility(causal_rows, mask, k.shape[2])          # (B, 1, R, S)
+            p_rows = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            mass = (p_rows * causal_row_mask[:, None]).sum(-1).mean(dim=1)     # (B, R), mean over heads
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)             # heads concatenated
         return self.o_proj(out), probs, mass
 
@@ -241,18 +244,18 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, cache=None, return_attn=False,
-                causal_cols=None, causal_group=None, last_only=False) -> ModelOutput:
+                causal_rows=None, causal_row_mask=None, last_only=False) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, S), 1 = real token, S = cached + new tokens; position_ids (B, T),
-        by default counted over the real tokens; causal_cols (B, T, K) float and causal_group (B, T) long: the
-        CAT mask's row patterns and which one each row uses, to return causal_mass (B, T); last_only: logits of
-        the last position only, (B, 1, V), as generation needs."""
+        by default counted over the real tokens; causal_rows (B, R) long and causal_row_mask (B, R, T) bool: the
+        rows of the CAT mask that hold causal tokens (cat.causal_rows), to return causal_mass (B, T); last_only:
+        logits of the last position only, (B, 1, V), as generation needs."""
         B, T = input_ids.shape
         past = cache.length() if cache is not None else 0
         S = past + T
         if self.args.sliding_window is not None and S > self.args.sliding_window:
             raise ValueError(f"{S} tokens exceed the sliding window ({self.args.sliding_window}), not implemented")
-        if causal_cols is not None and past:
-            raise ValueError("causal_cols needs the whole sequence in one call, without a KV cache")
+        if causal_rows is not None and past:
+            raise ValueError("causal_rows needs the whole sequence in one call, without a KV cache")
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         real = attention_mask.bool()
@@ -272,12 +275,15 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)                                # (B, T, dim)
         attentions, masses = [], []
         for layer in self.model.layers:
-            x, probs, mass = layer(x, cos, sin, mask, cache, return_attn, causal_cols, causal_group)
+            x, probs, mass = layer(x, cos, sin, mask, cache, return_attn, causal_rows, causal_row_mask)
             attentions.append(probs)
             masses.append(mass)
         logits = self.lm_head(self.model.norm(x[:, -1:] if last_only else x))  # (B, T, V)
+        causal_mass = None
+        if causal_rows is not None:  # mean over layers, placed back at the rows' positions: (B, T)
+            causal_mass = x.new_zeros(B, T, dtype=torch.float32).scatter(1, causal_rows, torch.stack(masses).mean(0))
         return ModelOutput(logits=logits, attentions=attentions if return_attn else None,
-                           causal_mass=torch.stack(masses).mean(0) if causal_cols is not None else None, cache=cache)
+                           causal_mass=causal_mass, cache=cache)
 
 
 @torch.no_grad()

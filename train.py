@@ -192,8 +192,8 @@ def losses(model, ids, pad_mask, labels, mask, cfg: TrainConfig, n_tokens: int, 
     annotated = bool(mask.any())
     fast = annotated and cfg.attn == "fast"        # cheap enough to monitor C/N in vanilla runs too (zero gradient)
     explicit = annotated and cfg.attn == "explicit" and cfg.alpha > 0
-    cols, group = cat.causal_patterns(mask) if fast else (None, None)
-    out = model(ids, pad_mask.long(), return_attn=explicit, causal_cols=cols, causal_group=group)
+    rows, row_mask = cat.causal_rows(mask) if fast else (None, None)
+    out = model(ids, pad_mask.long(), return_attn=explicit, causal_rows=rows, causal_row_mask=row_mask)
     # L_next (§4.2): -Σ log P(x_{t+1} | x_≤t) over the target tokens, mean over the global batch's target tokens
     l_next = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / n_tokens
     if not (fast or explicit):

@@ -8,17 +8,17 @@ L_attn for CAT, §4.2) -> (L_next + γ·L_attn).backward() with γ = 1 -> clip t
 zero_grad. Three variants of it, on the same weights and tokens:
   vanilla   train.losses with alpha 0 and a CAT mask of all zeros, so no attention path runs: a pure vanilla step
   explicit  alpha > 0, attn "explicit": per-layer probabilities (B, H, T, T) -> Ā -> C_i / N_i (§4.2)
-  fast      alpha > 0, attn "fast": the causal mass (B, T) from the mask's row patterns appended to V
+  fast      alpha > 0, attn "fast": the causal mass (B, T), softmax written out for the supervised rows only
 AdamW runs at lr 0: it does all its arithmetic, but the weights never change, so every variant and every
 repeat sees the same model, and L_next and L_attn of the three variants must agree (fast == explicit).
-The batch is built once, outside the timed step (train.collate's work); cat.causal_patterns, which train.losses
+The batch is built once, outside the timed step (train.collate's work); cat.causal_rows, which train.losses
 calls, is inside it.
 
 Data: B sequences of exactly T tokens, each STG_S training records (stg.generate) encoded as train.encode does,
 packed back to back, the last one cut at T; L_next covers each record's target + eos. Every record keeps its own
 adjacency (3 causal phrases of ~4 tokens, caused rows = the answer, shifted one row up, §4.2), so the mask has
-one row pattern per packed record plus the empty one: --annotated first keeps only the first record's, one
-causal region per sequence whatever T is.
+~2 rows with causal tokens per packed record: --annotated first keeps only the first record's, one causal
+region per sequence whatever T is.
 
 CPU: each variant runs in its own subprocess (`--variant NAME --seq-len T`, the worker mode, one JSON line
 out); memory = its peak RSS (getrusage ru_maxrss), variants interleaved over --rounds. GPU (--device cuda):
@@ -182,7 +182,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
                     out[v]["peak_mem_bytes"] = max(out[v]["peak_mem_bytes"], torch.cuda.max_memory_allocated())
     mask = batch[3]
     for v in variants:
-        out[v]["patterns"] = int(cat.causal_patterns(mask)[0].shape[-1]) if v != "vanilla" else 0
+        out[v]["supervised_rows"] = int(cat.causal_rows(mask)[0].shape[-1]) if v != "vanilla" else 0
         out[v]["n_matmul_params"] = matmul_params(model)
         if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step
             out[v]["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -211,7 +211,7 @@ def summarise(cfg: BenchConfig, raw: dict, T: int) -> dict:
     """Median step time, peak memory, ratios to vanilla, FLOPs and (GPU) MFU of each variant at length T."""
     rows = {}
     for v, m in raw.items():
-        row = {k: m[k] for k in ("l_next", "l_attn", "patterns", "error") if k in m}
+        row = {k: m[k] for k in ("l_next", "l_attn", "supervised_rows", "error") if k in m}
         if m["times_s"]:
             median = statistics.median(m["times_s"])
             flops = 6 * m["n_matmul_params"] * cfg.batch * T

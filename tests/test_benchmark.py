@@ -28,7 +28,7 @@ def test_cpu_run_reports_three_variants_with_equal_losses(tmp_path):
     assert rows["explicit"]["l_attn"] > 0, "alpha should make the hinge active, else the comparison says nothing"
     assert abs(rows["fast"]["l_attn"] - rows["explicit"]["l_attn"]) < 1e-5, \
         f"fast L_attn {rows['fast']['l_attn']} != explicit {rows['explicit']['l_attn']}"
-    assert rows["vanilla"]["l_attn"] == 0 and rows["vanilla"]["patterns"] == 0
+    assert rows["vanilla"]["l_attn"] == 0 and rows["vanilla"]["supervised_rows"] == 0
 
 
 def test_packed_batch_is_collate_of_each_record_placed_side_by_side():

@@ -127,10 +127,12 @@ def test_mass_path_equals_explicit_path(seed):
     probs = softmax_attention(B, T, L, H, pad_mask, seed)
     avg = cat.average_attention(probs)
     torch.testing.assert_close(avg, torch.stack(probs).mean(dim=(0, 2)))
-    # What the model returns on the fast path: the layer/head mean of sum_j P_ij M_ij, with the patterns as columns.
-    cols, group = cat.causal_patterns(mask)
-    per_pattern = torch.stack([p @ cols.double()[:, None] for p in probs]).mean(dim=(0, 2))   # (B, T, K)
-    mass = per_pattern.gather(-1, group[..., None])[..., 0]                            # (B, T)
+    # What the model returns on the fast path: the layer/head mean of sum_j P_ij M_ij, for the rows with causes.
+    rows_r, row_mask = cat.causal_rows(mask)
+    mass = torch.zeros(B, T, dtype=torch.float64)
+    for p in probs:
+        p_rows = p.gather(2, rows_r[:, None, :, None].expand(B, H, -1, T))                 # (B, H, R, T)
+        mass.scatter_add_(1, rows_r, (p_rows * row_mask[:, None]).sum(-1).mean(1) / L)
     torch.testing.assert_close(mass, (avg * mask).sum(-1))
     ratio, rows = cat.causal_ratio(avg, mask, pad_mask)
     ratio_m, rows_m = cat.ratio_from_mass(mass, mask, pad_mask)
@@ -142,18 +144,20 @@ def test_mass_path_equals_explicit_path(seed):
     assert loss > 0
 
 
-def test_causal_patterns_reconstruct_mask():
+def test_causal_rows_select_the_rows_with_causes():
     _, mask, _ = random_batch(B=3, T=8, seed=4)
     mask[1] = False                                         # a sequence with no annotation at all
-    mask[2, 3] = mask[2, 6] = mask[2, 1]                    # repeated patterns share one column
-    cols, group = cat.causal_patterns(mask)
-    B, T, K = cols.shape
-    assert cols.dtype == torch.float32 and group.dtype == torch.long and K >= 1
+    mask[2, :5] = False                                     # one with fewer such rows than the others
+    rows, row_mask = cat.causal_rows(mask)
+    B, R = rows.shape
+    assert R == int(mask.any(-1).sum(-1).max()) and rows.dtype == torch.long
     for b in range(B):
-        assert len({tuple(row) for row in mask[b].tolist()}) == int(group[b].max()) + 1
-        for i in range(T):
-            assert torch.equal(cols[b, :, group[b, i]], mask[b, i].float()), (b, i)
-    assert not cols[1].any() and group[2, 3] == group[2, 6] == group[2, 1]
+        expected = mask[b].any(-1).nonzero().flatten().tolist()
+        assert rows[b, :len(expected)].tolist() == expected, "rows with causes first, in order"
+        assert not row_mask[b, len(expected):].any(), "filler rows are empty"
+        assert len(set(rows[b].tolist())) == R, "distinct rows, so that placing the masses back is exact"
+        for r in range(R):
+            assert torch.equal(row_mask[b, r], mask[b, rows[b, r]])
 
 
 def test_shift_up():

@@ -1,7 +1,8 @@
-"""The fast CAT path (causal mass from P @ [V | C] in one fused call) against the explicit probabilities."""
+"""The fast CAT path (the causal mass of the supervised rows only) against the explicit probabilities."""
 import pytest
 import torch
 
+import cat
 from model import ModelArgs, Transformer
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -21,8 +22,8 @@ def tiny_model(arch: str) -> Transformer:
 
 
 def batch(padding_side: str):
-    """ids (2, T); attention mask (2, T), the second row padded by 3; the CAT mask built by hand as K = 3 row
-    patterns: cols (2, T, 3) float, group (2, T) long, and the dense mask M (2, T, T) they stand for."""
+    """ids (2, T); attention mask (2, T), the second row padded by 3; the CAT mask M (2, T, T) built by hand from
+    3 row patterns, and the fast path's view of it: its non-empty rows (cat.causal_rows)."""
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
@@ -38,7 +39,8 @@ def batch(padding_side: str):
     group[:, 8:] = 2
     group[1, 3:5] = 2
     dense = torch.stack([cols[b][:, group[b]].T for b in range(2)])   # (2, T, T): M[b, i, j] = cols[b, j, group[b, i]]
-    return ids, mask, cols, group, dense
+    rows, row_mask = cat.causal_rows(dense.bool())
+    return ids, mask, rows, row_mask, dense
 
 
 def mass_from_probs(attentions, dense):
@@ -50,11 +52,11 @@ def mass_from_probs(attentions, dense):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_causal_mass_equals_mass_of_explicit_probabilities(arch, padding_side):
     model = tiny_model(arch)
-    ids, mask, cols, group, dense = batch(padding_side)
+    ids, mask, rows, row_mask, dense = batch(padding_side)
     with torch.no_grad():
         explicit = model(ids, mask, return_attn=True)
-        fast = model(ids, mask, causal_cols=cols, causal_group=group)
-        both = model(ids, mask, return_attn=True, causal_cols=cols, causal_group=group)
+        fast = model(ids, mask, causal_rows=rows, causal_row_mask=row_mask)
+        both = model(ids, mask, return_attn=True, causal_rows=rows, causal_row_mask=row_mask)
     reference = mass_from_probs(explicit.attentions, dense)
     assert fast.causal_mass.shape == (2, T) and fast.attentions is None
     assert reference[0, 4:].min() > 0.01  # the test means something: rows hold mass on their causes
@@ -66,7 +68,7 @@ def test_causal_mass_equals_mass_of_explicit_probabilities(arch, padding_side):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_through_causal_mass_match_explicit_path(arch):
     model = tiny_model(arch)
-    ids, mask, cols, group, dense = batch("right")
+    ids, mask, rows, row_mask, dense = batch("right")
     weight = torch.linspace(0.5, 2.0, T) * mask   # an arbitrary function of the mass, on real rows
 
     def grads(mass):
@@ -75,7 +77,7 @@ def test_gradients_through_causal_mass_match_explicit_path(arch):
         return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
     reference = grads(mass_from_probs(model(ids, mask, return_attn=True).attentions, dense))
-    fast = grads(model(ids, mask, causal_cols=cols, causal_group=group).causal_mass)
+    fast = grads(model(ids, mask, causal_rows=rows, causal_row_mask=row_mask).causal_mass)
     assert sum(g is not None for g in reference.values()) > 10
     for name, g in reference.items():
         if g is None:   # parameters after the last attention (final MLP, norm, lm_head) do not move the mass
@@ -86,12 +88,12 @@ def test_gradients_through_causal_mass_match_explicit_path(arch):
 
 def test_bfloat16_autocast_keeps_float32_probabilities():
     model = tiny_model("LlamaForCausalLM")
-    ids, mask, cols, group, dense = batch("right")
+    ids, mask, rows, row_mask, dense = batch("right")
     with torch.no_grad():
         exact = mass_from_probs(model(ids, mask, return_attn=True).attentions, dense)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             explicit = model(ids, mask, return_attn=True)
-            fast = model(ids, mask, causal_cols=cols, causal_group=group)
+            fast = model(ids, mask, causal_rows=rows, causal_row_mask=row_mask)
     assert all(p.dtype == torch.float32 for p in explicit.attentions)
     torch.testing.assert_close(explicit.attentions[0].sum(-1), torch.ones(2, 4, T), atol=1e-5, rtol=0)
     torch.testing.assert_close(mass_from_probs(explicit.attentions, dense), exact, atol=3e-2, rtol=0)
