@@ -7,7 +7,6 @@ Table 1's layout from the results of several runs.
 """
 import argparse
 import json
-import os
 import re
 import statistics
 from collections import Counter
@@ -344,19 +343,10 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     if out_dir is not None:
         path = out_dir / "results.json"
         merged = json.loads(path.read_text()) if path.exists() else {}
-        write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
+        stg.write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
         if attention:
             plot_attention(numbers, example, out_dir, data.name)
     return results
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename (as stg.write_jsonl does for records), so that an interrupted
-    run leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_results(name: str, results: dict) -> str:
@@ -453,7 +443,7 @@ def main(argv=None) -> None:
         table = compare_runs(cfg.compare)
         print(table)
         if cfg.out:
-            write_text(Path(cfg.out), table + "\n")
+            stg.write_text(Path(cfg.out), table + "\n")
         return
     model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     data = stg.resolve_data(cfg.data)

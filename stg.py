@@ -157,13 +157,18 @@ def generate(stem: str, seed: int) -> list[dict]:
     return [make_record(task, rng, ood, train) for _ in range(n)]
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """One JSON object a line; written to a temporary file, then renamed over `path`."""
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so that an interruption leaves no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object a line, written atomically."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def spurious_correlations(records: list[dict], task: str) -> dict[str, float]:

@@ -268,13 +268,6 @@ def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
     return state["step"]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that an interruption leaves the old one or the new one, never half of either."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -387,9 +380,9 @@ def train(cfg: TrainConfig) -> Path:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.extra["world_size"] = world
-        write_atomic(run_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        stg.write_text(run_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         if val_records:   # the validation split travels with the run, and is evaluated beside the test files
-            write_atomic(run_dir / "val.jsonl", "".join(json.dumps(r) + "\n" for r in val_records))
+            stg.write_jsonl(run_dir / "val.jsonl", val_records)
             data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
     if cfg.fsdp and cfg.lora:
         raise SystemExit("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under torchrun")
@@ -406,7 +399,7 @@ def train(cfg: TrainConfig) -> Path:
     step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        write_atomic(run_dir / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        stg.write_text(run_dir / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.name)
