@@ -48,7 +48,7 @@ class TrainConfig:
     lora_dropout: float = 0.1        # dropout on the input of the LoRA branch
     lora_targets: str = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"  # linear layers that get an adapter
     fsdp: bool = False               # under torchrun, full fine-tuning sharded with FSDP (one unit per decoder layer)
-    epochs: int = 0                  # 0 = the paper's default: 6 on STG, 4 elsewhere (scratch: 30)
+    epochs: int = 0                  # 0 = the paper's default: 6 on STG, 4 elsewhere (scratch: 10)
     lr: float = 0.0                  # 0 = the paper's default: 5e-5 full, 1e-4 LoRA (scratch: 1e-3)
     batch_size: int = 8              # global batch (records per optimiser step), split over processes
     grad_accum: int = 1              # micro-batches per optimiser step on each process
@@ -335,7 +335,7 @@ def resolve(cfg: TrainConfig, data: stg.DataSet) -> None:
     elif cfg.method == "cat" and cfg.alpha <= 0:
         raise SystemExit("--method cat needs --alpha > 0 (the paper uses 0.05–0.35 on pretrained models)")
     cfg.method = "cat" if cfg.alpha > 0 else "vanilla"
-    cfg.epochs = cfg.epochs or (30 if cfg.model == "scratch" else 6 if is_stg else 4)
+    cfg.epochs = cfg.epochs or (10 if cfg.model == "scratch" else 6 if is_stg else 4)
     cfg.lr = cfg.lr or (1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5)
     if cfg.attn not in ("fast", "explicit"):
         raise SystemExit(f"--attn {cfg.attn!r}: choose fast or explicit")
