@@ -53,3 +53,19 @@ def test_two_processes_equal_one(stg_file, tmp_path, extra, sharded, weights):
     assert steps[0] == steps[1] == list(range(1, len(steps[0]) + 1))
     assert json.loads((two / "train_config.json").read_text())["extra"]["world_size"] == 2
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+
+
+@pytest.mark.parametrize("sharded", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_resume_under_torchrun_equals_one_uninterrupted_process(stg_file, tmp_path, sharded):
+    """Stop a 2-process run mid-epoch, resume it under torchrun: the weights of one uninterrupted process."""
+    one = run(1, stg_file, tmp_path / "one", [])
+    two = run(2, stg_file, tmp_path / "two", ["--stop-after", "3", "--save-every", "1", *sharded])
+    assert not (two / "model.safetensors").exists() and (two / "checkpoint").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--resume", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
