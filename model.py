@@ -368,7 +368,8 @@ class Tokenizer:
         out_dir = Path(out_dir)
         self.backend.save(str(out_dir / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.backend.id_to_token(self.eos_ids[0]),
-                  "pad_token": self.backend.id_to_token(self.pad_id), **self.config}
+                  "pad_token": self.backend.id_to_token(self.pad_id), **self.config,
+                  "add_bos_token": self.bos_id is not None}   # read back by from_dir: the same prompt prefix
         if self.bos_id is not None:
             config.setdefault("bos_token", self.backend.id_to_token(self.bos_id))
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -422,8 +423,9 @@ def _read_weights(folder: Path, device) -> dict:
         tensors = {}
         for path in bins:
             tensors.update(torch.load(path, map_location="cpu", weights_only=True))
-        save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+        tmp = folder / "model.safetensors.tmp"   # renamed when complete: an interruption leaves no half file
+        save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
         files = [folder / "model.safetensors"]
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")

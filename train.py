@@ -42,6 +42,7 @@ class TrainConfig:
     method: str = ""                 # "cat" or "vanilla"; derived from alpha when empty
     gamma: str = "exp"               # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
+    log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
     lora: bool = False               # LoRA instead of full fine-tuning
     lora_r: int = 64                 # LoRA rank (the authors' code)
     lora_alpha: float = 32.0         # LoRA scaling numerator: ΔW = (alpha/r)·B·A
@@ -190,21 +191,38 @@ def losses(model, ids, pad_mask, labels, mask, cfg: TrainConfig, n_tokens: int, 
     """(L_next, L_attn, C/N ratios on the causal rows) of one micro-batch, each normalised by the *global* batch's
     target-token and sequence counts, so that any split into micro-batches and processes sums to the same loss."""
     annotated = bool(mask.any())
-    fast = annotated and cfg.attn == "fast"        # cheap enough to monitor C/N in vanilla runs too (zero gradient)
+    fast = annotated and cfg.attn == "fast" and (cfg.alpha > 0 or cfg.log_ratio)   # vanilla: C/N measured only
     explicit = annotated and cfg.attn == "explicit" and cfg.alpha > 0
-    rows, row_mask = cat.causal_rows(mask) if fast else (None, None)
+    rows, row_mask = cat.causal_rows(mask) if fast else (None, None)   # the rows that hold causal tokens
     out = model(ids, pad_mask.long(), return_attn=explicit, causal_rows=rows, causal_row_mask=row_mask)
     # L_next (§4.2): -Σ log P(x_{t+1} | x_≤t) over the target tokens, mean over the global batch's target tokens
     l_next = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / n_tokens
     if not (fast or explicit):
         return l_next, l_next.new_zeros(()), l_next.new_zeros(0)
     if fast:
-        ratio, rows = cat.ratio_from_mass(out.causal_mass.float(), mask, pad_mask)
+        ratio, counted = cat.ratio_from_mass(out.causal_mass.float(), mask, pad_mask)
     else:
-        ratio, rows = cat.causal_ratio(cat.average_attention(out.attentions), mask, pad_mask)
+        ratio, counted = cat.causal_ratio(cat.average_attention(out.attentions), mask, pad_mask)
     # L_attn (§4.2): Σ_i max(0, α − C_i/N_i); cat.hinge averages over this micro-batch's sequences
-    l_attn = cat.hinge(ratio, rows, cfg.alpha) * ids.shape[0] / n_seqs
-    return l_next, l_attn, ratio[rows].detach()
+    l_attn = cat.hinge(ratio, counted, cfg.alpha) * ids.shape[0] / n_seqs
+    return l_next, l_attn, ratio[counted].detach()
+
+
+@torch.no_grad()
+def starting_ratios(model, examples: list[Example], pad_id: int, device, autocast, n: int = 64) -> torch.Tensor:
+    """C_i/N_i on the causal rows of up to n annotated records before training: α acts on the rows below it."""
+    annotated = [ex for ex in examples if ex.adj is not None and ex.adj.any()][:n]
+    ratios = []
+    model.eval()
+    for i in range(0, len(annotated), 8):
+        ids, pad_mask, _, mask = collate(annotated[i:i + 8], pad_id, device)
+        rows, row_mask = cat.causal_rows(mask)
+        with autocast:
+            out = model(ids, pad_mask.long(), causal_rows=rows, causal_row_mask=row_mask)
+        ratio, counted = cat.ratio_from_mass(out.causal_mass.float(), mask, pad_mask)
+        ratios.append(ratio[counted].cpu())
+    model.train()
+    return torch.cat(ratios) if ratios else torch.zeros(0)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -242,12 +260,18 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, fsdp: bool, rank
     torch.save({"optimizer": optim, "step": step, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    old = run_dir / "checkpoint.old"     # the previous checkpoint stays whole until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
     folder = run_dir / "checkpoint"
+    if not (folder / "state.pt").exists():   # interrupted between the two renames of save_checkpoint
+        folder = run_dir / "checkpoint.old"
     if not (folder / "state.pt").exists():
         raise SystemExit(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
     weights = load_file(str(folder / "trainable.safetensors"))
@@ -291,7 +315,7 @@ def gather_model(model, fsdp: bool, rank: int):
         return None
     plain = M.Transformer(model.args)
     plain.load_state_dict(weights)
-    return plain
+    return plain.to(next(model.parameters()).device)   # evaluated where it trained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,10 +341,10 @@ def shard(model, on_cuda: bool):
     return fully_shard(model, mp_policy=policy)
 
 
-def mean_over_ranks(values: list[float], world: int) -> list[float]:
+def mean_over_ranks(values: list[float], world: int, device) -> list[float]:
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)   # NCCL reduces CUDA tensors only
     dist.all_reduce(t)
     return (t / world).tolist()
 
@@ -360,8 +384,9 @@ def train(cfg: TrainConfig) -> Path:
         cfg = TrainConfig(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = init_distributed(device, cfg.fsdp)
-    if device == "cuda" and world > 1:
+    if device == "cuda" and dist.is_initialized():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)   # FSDP and NCCL place each rank on its current device
     on_cuda = device.startswith("cuda")
     dtype = {"auto": torch.bfloat16 if (cfg.lora and on_cuda) else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -377,6 +402,14 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.method == "cat" and not any(ex.adj is not None and ex.adj.any() for ex in examples):
         raise SystemExit(f"--alpha {cfg.alpha}: no record of {data.train} carries an `important` annotation that "
                          "was found in its text; annotate the data (annotate.py) or train vanilla with --alpha 0")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+    fresh = rank == 0 and not cfg.resume
+    ratios = starting_ratios(model, examples, tok.pad_id, device, autocast) if fresh else torch.zeros(0)
+    if len(ratios):   # DESIGN.md, "What α means in practice": place α against where the model starts
+        q10, q50, q90 = torch.quantile(ratios, torch.tensor([0.1, 0.5, 0.9])).tolist()
+        cfg.extra["cn_ratio_at_start"] = {"p10": q10, "median": q50, "p90": q90, "rows": len(ratios)}
+        print(f"C/N on the causal rows before training: median {q50:.2f} (10th percentile {q10:.2f}, 90th {q90:.2f}), "
+              f"{len(ratios)} rows; the hinge acts on rows with C/N < α = {cfg.alpha}")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.extra["world_size"] = world
@@ -400,7 +433,6 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         stg.write_text(run_dir / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.name)
     model.train()
@@ -433,7 +465,7 @@ def train(cfg: TrainConfig) -> Path:
             sums[0] += l_next.item() * weight
             sums[1] += l_attn.item() * weight
             ratios.append(ratio.float().cpu())
-        l_next_v, l_attn_v = mean_over_ranks([sums[0] * world, sums[1] * world], world)
+        l_next_v, l_attn_v = mean_over_ranks([sums[0] * world, sums[1] * world], world, device)
         if not math.isfinite(l_next_v + l_attn_v):
             raise SystemExit(f"step {step}: loss is {l_next_v + l_attn_v} (NaN/inf); the last good checkpoint is "
                              f"kept in {run_dir / 'checkpoint'}; lower --lr or check the data")

@@ -166,3 +166,16 @@ def test_cli_scratch_stg_s_one_epoch(tmp_path):
     assert (run / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
     results = json.loads((run / "results.json").read_text())["stg_s"]
     assert {"iid", "ood"} <= set(results) and all(0 <= results[s]["accuracy"] <= 1 for s in ("iid", "ood"))
+
+
+def test_a_saved_scratch_model_is_prompted_as_it_was_trained(stg_file, tmp_path):
+    """eval.py on a saved run builds the training prefix: [bos] + encode(input), BOS read back from the files."""
+    import eval as evaluation
+    cfg = tiny_config(stg_file, tmp_path)
+    records = stg.read_records(stg_file)[:2]
+    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    M.save_model(model, tok, tmp_path / "saved")
+    _, reloaded = M.load_model(str(tmp_path / "saved"))
+    ex, _ = train.encode(records[0], tok)
+    assert reloaded.bos_id == tok.bos_id is not None
+    assert evaluation.prompt_ids(reloaded, records[0]["input"]) == ex.ids[:ex.n_prompt]
