@@ -212,15 +212,12 @@ def losses(model, ids, pad_mask, labels, mask, cfg: TrainConfig, n_tokens: int, 
 def starting_ratios(model, examples: list[Example], pad_id: int, device, autocast, n: int = 64) -> torch.Tensor:
     """C_i/N_i on the causal rows of up to n annotated records before training: α acts on the rows below it."""
     annotated = [ex for ex in examples if ex.adj is not None and ex.adj.any()][:n]
+    measure = TrainConfig(attn="fast", log_ratio=True)   # the fast path of losses(), which returns the C/N ratios
     ratios = []
     model.eval()
     for i in range(0, len(annotated), 8):
-        ids, pad_mask, _, mask = collate(annotated[i:i + 8], pad_id, device)
-        rows, row_mask = cat.causal_rows(mask)
         with autocast:
-            out = model(ids, pad_mask.long(), causal_rows=rows, causal_row_mask=row_mask)
-        ratio, counted = cat.ratio_from_mass(out.causal_mass.float(), mask, pad_mask)
-        ratios.append(ratio[counted].cpu())
+            ratios.append(losses(model, *collate(annotated[i:i + 8], pad_id, device), measure, 1, 1)[2].cpu())
     model.train()
     return torch.cat(ratios) if ratios else torch.zeros(0)
 
