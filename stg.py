@@ -271,9 +271,10 @@ TASK_HINTS = [("stg_h", ("stg_h",)),                                 # a file st
 class DataSet:
     name: str                  # "stg_s", "gsm8k", or a file stem
     task: str                  # "stg_e" | "stg_h" | one of DOWNSTREAM | "generic": picks the answer checker
-    train: Path | None         # training records (annotated ones carry `important`)
+    train: Path | None         # training records (STG's carry their rule-made `important`)
     val: Path | None           # validation records, where the task has them
     tests: dict[str, Path]     # {"iid": ..., "ood": ...} for STG, {"test": ...} elsewhere
+    annotations: Path | None = None   # downstream tasks: annotate.py's output, merged in by training_records
 
 
 def guess_task(stem: str) -> str:
@@ -298,8 +299,8 @@ def resolve_data(name_or_path: str, data_dir="data") -> DataSet:
     if name_or_path in DOWNSTREAM:
         task = name_or_path
         annotated = data_dir / f"{task}_train_annotated.jsonl"
-        data = DataSet(task, task, annotated if annotated.exists() else data_dir / f"{task}_train.jsonl",
-                       data_dir / f"{task}_val.jsonl", {"test": data_dir / f"{task}_test.jsonl"})
+        data = DataSet(task, task, data_dir / f"{task}_train.jsonl", data_dir / f"{task}_val.jsonl",
+                       {"test": data_dir / f"{task}_test.jsonl"}, annotated if annotated.exists() else None)
         missing = [p for p in (data.train, data.val, data.tests["test"]) if not p.exists()]
         if missing:
             raise FileNotFoundError(f"{', '.join(map(str, missing))} not found: run `python annotate.py fetch {task} "
@@ -313,6 +314,25 @@ def resolve_data(name_or_path: str, data_dir="data") -> DataSet:
         raise FileNotFoundError(f"{path}: no such file (expected a JSONL file of records, one object a line)")
     raise ValueError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
                      f"or the path of an existing JSONL file")
+
+
+def training_records(data: DataSet) -> list[dict]:
+    """The records of data.train, in the file's order. Where annotate.py wrote annotations, each record takes the
+    `important` field of its annotation (matched on input and target); records without one (rejected replies,
+    an unfinished run) stay in and train on L_next only, so vanilla and CAT always see the same records."""
+    records = read_records(data.train)
+    if data.annotations is None:
+        return records
+    notes = {(r["input"], r["target"]): r["important"] for r in read_records(data.annotations) if "important" in r}
+    keys = [(r["input"], r["target"]) for r in records]
+    merged = [{**r, "important": notes[key]} if key in notes else r for r, key in zip(records, keys)]
+    found = sum(key in notes for key in keys)
+    print(f"{data.annotations}: {found} of {len(records)} records of {data.train} annotated; the other "
+          f"{len(records) - found} (rejected or not yet annotated) train without the Re-Attention loss")
+    if found < len(notes):
+        print(f"warning: {len(notes) - found} annotations of {data.annotations} match no record of {data.train} "
+              f"(was the training file fetched again?); they are not used")
+    return merged
 
 
 # ----------------------------------------------------------------------------- command line

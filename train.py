@@ -391,7 +391,7 @@ def train(cfg: TrainConfig) -> Path:
     if data.train is None:
         raise SystemExit(f"--data {cfg.data}: no training file")
     resolve(cfg, data)
-    records, val_records = split_validation(stg.read_records(data.train), cfg)
+    records, val_records = split_validation(stg.training_records(data), cfg)
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
     torch.manual_seed(cfg.seed)
     model, tok, lora_cfg = build_model(cfg, records, device, dtype)

@@ -211,7 +211,26 @@ def test_resolve_downstream_names(tmp_path):
     assert (data.task, data.train, data.val, data.tests) == (
         "gsm8k", tmp_path / "gsm8k_train.jsonl", tmp_path / "gsm8k_val.jsonl", {"test": tmp_path / "gsm8k_test.jsonl"})
     (tmp_path / "gsm8k_train_annotated.jsonl").write_text('{"input": "q", "target": "1", "important": []}\n')
-    assert stg.resolve_data("gsm8k", tmp_path).train == tmp_path / "gsm8k_train_annotated.jsonl"
+    data = stg.resolve_data("gsm8k", tmp_path)
+    assert (data.train, data.annotations) == (tmp_path / "gsm8k_train.jsonl", tmp_path / "gsm8k_train_annotated.jsonl")
+
+
+def test_training_records_merge_annotations(tmp_path, capsys):
+    """Annotations join the training file by (input, target), in the training file's order; a record without one
+    (a reject, an unfinished run) stays in without `important`; an annotation of no record is reported."""
+    train = [{"input": f"q{i} ", "target": str(i)} for i in range(4)]
+    stg.write_jsonl(tmp_path / "svamp_train.jsonl", train)
+    for split in ("val", "test"):
+        stg.write_jsonl(tmp_path / f"svamp_{split}.jsonl", train[:1])
+    important = {"3": ["q3"]}
+    stg.write_jsonl(tmp_path / "svamp_train_annotated.jsonl", [   # completion order, not the file's
+        {**train[3], "important": [important]}, {**train[0], "important": []},
+        {"input": "stale ", "target": "9", "important": [{"9": ["stale"]}]}])
+    records = stg.training_records(stg.resolve_data("svamp", tmp_path))
+    assert records == [{**train[0], "important": []}, train[1], train[2], {**train[3], "important": [important]}]
+    out = capsys.readouterr().out
+    assert "2 of 4 records" in out and "the other 2" in out and "1 annotations" in out
+    assert stg.training_records(stg.DataSet("x", "generic", tmp_path / "svamp_train.jsonl", None, {})) == train
 
 
 def test_resolve_paths_and_unknown_names(tmp_path):
