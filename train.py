@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -220,6 +221,16 @@ def starting_ratios(model, examples: list[Example], pad_id: int, device, autocas
             ratios.append(losses(model, *collate(annotated[i:i + 8], pad_id, device), measure, 1, 1)[2].cpu())
     model.train()
     return torch.cat(ratios) if ratios else torch.zeros(0)
+
+
+def peak_rss_gib() -> float | None:
+    """This process's peak resident memory in GiB (the CPU's counterpart of max_memory_allocated); None on Windows."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -476,6 +487,8 @@ def train(cfg: TrainConfig) -> Path:
                   "tokens_per_s": sum(len(ex.ids) for ex in mine) * world / (time.time() - t0)}
         if on_cuda:
             record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        elif (rss := peak_rss_gib()) is not None:
+            record["max_rss_gib"] = rss
         if rank == 0:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()

@@ -116,6 +116,14 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="compares against Linux's /proc/self/status")
+def test_peak_rss_matches_the_kernels_high_water_mark():
+    """CPU runs log max_rss_gib: the process's peak resident memory, as /proc reports it (VmHWM, in kB)."""
+    hwm_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    assert train.peak_rss_gib() == pytest.approx(hwm_kib / 2**20, rel=0.05)
+
+
 def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_path):
     cfg = tiny_config(stg_file, tmp_path, alpha=2.0, lora=True, lora_r=4, lora_alpha=8, epochs=1)
     run = train.train(cfg)
@@ -134,6 +142,7 @@ def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
     metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, part)]
+    assert all(m["max_rss_gib"] > 0 for m in metrics[0]), "CPU runs log their peak memory"
     assert [m["step"] for m in metrics[1]] == [m["step"] for m in metrics[0]]
     assert metrics[1][-1]["l_next"] == pytest.approx(metrics[0][-1]["l_next"], abs=1e-6)
 
