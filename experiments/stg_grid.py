@@ -106,8 +106,8 @@ def run_job(job: Job, env: dict) -> dict:
                 break
     attempts.append({"seconds": round(time.time() - start, 1), "resumed": resumed, "returncode": returncode,
                      "commands": [" ".join(c) for c in commands]})
-    wall_path.write_text(json.dumps({"seconds": sum(a["seconds"] for a in attempts), "attempts": attempts},
-                                    indent=2) + "\n")
+    stg.write_text(wall_path, json.dumps({"seconds": sum(a["seconds"] for a in attempts), "attempts": attempts},
+                                         indent=2) + "\n")
     ok = returncode == 0 and (job.run / "results.json").exists()
     return {"run": str(job.run), "status": "done" if ok else "failed", "seconds": attempts[-1]["seconds"]}
 
@@ -412,7 +412,7 @@ def main(argv=None) -> Path:
         print("note: a scratch model starts at C/N ≈ 1 (DESIGN.md), so the hinge max(0, α − C/N) stays zero for "
               f"α < 1: these CAT runs will train much as vanilla does. Try --alphas 1.5,2,3 to engage it.")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    stg.write_text(out / "grid_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     env = child_env(cfg)
     # α selection and the vanilla runs do not depend on α*: they share the first round
     first = [selection_job(cfg, out, d, a, seeds[0]) for d in datas for a in alphas]
@@ -432,8 +432,8 @@ def main(argv=None) -> Path:
                               if (out / final_name(cfg.attention_data, m, seeds[0]) / "results.json").exists()],
                              cfg.jobs, env)
     summary = summarize(cfg, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(summary))
+    stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    stg.write_text(out / "summary.md", markdown(summary))
     print(markdown(summary))
     failed = [o["run"] for o in outcomes if o["status"] == "failed"]
     if failed:
