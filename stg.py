@@ -329,8 +329,9 @@ def training_records(data: DataSet) -> list[dict]:
     found = sum(key in notes for key in keys)
     print(f"{data.annotations}: {found} of {len(records)} records of {data.train} annotated; the other "
           f"{len(records) - found} (rejected or not yet annotated) train without the Re-Attention loss")
-    if found < len(notes):
-        print(f"warning: {len(notes) - found} annotations of {data.annotations} match no record of {data.train} "
+    unmatched = len(notes.keys() - set(keys))   # counted by key: a record repeated in data.train matches once
+    if unmatched:
+        print(f"warning: {unmatched} annotations of {data.annotations} match no record of {data.train} "
               f"(was the training file fetched again?); they are not used")
     return merged
 

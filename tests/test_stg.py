@@ -231,6 +231,11 @@ def test_training_records_merge_annotations(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 of 4 records" in out and "the other 2" in out and "1 annotations" in out
     assert stg.training_records(stg.DataSet("x", "generic", tmp_path / "svamp_train.jsonl", None, {})) == train
+    # a record repeated in the training file does not hide an annotation that matches nothing
+    stg.write_jsonl(tmp_path / "svamp_train.jsonl", [train[0], train[0]])
+    stg.training_records(stg.resolve_data("svamp", tmp_path))
+    out = capsys.readouterr().out
+    assert "2 of 2 records" in out and "warning: 2 annotations" in out   # train[3]'s and the stale one
 
 
 def test_resolve_paths_and_unknown_names(tmp_path):
