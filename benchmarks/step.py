@@ -21,7 +21,7 @@ adjacency (3 causal phrases of ~4 tokens, caused rows = the answer, shifted one 
 region per sequence whatever T is.
 
 CPU: each variant runs in its own subprocess (`--variant NAME --seq-len T`, the worker mode, one JSON line
-out); memory = its peak RSS (getrusage ru_maxrss), variants interleaved over --rounds. GPU (--device cuda):
+out); memory = its peak RSS (train.peak_rss_gib, getrusage ru_maxrss), variants interleaved over --rounds. GPU (--device cuda):
 one process, variants interleaved step by step, bf16 autocast as train.py, torch.cuda.synchronize around each
 step, torch.cuda.max_memory_allocated reset before each step; model FLOPs utilisation = 6·N·B·T / step time /
 --peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted).
@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -155,7 +154,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0)          # all of AdamW's work, weights unchanged
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = int(train.peak_rss_gib() * 2**30)
     out = {v: {"times_s": [], "peak_mem_bytes": 0} for v in variants}
     for r in range(cfg.warmup + cfg.repeats):
         for v in variants:
@@ -185,7 +184,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
         out[v]["supervised_rows"] = int(cat.causal_rows(mask)[0].shape[-1]) if v != "vanilla" else 0
         out[v]["n_matmul_params"] = matmul_params(model)
         if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step
-            out[v]["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out[v]["peak_mem_bytes"] = int(train.peak_rss_gib() * 2**30)
             out[v]["rss_before_steps_bytes"] = rss_before
     return out
 
