@@ -21,7 +21,7 @@ adjacency (3 causal phrases of ~4 tokens, caused rows = the answer, shifted one 
 region per sequence whatever T is.
 
 CPU: each variant runs in its own subprocess (`--variant NAME --seq-len T`, the worker mode, one JSON line
-out); memory = its peak RSS (train.peak_rss_gib, getrusage ru_maxrss), variants interleaved over --rounds. GPU (--device cuda):
+out); memory = its peak RSS (train.peak_rss_gib), variants interleaved over --rounds. GPU (--device cuda):
 one process, variants interleaved step by step, bf16 autocast as train.py, torch.cuda.synchronize around each
 step, torch.cuda.max_memory_allocated reset before each step; model FLOPs utilisation = 6·N·B·T / step time /
 --peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted).
