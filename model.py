@@ -83,9 +83,10 @@ class ModelArgs:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                        # (B, T, V)
+    logits: torch.Tensor                        # (B, T, V); (N, V) with logits_at; (B, 1, V) with last_only
     attentions: list[torch.Tensor] | None       # per layer (B, H, T, S) softmax probabilities, float32
-    causal_mass: torch.Tensor | None            # (B, T) mean over layers and heads of sum_j P_ij * M_ij
+    causal_mass: torch.Tensor | None            # (B, R) mean over layers and heads of sum_j P_ij * M_ij, row i of
+                                                # causal_rows
     cache: "KVCache | None"
 
 
@@ -126,6 +127,33 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).type_as(x)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (x86 AVX512-BF16 or AMX, read from /proc/cpuinfo):
+    there bf16 autocast runs matmuls about twice as fast as float32; elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def precision(device, dtype: str = "auto") -> str:
+    """The compute precision a run uses on `device`: "bfloat16" (autocast, float32 master weights) or "float32".
+    auto = bfloat16 on CUDA and on CPUs with native bf16 matmuls, float32 elsewhere."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype {dtype!r}: choose auto, float32 or bfloat16")
+    if dtype != "auto":
+        return dtype
+    device = torch.device(device)
+    return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()) else "float32"
+
+
+def autocast(device, dtype: str):
+    """The autocast context of precision(device, dtype): matmuls in bf16; softmax, norms and losses stay float32
+    here because the code casts them (scores.float(), RMSNorm, logits.float())."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, per layer: (B, H_kv, S, D) each."""
 
@@ -142,11 +170,11 @@ class KVCache:
         return k, v
 
 
-def _row_visibility(rows, mask, S: int):
-    """The keys that query rows (B, R) may attend to: their rows of mask (B, 1, T, S), or j <= i when mask is None."""
-    if mask is None:
+def _row_visibility(rows, visible, S: int):
+    """The keys that query rows (B, R) may attend to: their rows of visible (B, 1, T, S), or j <= i when None."""
+    if visible is None:
         return (torch.arange(S, device=rows.device) <= rows[..., None])[:, None]        # (B, 1, R, S)
-    return mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, S))
+    return visible.gather(2, rows[:, None, :, None].expand(-1, 1, -1, S))
 
 
 class Attention(nn.Module):
@@ -159,8 +187,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache, return_attn, causal_rows, causal_row_mask):
-        """x (B, T, dim); mask (B, 1, T, S) bool, True = may attend, or None = plain causal (S == T);
+    def forward(self, x, cos, sin, visible, cache=None, return_attn=False, causal_rows=None, causal_row_mask=None):
+        """x (B, T, dim); visible (B, 1, T, S) bool, True = query i may attend to key j, or None = j <= i (S == T);
         causal_rows (B, R) long and causal_row_mask (B, R, S) bool, the rows of the CAT mask that hold causal tokens.
         Returns the output (B, T, dim), the probabilities (B, H, T, S) or None, the causal mass (B, R) or None."""
         B, T, _ = x.shape
@@ -171,18 +199,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                             # (B, H_kv, S, D)
-        # grouped-query attention: kv head g serves query heads g*n .. g*n + n - 1
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D)
-        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # (B, H, S, D)
+        n_rep = self.n_heads // self.n_kv_heads
         probs = None
+        if return_attn or causal_rows is not None:
+            # grouped-query attention: kv head g serves query heads g*n .. g*n + n - 1
+            k_all = k.repeat_interleave(n_rep, dim=1)                          # (B, H, S, D)
         if return_attn:  # CAT §3.1 written out: softmax(Q Kᵀ / sqrt(d_k)) · V
+            k, v = k_all, v.repeat_interleave(n_rep, dim=1)                    # (B, H, S, D)
             S = k.shape[2]
-            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if mask is None else mask
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if visible is None else visible
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)         # (B, H, T, S)
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # float32 attention map
             out = probs.to(v.dtype) @ v                                       # (B, H, T, D)
         else:  # the same, fused, without forming the map
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None,
+                                                 enable_gqa=n_rep > 1)   # kv head g serves query heads g*n ..
         mass = None
         if causal_rows is not None:
             # CAT §4.2 fast path (DESIGN.md, "a useful identity"): the loss reads, of the attention map, only the
@@ -190,9 +221,9 @@ class Attention(nn.Module):
             # written out for those R rows alone, (R × S) a head instead of (T × S), beside the fused call.
             R = causal_rows.shape[1]
             q_rows = q.gather(2, causal_rows[:, None, :, None].expand(B, self.n_heads, R, D))   # (B, H, R, D)
-            scores = (q_rows @ k.transpose(-2, -1)).float() / math.sqrt(D)   # (B, H, R, S)
-            visible = _row_visibility(causal_rows, mask, k.shape[2])          # (B, 1, R, S)
-            p_rows = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            scores = (q_rows @ k_all.transpose(-2, -1)).float() / math.sqrt(D)   # (B, H, R, S)
+            row_visible = _row_visibility(causal_rows, visible, k.shape[2])   # (B, 1, R, S)
+            p_rows = scores.masked_fill(~row_visible, float("-inf")).softmax(dim=-1)
             mass = (p_rows * causal_row_mask[:, None]).sum(-1).mean(dim=1)     # (B, R), mean over heads
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)             # heads concatenated
         return self.o_proj(out), probs, mass
@@ -217,8 +248,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, *attn_args):
-        h, probs, mass = self.self_attn(self.input_layernorm(x), *attn_args)
+    def forward(self, x, cos, sin, visible, cache, return_attn, causal_rows, causal_row_mask):
+        h, probs, mass = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache=cache, return_attn=return_attn,
+                                        causal_rows=causal_rows, causal_row_mask=causal_row_mask)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), probs, mass
 
@@ -232,6 +264,7 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers)),
             norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self._inv_freq = None   # RoPE's frequencies, computed on first use on the model's device (rope)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=args.init_std)
@@ -243,12 +276,23 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def rope(self, position_ids):
+        """cos, sin (B, 1, T, D) of RoPE at these positions (B, T); the frequencies are computed once per device."""
+        device = position_ids.device
+        if getattr(self, "_inv_freq", None) is None or self._inv_freq.device != device:
+            self._inv_freq = rope_frequencies(self.args, device)              # (D/2,)
+        angles = position_ids[..., None].float() * self._inv_freq            # (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, D)
+        return angles.cos(), angles.sin()
+
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, cache=None, return_attn=False,
-                causal_rows=None, causal_row_mask=None, last_only=False) -> ModelOutput:
-        """input_ids (B, T); attention_mask (B, S), 1 = real token, S = cached + new tokens; position_ids (B, T),
-        by default counted over the real tokens; causal_rows (B, R) long and causal_row_mask (B, R, T) bool: the
-        rows of the CAT mask that hold causal tokens (cat.causal_rows), to return causal_mass (B, T); last_only:
-        logits of the last position only, (B, 1, V), as generation needs."""
+                causal_rows=None, causal_row_mask=None, logits_at=None, last_only=False) -> ModelOutput:
+        """input_ids (B, T); attention_mask (B, S), 1 = real token, S = cached + new tokens, None = all real (or
+        right padding, whose pad positions no real token sees under j <= i); position_ids (B, T), by default counted
+        over the real tokens; causal_rows (B, R) long and causal_row_mask (B, R, T) bool: the rows of the CAT mask
+        that hold causal tokens (cat.causal_rows), to return their causal_mass (B, R); logits_at (N,) long, flat
+        positions b·T + t: logits there only, (N, V), as L_next reads them; last_only: logits of the last
+        position only, (B, 1, V), as generation needs."""
         B, T = input_ids.shape
         past = cache.length() if cache is not None else 0
         S = past + T
@@ -256,32 +300,36 @@ class Transformer(nn.Module):
             raise ValueError(f"{S} tokens exceed the sliding window ({self.args.sliding_window}), not implemented")
         if causal_rows is not None and past:
             raise ValueError("causal_rows needs the whole sequence in one call, without a KV cache")
+        visible = None   # (B, 1, T, S) True = query i may attend to key j; None = j <= i, for the fused kernel
         if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-        real = attention_mask.bool()
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        # query i sits at cache position past + i and sees key j <= past + i that is a real token; a padding
-        # token also sees itself, so that no row is empty (an all -inf row would softmax to NaN)
-        q_pos = torch.arange(past, S, device=input_ids.device)[:, None]
-        k_pos = torch.arange(S, device=input_ids.device)[None, :]
-        mask = ((k_pos <= q_pos) & (real[:, None, :] | (k_pos == q_pos)))[:, None]    # (B, 1, T, S)
-        if past == 0 and not (real[:, 1:] & ~real[:, :-1]).any():
-            mask = None  # no real token after a pad (right padding): the causal mask alone is exact for real rows
-        inv_freq = rope_frequencies(self.args, input_ids.device)
-        angles = position_ids[..., None].float() * inv_freq                  # (B, T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, D)
-        cos, sin = angles.cos(), angles.sin()
+            position_ids = position_ids if position_ids is not None else \
+                torch.arange(past, S, device=input_ids.device).expand(B, T)
+            if past:
+                visible = torch.ones(1, 1, T, S, dtype=torch.bool, device=input_ids.device).tril(past)
+        else:
+            real = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            # query i sits at cache position past + i and sees key j <= past + i that is a real token; a padding
+            # token also sees itself, so that no row is empty (an all -inf row would softmax to NaN)
+            q_pos = torch.arange(past, S, device=input_ids.device)[:, None]
+            k_pos = torch.arange(S, device=input_ids.device)[None, :]
+            visible = ((k_pos <= q_pos) & (real[:, None, :] | (k_pos == q_pos)))[:, None]    # (B, 1, T, S)
+            if past == 0 and not (real[:, 1:] & ~real[:, :-1]).any():
+                visible = None  # no real token after a pad (right padding): j <= i alone is exact for real rows
+        cos, sin = self.rope(position_ids)
         x = self.model.embed_tokens(input_ids)                                # (B, T, dim)
         attentions, masses = [], []
         for layer in self.model.layers:
-            x, probs, mass = layer(x, cos, sin, mask, cache, return_attn, causal_rows, causal_row_mask)
+            x, probs, mass = layer(x, cos, sin, visible, cache, return_attn, causal_rows, causal_row_mask)
             attentions.append(probs)
             masses.append(mass)
-        logits = self.lm_head(self.model.norm(x[:, -1:] if last_only else x))  # (B, T, V)
-        causal_mass = None
-        if causal_rows is not None:  # mean over layers, placed back at the rows' positions: (B, T)
-            causal_mass = x.new_zeros(B, T, dtype=torch.float32).scatter(1, causal_rows, torch.stack(masses).mean(0))
+        if logits_at is not None:
+            x = x.flatten(0, 1).index_select(0, logits_at)                    # (N, dim): the loss positions only
+        elif last_only:
+            x = x[:, -1:]                                                     # (B, 1, dim)
+        logits = self.lm_head(self.model.norm(x))                             # (B, T, V), (N, V) or (B, 1, V)
+        causal_mass = torch.stack(masses).mean(0) if causal_rows is not None else None   # (B, R), mean over layers
         return ModelOutput(logits=logits, attentions=attentions if return_attn else None,
                            causal_mass=causal_mass, cache=cache)
 
