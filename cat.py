@@ -4,8 +4,8 @@ Read beside §4 of the paper, top to bottom:
   §4.1 Step 2  token_adjacency: the annotation M = {effect: [causes]} as A_adj in {0,1}^{T x T} (Eq. 4)
   §4.2         shift_up: A_adj[i, j] <- A_adj[i+1, j], row i predicts token i+1 (Eq. 6)
   §4.2         average_attention: mean attention map over all layers and heads (Eq. 7)
-  §4.2         causal_ratio / hinge / reattention_loss: C_i, N_i (Eq. 8, 9) and L_attn (Eq. 10)
-  §4.2 (fast)  causal_rows / ratio_from_mass: the same loss from the attention mass on causal tokens
+  §4.2         causal_ratio: C_i, N_i (Eq. 8, 9); reattention_loss -> hinge: L_attn (Eq. 10)
+  §4.2 (fast)  causal_rows / ratio_from_mass: C_i, N_i from the attention mass on causal tokens
   §5.1         gamma: the weight of L_attn in L_total = L_next + gamma * L_attn
 Pure functions on strings and tensors: nothing here knows about models or files.
 """
@@ -14,6 +14,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -155,65 +156,105 @@ def average_attention(probs: list[Tensor]) -> Tensor:
     return sum(p.mean(dim=1) for p in probs) / len(probs)
 
 
-def _visible(mask: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(B, T, T) causal mask -> causal and other positions of each row among the real tokens j <= i."""
-    T = mask.shape[-1]
-    seen = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()   # (T, T) j <= i
-    if pad_mask is not None:                                                 # (B, T) True = real token
+def _visible(cat_mask: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(B, T, T) CAT mask -> causal and other positions of each row among the real tokens j <= i."""
+    T = cat_mask.shape[-1]
+    seen = torch.ones(T, T, dtype=torch.bool, device=cat_mask.device).tril()   # (T, T) j <= i
+    if pad_mask is not None:                                                     # (B, T) True = real token
         real = pad_mask.bool()
-        seen = seen & real[..., :, None] & real[..., None, :]                # (B, T, T) real rows and columns
-    causal = mask.bool() & seen
+        seen = seen & real[..., :, None] & real[..., None, :]                    # (B, T, T) real rows and columns
+    causal = cat_mask.bool() & seen
     return causal, seen & ~causal
 
 
-def _ratio(causal_sum: Tensor, n_causal: Tensor, other_sum: Tensor, n_other: Tensor) -> tuple[Tensor, Tensor]:
-    """C_i / N_i (B, T) from the attention sums and counts of each row; rows (B, T) hold both kinds of token."""
-    rows = (n_causal > 0) & (n_other > 0)
-    C = causal_sum / n_causal.clamp(min=1)                          # CAT §4.2 Eq. 8
-    N = other_sum / n_other.clamp(min=1)                            # CAT §4.2 Eq. 9
-    ratio = C / N.clamp(min=torch.finfo(N.dtype).tiny)              # N_i = 0: a large ratio, the hinge is zero
-    return torch.where(rows, ratio, torch.zeros_like(ratio)), rows
+class CausalRatio(NamedTuple):
+    """C_i (Eq. 8) and N_i (Eq. 9) of each row, and the rows that count: those that see causal and other tokens."""
+    C: Tensor          # (B, T), or (B, R) on the fast path
+    N: Tensor          # (B, T) or (B, R)
+    counted: Tensor    # (B, T) or (B, R) bool
+
+    @property
+    def ratio(self) -> Tensor:
+        """C_i / N_i on the counted rows, 0 elsewhere; N_i = 0 gives a large ratio, so the hinge is zero, not NaN."""
+        ratio = self.C / self.N.clamp(min=torch.finfo(self.N.dtype).tiny)
+        return torch.where(self.counted, ratio, torch.zeros_like(ratio))
 
 
-def causal_ratio(avg_attn: Tensor, mask: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """CAT §4.2 Eq. 8, 9: avg_attn (B, T, T), shifted mask (B, T, T) -> C_i/N_i (B, T) (0 off rows), rows (B, T)."""
-    causal, other = _visible(mask, pad_mask)
-    return _ratio((avg_attn * causal).sum(-1), causal.sum(-1), (avg_attn * other).sum(-1), other.sum(-1))
+def counted_rows(n_causal: Tensor, n_other: Tensor) -> Tensor:
+    """The rows L_attn counts: those that see at least one causal and one other token."""
+    return (n_causal > 0) & (n_other > 0)
 
 
-def hinge(ratio: Tensor, rows: Tensor, alpha: float) -> Tensor:
-    """CAT §4.2 Eq. 10: sum_i max(0, alpha - C_i/N_i) over the rows (B, T), then the mean over the batch."""
-    return (torch.relu(alpha - ratio) * rows).sum(-1).mean()
+def _c_and_n(causal_sum: Tensor, n_causal: Tensor, other_sum: Tensor, n_other: Tensor) -> CausalRatio:
+    """C_i and N_i from the attention sums and counts of each row."""
+    return CausalRatio(causal_sum / n_causal.clamp(min=1),          # CAT §4.2 Eq. 8: mean over the causal j <= i
+                       other_sum / n_other.clamp(min=1),            # CAT §4.2 Eq. 9: mean over the other j <= i
+                       counted_rows(n_causal, n_other))
 
 
-def reattention_loss(avg_attn: Tensor, mask: Tensor, alpha: float, pad_mask: Tensor | None = None) -> Tensor:
-    """CAT §4.2 L_attn from the average attention map (B, T, T) and the shifted mask (B, T, T); a scalar."""
-    return hinge(*causal_ratio(avg_attn, mask, pad_mask), alpha)
+def causal_ratio(avg_attn: Tensor, cat_mask: Tensor, pad_mask: Tensor | None = None) -> CausalRatio:
+    """CAT §4.2 Eq. 8, 9: the average map avg_attn (B, T, T) and the shifted CAT mask (B, T, T) -> C, N (B, T)."""
+    causal, other = _visible(cat_mask, pad_mask)
+    return _c_and_n((avg_attn * causal).sum(-1), causal.sum(-1), (avg_attn * other).sum(-1), other.sum(-1))
+
+
+def hinge(cn: CausalRatio, alpha: float) -> Tensor:
+    """CAT §4.2 Eq. 10: sum_i max(0, alpha - C_i/N_i) over the counted rows of each sequence, mean over the batch."""
+    return (torch.relu(alpha - cn.ratio) * cn.counted).sum(-1).mean()
+
+
+def div_loss(cn: CausalRatio, alpha: float) -> Tensor:
+    """The loss of the authors' published code (myloss.py, compute_attention_constraint_loss_batch, its default
+    loss_type="div"), not Eq. 10: -log(1 + C_i) / log(1 + N_i) on each counted row with C_i/N_i < alpha (0 on the
+    others), summed and divided by the number of counted rows in the batch."""
+    below = cn.counted & (cn.ratio < alpha)
+    per_row = -torch.log1p(cn.C) / torch.log1p(cn.N).clamp(min=torch.finfo(cn.N.dtype).tiny)
+    return torch.where(below, per_row, torch.zeros_like(per_row)).sum() / cn.counted.sum().clamp(min=1)
+
+
+ATTN_LOSSES = {"hinge": hinge, "div": div_loss}
+
+
+def reattention_loss(cn: CausalRatio, alpha: float, kind: str = "hinge") -> Tensor:
+    """CAT §4.2 L_attn of C_i and N_i: the paper's hinge (Eq. 10), or "div", the authors' code's loss; a scalar."""
+    if kind not in ATTN_LOSSES:
+        raise ValueError(f"unknown Re-Attention loss {kind!r}: expected one of {', '.join(ATTN_LOSSES)}")
+    return ATTN_LOSSES[kind](cn, alpha)
 
 
 # -----------------------------------------------------------------------------
 # §4.2, fast path. Each row of the average map sums to 1 over its real j <= i, so with mass_i = sum_j A_ij M_ij:
-# C_i = mass_i / |M_i| and N_i = (1 - mass_i) / (n_i - |M_i|). The model then returns a (B, T) vector, not L maps.
+# C_i = mass_i / |M_i| and N_i = (1 - mass_i) / (n_i - |M_i|). The model then returns a (B, R) vector of the R rows
+# that hold causal tokens, not L maps; which rows, and their counts |M_i| and n_i - |M_i|, come from the mask alone.
 
 
-def causal_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """CAT §4.2 fast path: the rows of mask (B, T, T) that hold causal tokens -> rows (B, R) long, their mask rows
-    (B, R, T). R is the most such rows in one sequence; a sequence with fewer is filled up with empty rows."""
-    has = mask.any(dim=-1)                                                 # (B, T)
+class CausalRows(NamedTuple):
+    """The rows of a CAT mask (B, T, T) that hold causal tokens, and their counts among the real tokens j <= i."""
+    rows: Tensor       # (B, R) long: row indices, rows with causal tokens first, in order; filled up with empty rows
+    row_mask: Tensor   # (B, R, T) bool: those rows of the mask
+    n_causal: Tensor   # (B, R) long: |M_i|, the causal tokens row i sees
+    n_other: Tensor    # (B, R) long: n_i - |M_i|, the other tokens it sees
+
+
+def causal_rows(cat_mask: Tensor, pad_mask: Tensor | None = None) -> CausalRows:
+    """CAT §4.2 fast path: the rows of the shifted mask (B, T, T) that hold causal tokens, and their counts. R is the
+    most such rows in one sequence (at least 1). Computed where the mask is built (train.collate, on the CPU)."""
+    B, T, _ = cat_mask.shape
+    has = cat_mask.any(dim=-1)                                                 # (B, T)
     R = max(int(has.sum(-1).max()), 1)
-    rows = torch.argsort((~has).int(), dim=-1, stable=True)[:, :R]         # rows with causal tokens first, in order
-    return rows, mask.gather(1, rows[..., None].expand(-1, -1, mask.shape[-1]))
+    rows = torch.argsort((~has).int(), dim=-1, stable=True)[:, :R]             # rows with causal tokens first
+    row_mask = cat_mask.gather(1, rows[..., None].expand(-1, -1, T))           # (B, R, T)
+    seen = torch.arange(T, device=cat_mask.device) <= rows[..., None]          # (B, R, T) j <= i
+    if pad_mask is not None:                                                   # real rows, real columns
+        real = pad_mask.bool()
+        seen = seen & real.gather(1, rows)[..., None] & real[:, None, :]
+    causal = row_mask & seen
+    return CausalRows(rows, row_mask, causal.sum(-1), (seen & ~causal).sum(-1))
 
 
-def ratio_from_mass(mass: Tensor, mask: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """CAT §4.2 Eq. 8, 9 from the causal attention mass (B, T) and the shifted mask (B, T, T) -> ratio, rows (B, T)."""
-    causal, other = _visible(mask, pad_mask)
-    return _ratio(mass, causal.sum(-1), 1 - mass, other.sum(-1))
-
-
-def reattention_loss_from_mass(mass: Tensor, mask: Tensor, alpha: float, pad_mask: Tensor | None = None) -> Tensor:
-    """CAT §4.2 L_attn from the causal attention mass (B, T) and the shifted mask (B, T, T); a scalar."""
-    return hinge(*ratio_from_mass(mass, mask, pad_mask), alpha)
+def ratio_from_mass(mass: Tensor, n_causal: Tensor, n_other: Tensor) -> CausalRatio:
+    """CAT §4.2 Eq. 8, 9 from the causal attention mass (B, R) of the causal rows and their counts (B, R)."""
+    return _c_and_n(mass, n_causal, 1 - mass, n_other)
 
 
 # -----------------------------------------------------------------------------

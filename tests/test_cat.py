@@ -32,14 +32,24 @@ def test_hand_worked_loss():
                          [1, 1, 0, 0],
                          [0, 1, 0, 1],
                          [1, 0, 1, 0]], dtype=torch.bool)[None]
-    ratio, rows = cat.causal_ratio(attn, mask)
-    assert rows.tolist() == [[False, False, True, True]]
-    torch.testing.assert_close(ratio[0, 2:], torch.tensor([6 / 7, 2 / 3]))
-    torch.testing.assert_close(cat.reattention_loss(attn, mask, 1.0), torch.tensor(10 / 21))
-    torch.testing.assert_close(cat.reattention_loss(attn, mask, 0.8), torch.tensor(2 / 15))
+    cn = cat.causal_ratio(attn, mask)
+    assert cn.counted.tolist() == [[False, False, True, True]]
+    torch.testing.assert_close(cn.ratio[0, 2:], torch.tensor([6 / 7, 2 / 3]))
+    torch.testing.assert_close(cat.reattention_loss(cn, 1.0), torch.tensor(10 / 21))
+    torch.testing.assert_close(cat.reattention_loss(cn, 0.8), torch.tensor(2 / 15))
     # The same from the causal mass of each row: 0, 1.0, 0.3, 0.4.
-    mass = (attn * mask.tril()).sum(-1)
-    torch.testing.assert_close(cat.reattention_loss_from_mass(mass, mask, 1.0), torch.tensor(10 / 21))
+    torch.testing.assert_close(cat.reattention_loss(mass_path(attn, mask), 1.0), torch.tensor(10 / 21))
+
+
+def explicit_loss(attn, mask, alpha, pad_mask=None):
+    return cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask), alpha)
+
+
+def mass_path(attn, mask, pad_mask=None) -> cat.CausalRatio:
+    """C, N the fast path's way: the causal rows and their counts from the mask, the mass of each such row."""
+    rows = cat.causal_rows(mask, pad_mask)
+    mass = (attn * (mask & torch.ones_like(mask).tril())).sum(-1).gather(1, rows.rows)   # (B, R)
+    return cat.ratio_from_mass(mass, rows.n_causal, rows.n_other)
 
 
 def loop_loss(attn, mask, alpha, pad_mask):
@@ -76,15 +86,44 @@ def test_loss_equals_double_loop(seed):
     attn, mask, pad_mask = random_batch(seed=seed)
     for alpha in (0.3, 1.0, 3.0):
         expected = loop_loss(attn.tolist(), mask.tolist(), alpha, pad_mask.tolist())
-        got = cat.reattention_loss(attn, mask, alpha, pad_mask)
+        got = explicit_loss(attn, mask, alpha, pad_mask)
         assert got.item() == pytest.approx(expected, rel=1e-12), f"alpha={alpha}"
     expected = loop_loss(attn.tolist(), mask.tolist(), 3.0, [[True] * 7] * 3)
-    assert cat.reattention_loss(attn, mask, 3.0).item() == pytest.approx(expected, rel=1e-12)
+    assert explicit_loss(attn, mask, 3.0).item() == pytest.approx(expected, rel=1e-12)
+
+
+def loop_div(attn, mask, alpha, pad_mask):
+    """The authors' loss (myloss.py, loss_type="div"), one row at a time: on each row that sees causal and other
+    tokens, -log(1 + C_i) / log(1 + N_i) where C_i/N_i < alpha, else 0; the sum divided by the count of such rows."""
+    total, valid = 0.0, 0
+    for b in range(len(attn)):
+        for i in range(len(attn[0])):
+            if not pad_mask[b][i]:
+                continue
+            js = [j for j in range(i + 1) if pad_mask[b][j]]
+            causal = [attn[b][i][j] for j in js if mask[b][i][j]]
+            other = [attn[b][i][j] for j in js if not mask[b][i][j]]
+            if causal and other:
+                valid += 1
+                C, N = sum(causal) / len(causal), sum(other) / len(other)
+                if C / N < alpha:
+                    total += -math.log(1 + C) / math.log(1 + N)
+    return total / valid if valid else 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_div_loss_equals_the_authors_loop(seed):
+    attn, mask, pad_mask = random_batch(seed=seed)
+    for alpha in (0.3, 1.0, 3.0):
+        expected = loop_div(attn.tolist(), mask.tolist(), alpha, pad_mask.tolist())
+        got = cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask), alpha, "div")
+        assert got.item() == pytest.approx(expected, rel=1e-12), f"alpha={alpha}"
+    assert expected < 0, "alpha 3 puts rows below it: the test compares non-zero losses"
 
 
 def test_loss_is_zero_with_graph_when_no_row_qualifies():
     attn = torch.rand(2, 5, 5, requires_grad=True)
-    loss = cat.reattention_loss(attn, torch.zeros(2, 5, 5, dtype=torch.bool), 0.3)
+    loss = explicit_loss(attn, torch.zeros(2, 5, 5, dtype=torch.bool), 0.3)
     loss.backward()
     assert loss.item() == 0.0 and attn.grad is not None and not attn.grad.any()
 
@@ -93,7 +132,7 @@ def test_zero_other_attention_gives_no_nan():
     # Row 1: all attention on the causal token, N_1 = 0 -> the ratio is huge and the hinge zero, never NaN.
     attn = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]], requires_grad=True)
     mask = torch.tensor([[[0, 0], [1, 0]]], dtype=torch.bool)
-    loss = cat.reattention_loss(attn, mask, 0.5)
+    loss = explicit_loss(attn, mask, 0.5)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(attn.grad).all()
 
@@ -101,11 +140,13 @@ def test_zero_other_attention_gives_no_nan():
 def test_gradcheck_float64():
     attn, mask, pad_mask = random_batch(B=2, T=5, seed=3)
     attn.requires_grad_(True)
-    mass = torch.linspace(0.05, 0.3, 10, dtype=torch.float64).view(2, 5).requires_grad_(True)
-    assert cat.reattention_loss(attn, mask, 2.0, pad_mask) > 0
-    assert cat.reattention_loss_from_mass(mass, mask, 2.0, pad_mask) > 0
-    assert torch.autograd.gradcheck(lambda a: cat.reattention_loss(a, mask, 2.0, pad_mask), (attn,))
-    assert torch.autograd.gradcheck(lambda m: cat.reattention_loss_from_mass(m, mask, 2.0, pad_mask), (mass,))
+    rows = cat.causal_rows(mask, pad_mask)
+    mass = torch.linspace(0.05, 0.3, rows.rows.numel(), dtype=torch.float64).view(rows.rows.shape).requires_grad_(True)
+    from_mass = lambda m: cat.reattention_loss(cat.ratio_from_mass(m, rows.n_causal, rows.n_other), 2.0)  # noqa: E731
+    assert explicit_loss(attn, mask, 2.0, pad_mask) > 0
+    assert from_mass(mass) > 0
+    assert torch.autograd.gradcheck(lambda a: explicit_loss(a, mask, 2.0, pad_mask), (attn,))
+    assert torch.autograd.gradcheck(from_mass, (mass,))
 
 
 def softmax_attention(B, T, L, H, pad_mask, seed):
@@ -128,27 +169,28 @@ def test_mass_path_equals_explicit_path(seed):
     avg = cat.average_attention(probs)
     torch.testing.assert_close(avg, torch.stack(probs).mean(dim=(0, 2)))
     # What the model returns on the fast path: the layer/head mean of sum_j P_ij M_ij, for the rows with causes.
-    rows_r, row_mask = cat.causal_rows(mask)
-    mass = torch.zeros(B, T, dtype=torch.float64)
+    rows = cat.causal_rows(mask, pad_mask)
+    mass = torch.zeros(rows.rows.shape, dtype=torch.float64)
     for p in probs:
-        p_rows = p.gather(2, rows_r[:, None, :, None].expand(B, H, -1, T))                 # (B, H, R, T)
-        mass.scatter_add_(1, rows_r, (p_rows * row_mask[:, None]).sum(-1).mean(1) / L)
-    torch.testing.assert_close(mass, (avg * mask).sum(-1))
-    ratio, rows = cat.causal_ratio(avg, mask, pad_mask)
-    ratio_m, rows_m = cat.ratio_from_mass(mass, mask, pad_mask)
-    assert torch.equal(rows, rows_m) and rows.any()
-    torch.testing.assert_close(ratio_m, ratio)
+        p_rows = p.gather(2, rows.rows[:, None, :, None].expand(B, H, -1, T))               # (B, H, R, T)
+        mass += (p_rows * rows.row_mask[:, None]).sum(-1).mean(1) / L
+    torch.testing.assert_close(mass, (avg * mask).sum(-1).gather(1, rows.rows))
+    cn = cat.causal_ratio(avg, mask, pad_mask)
+    cn_m = cat.ratio_from_mass(mass, rows.n_causal, rows.n_other)
+    assert torch.equal(cn.counted.gather(1, rows.rows), cn_m.counted) and cn.counted.sum() == cn_m.counted.sum() > 0
+    torch.testing.assert_close(cn_m.ratio, cn.ratio.gather(1, rows.rows))
     for alpha in (0.5, 1.5):
-        loss = cat.reattention_loss(avg, mask, alpha, pad_mask)
-        torch.testing.assert_close(cat.reattention_loss_from_mass(mass, mask, alpha, pad_mask), loss)
-    assert loss > 0
+        for kind in cat.ATTN_LOSSES:
+            loss = cat.reattention_loss(cn, alpha, kind)
+            torch.testing.assert_close(cat.reattention_loss(cn_m, alpha, kind), loss)
+    assert cat.reattention_loss(cn, 1.5) > 0
 
 
 def test_causal_rows_select_the_rows_with_causes():
     _, mask, _ = random_batch(B=3, T=8, seed=4)
     mask[1] = False                                         # a sequence with no annotation at all
     mask[2, :5] = False                                     # one with fewer such rows than the others
-    rows, row_mask = cat.causal_rows(mask)
+    rows, row_mask, _, _ = cat.causal_rows(mask)
     B, R = rows.shape
     assert R == int(mask.any(-1).sum(-1).max()) and rows.dtype == torch.long
     for b in range(B):
