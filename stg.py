@@ -19,7 +19,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -283,10 +283,27 @@ def guess_task(stem: str) -> str:
     return next((task for task, hints in TASK_HINTS if any(h in stem for h in hints)), "generic")
 
 
-def resolve_data(name_or_path: str, data_dir="data") -> DataSet:
+def parse_tests(text: str) -> dict[str, Path]:
+    """--test "iid=a.jsonl,ood=b.jsonl" -> {"iid": Path("a.jsonl"), "ood": Path("b.jsonl")}; each file must exist."""
+    tests = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        split, sep, path = item.partition("=")
+        if not sep or not split.strip() or not path.strip():
+            raise SystemExit(f"--test {text!r}: write each test file as split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl")
+        if not Path(path.strip()).is_file():
+            raise SystemExit(f"--test: {path.strip()} (split {split.strip()!r}) is not a file")
+        tests[split.strip()] = Path(path.strip())
+    return tests
+
+
+def resolve_data(name_or_path: str, data_dir="data", tests: str | None = None) -> DataSet:
     """A data set by name (stg_s|stg_m|stg_l|stg_h, generated when missing; mawps|svamp|asdiv|gsm8k|arc_e)
-    or by the path of one JSONL file (used for training and testing alike)."""
-    data_dir = Path(data_dir)
+    or by the path of one JSONL file (used for testing too, unless `tests` names the test files: parse_tests)."""
+    data = _resolve_data(name_or_path, Path(data_dir))
+    return replace(data, tests=parse_tests(tests)) if tests else data
+
+
+def _resolve_data(name_or_path: str, data_dir: Path) -> DataSet:
     if name_or_path in STG_TRAIN:
         task = STG_TRAIN[name_or_path]
         data = DataSet(name_or_path, task, data_dir / f"{name_or_path}_train.jsonl", None,
