@@ -39,7 +39,12 @@ class TrainConfig:
     model: str = "scratch"           # alias (tinyllama, qwen2.5-1.5b, llama3.1-8b, smollm2-135m), folder, hub id, or
                                      # "scratch": a small Llama-style model from random init, tokenizer trained on the data
     data: str = "stg_s"              # stg_s | stg_m | stg_l | stg_h | mawps | svamp | asdiv | gsm8k | arc_e | a JSONL path
+    test: str = ""                   # test files as split=FILE,split=FILE (e.g. iid=a.jsonl,ood=b.jsonl); default: the
+                                     # data set's own (a JSONL --data: itself)
     alpha: float = 0.0               # CAT §4.2: hinge threshold on C_i/N_i; 0 = vanilla fine-tuning (the baseline)
+    alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured before
+                                     # the first step (printed, and written to train_config.json); 0 = --alpha as given
+    attn_loss: str = "hinge"         # L_attn: "hinge", the paper's Eq. 10, or "div", the authors' code (myloss.py)
     method: str = ""                 # "cat" or "vanilla"; derived from alpha when empty
     gamma: str = "exp"               # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
@@ -61,7 +66,8 @@ class TrainConfig:
     val_frac: float = 0.0            # carve this share of the training file out as a validation split (choose α on it)
     seed: int = 42                   # data order, initialisation, dropout
     device: str = "auto"             # auto | cpu | cuda
-    dtype: str = "auto"              # weights: auto = float32 (bfloat16 base weights for LoRA on CUDA)
+    dtype: str = "auto"              # compute precision: auto = bfloat16 autocast (float32 weights) on CUDA and on CPUs with
+                                     # native bf16 matmuls (AVX512-BF16, AMX), else float32; float32 | bfloat16
     scratch_dim: int = 256           # --model scratch: width, layers, heads, tokenizer vocabulary
     scratch_layers: int = 4
     scratch_heads: int = 4
@@ -72,6 +78,7 @@ class TrainConfig:
     save_every: int = 0              # checkpoint every N optimiser steps (0: at the end of each epoch; -1: never)
     stop_after: int = 0              # stop (checkpointed) after N optimiser steps in total; resume later
     eval: bool = True                # evaluate on the data set's test files at the end
+    save: bool = True                # write the final model (or LoRA adapter); --no-save keeps metrics and results only
     eval_limit: int = 0              # evaluate on the first N records of each test file (0 = all)
     extra: dict = field(default_factory=dict)  # filled in: resolved defaults, coverage, world size
 
@@ -82,21 +89,39 @@ class TrainConfig:
 @dataclass
 class Example:
     ids: list[int]                   # [bos] + input + target + [eos]
-    n_prompt: int                    # tokens before the target: L_next covers positions n_prompt.. (target + eos)
+    labels: list[int]                # labels[t] = ids[t + 1] where that token is in L_next (target + eos), else -100
     adj: torch.Tensor | None         # (T, T) bool causal adjacency, unshifted; None = no annotation
+    n_cat_rows: int = field(default=0, init=False)   # rows of the shifted adjacency that L_attn counts
+
+    def __post_init__(self):
+        if self.adj is not None:   # counted once here, so that a step knows its global row count without collating it
+            rows = cat.causal_rows(cat.shift_up(self.adj)[None])
+            self.n_cat_rows = int(cat.counted_rows(rows.n_causal, rows.n_other).sum())
+
+    @property
+    def n_prompt(self) -> int:
+        """Tokens before the first target token: the prefix generation starts from."""
+        return next(t for t, label in enumerate(self.labels) if label != -100) + 1
+
+    @property
+    def n_targets(self) -> int:
+        return sum(label != -100 for label in self.labels)
 
 
 def encode(record: dict, tok: M.Tokenizer) -> tuple[Example, dict]:
-    """One record → Example; prompt and target tokenised apart (DESIGN.md, "Tokenising prompt and answer")."""
-    prompt = tok.encode(record["input"])
+    """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer")."""
     bos = [] if tok.bos_id is None else [tok.bos_id]
-    stats = {}
+    stats, adj = {}, None
     if record.get("important"):
         body, adj, stats = cat.token_adjacency([record["input"], record["target"]], record["important"], tok.backend)
         adj = F.pad(adj, (len(bos), 1, len(bos), 1))       # zero rows/columns for bos and eos
+        n_prompt = len(bos) + len(tok.encode(record["input"]))
     else:
-        body, adj = prompt + tok.encode(record["target"]), None
-    return Example(bos + body + [tok.eos_ids[0]], len(bos) + len(prompt), adj), stats
+        prompt = tok.encode(record["input"])
+        body, n_prompt = prompt + tok.encode(record["target"]), len(bos) + len(prompt)
+    ids = bos + body + [tok.eos_ids[0]]
+    labels = [-100] * (n_prompt - 1) + ids[n_prompt:] + [-100]   # position t predicts token t + 1
+    return Example(ids, labels, adj), stats
 
 
 def encode_all(records, tok, cfg) -> list[Example]:
@@ -122,20 +147,45 @@ def encode_all(records, tok, cfg) -> list[Example]:
     return examples
 
 
-def collate(examples: list[Example], pad_id: int, device):
-    """Right-pad a micro-batch: ids (B, T), pad_mask (B, T), labels (B, T) with -100 off the target, CAT mask (B, T, T)."""
-    T = max(len(ex.ids) for ex in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, T, dtype=torch.bool)
+@dataclass
+class Batch:
+    """A right-padded micro-batch, built on the CPU by collate: everything the losses read, so that the step itself
+    needs no host synchronisation (no .item(), no data-dependent shape) until its metrics are read."""
+    ids: torch.Tensor                # (B, T) token ids, pad_id after each sequence
+    pad_mask: torch.Tensor           # (B, T) bool, True = real token
+    target_pos: torch.Tensor         # (N,) flat positions b·T + t whose next token is in L_next
+    targets: torch.Tensor            # (N,) those next tokens
+    cat_mask: torch.Tensor           # (B, T, T) bool, the shifted adjacency (§4.2): row i attends for token i+1; CPU
+    rows: cat.CausalRows             # the rows of cat_mask that hold causal tokens, with their counts (fast path)
+    annotated: bool                  # whether any row holds a causal token
+    n_rows: int                      # rows that L_attn counts
+
+    def to(self, device) -> "Batch":
+        """The batch on `device` (pinned and asynchronous on CUDA); cat_mask stays on the CPU until the explicit
+        path asks for it."""
+        device = torch.device(device)
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else \
+            (lambda t: t.to(device))
+        return dataclasses.replace(self, ids=move(self.ids), pad_mask=move(self.pad_mask),
+                                   target_pos=move(self.target_pos), targets=move(self.targets),
+                                   rows=cat.CausalRows(*map(move, self.rows)))
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad a micro-batch; the loss positions and the CAT rows with their counts are found here, on the CPU."""
+    B, T = len(examples), max(len(ex.ids) for ex in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    cat_mask = torch.zeros(B, T, T, dtype=torch.bool)
     for b, ex in enumerate(examples):
         n = len(ex.ids)
-        ids[b, :n] = torch.tensor(ex.ids)
-        labels[b, ex.n_prompt - 1:n - 1] = ids[b, ex.n_prompt:n]   # position t predicts token t+1
+        ids[b, :n], labels[b, :n] = torch.tensor(ex.ids), torch.tensor(ex.labels)
         if ex.adj is not None:
-            mask[b, :n, :n] = cat.shift_up(ex.adj)                  # §4.2: row i attends for token i+1
+            cat_mask[b, :n, :n] = cat.shift_up(ex.adj)              # §4.2: row i attends for token i+1
     pad_mask = torch.arange(T)[None, :] < torch.tensor([len(ex.ids) for ex in examples])[:, None]
-    return ids.to(device), pad_mask.to(device), labels.to(device), mask.to(device)
+    target_pos = (labels.flatten() != -100).nonzero().flatten()
+    return Batch(ids, pad_mask, target_pos, labels.flatten()[target_pos], cat_mask, cat.causal_rows(cat_mask, pad_mask),
+                 bool(cat_mask.any()), sum(ex.n_cat_rows for ex in examples))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -188,38 +238,55 @@ def build_model(cfg: TrainConfig, train_records, device, dtype):
 # ---------------------------------------------------------------------------------------------
 # The losses of one micro-batch: L_next, and CAT's L_attn read from the attention (§4.2).
 
-def losses(model, ids, pad_mask, labels, mask, cfg: TrainConfig, n_tokens: int, n_seqs: int):
-    """(L_next, L_attn, C/N ratios on the causal rows) of one micro-batch, each normalised by the *global* batch's
-    target-token and sequence counts, so that any split into micro-batches and processes sums to the same loss."""
-    annotated = bool(mask.any())
-    fast = annotated and cfg.attn == "fast" and (cfg.alpha > 0 or cfg.log_ratio)   # vanilla: C/N measured only
-    explicit = annotated and cfg.attn == "explicit" and cfg.alpha > 0
-    rows, row_mask = cat.causal_rows(mask) if fast else (None, None)   # the rows that hold causal tokens
-    out = model(ids, pad_mask.long(), return_attn=explicit, causal_rows=rows, causal_row_mask=row_mask)
-    # L_next (§4.2): -Σ log P(x_{t+1} | x_≤t) over the target tokens, mean over the global batch's target tokens
-    l_next = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / n_tokens
-    if not (fast or explicit):
-        return l_next, l_next.new_zeros(()), l_next.new_zeros(0)
+@dataclass
+class Losses:
+    l_next: torch.Tensor             # () L_next over the target tokens (§4.2)
+    l_attn: torch.Tensor             # () L_attn (§4.2 Eq. 10, or the authors' "div"); 0 for vanilla
+    cn: cat.CausalRatio | None       # C_i, N_i of the causal rows (detached unless L_attn uses them); None: not read
+
+
+def losses(model, batch: Batch, alpha: float, *, attn: str = "fast", measure: bool = True, attn_loss: str = "hinge",
+           counts: tuple[int, int, int] | None = None) -> Losses:
+    """L_next and L_attn of one micro-batch, averaged over `counts` = (target tokens, sequences, counted CAT rows) of
+    the *global* batch (default: this micro-batch's own), so that any split into micro-batches and processes sums to
+    the same loss. alpha > 0 adds L_attn; measure reads C/N without it (vanilla runs); attn: "fast" (the causal
+    mass of the causal rows) or "explicit" (every layer's (B, H, T, T) map, as the equations read)."""
+    n_tokens, n_seqs, n_rows = counts or (len(batch.targets), len(batch.ids), batch.n_rows)
+    reads_attention = batch.annotated and (alpha > 0 or measure)
+    fast, explicit = reads_attention and attn == "fast", reads_attention and attn == "explicit"
+    # right padding: no real token sees a pad under j <= i, so the model needs no padding mask
+    out = model(batch.ids, return_attn=explicit, causal_rows=batch.rows.rows if fast else None,
+                causal_row_mask=batch.rows.row_mask if fast else None, logits_at=batch.target_pos)
+    # L_next (§4.2): -Σ log P(x_{t+1} | x_≤t) over the target tokens, logits at those positions only (N, V)
+    l_next = F.cross_entropy(out.logits.float(), batch.targets, reduction="sum") / n_tokens
+    zero = l_next.new_zeros(())
     if fast:
-        ratio, counted = cat.ratio_from_mass(out.causal_mass.float(), mask, pad_mask)
+        cn = cat.ratio_from_mass(out.causal_mass.float(), batch.rows.n_causal, batch.rows.n_other)
+    elif explicit:
+        cn = cat.causal_ratio(cat.average_attention(out.attentions), batch.cat_mask.to(batch.ids.device),
+                              batch.pad_mask)
     else:
-        ratio, counted = cat.causal_ratio(cat.average_attention(out.attentions), mask, pad_mask)
-    # L_attn (§4.2): Σ_i max(0, α − C_i/N_i); cat.hinge averages over this micro-batch's sequences
-    l_attn = cat.hinge(ratio, counted, cfg.alpha) * ids.shape[0] / n_seqs
-    return l_next, l_attn, ratio[counted].detach()
+        return Losses(l_next, zero, None)
+    if alpha <= 0:
+        return Losses(l_next, zero, cat.CausalRatio(*(t.detach() for t in cn)))
+    # L_attn (§4.2 Eq. 10): a mean over this micro-batch's sequences (hinge) or counted rows (div), rescaled to the
+    # global batch's
+    share = len(batch.ids) / n_seqs if attn_loss == "hinge" else batch.n_rows / max(n_rows, 1)
+    return Losses(l_next, cat.reattention_loss(cn, alpha, attn_loss) * share, cn)
 
 
 @torch.no_grad()
 def starting_ratios(model, examples: list[Example], pad_id: int, device, autocast, n: int = 64) -> torch.Tensor:
     """C_i/N_i on the causal rows of up to n annotated records before training: α acts on the rows below it."""
-    annotated = [ex for ex in examples if ex.adj is not None and ex.adj.any()][:n]
-    measure = TrainConfig(attn="fast", log_ratio=True)   # the fast path of losses(), which returns the C/N ratios
+    annotated = [ex for ex in examples if ex.n_cat_rows][:n]
     ratios = []
+    was_training = model.training
     model.eval()
     for i in range(0, len(annotated), 8):
         with autocast:
-            ratios.append(losses(model, *collate(annotated[i:i + 8], pad_id, device), measure, 1, 1)[2].cpu())
-    model.train()
+            cn = losses(model, collate(annotated[i:i + 8], pad_id).to(device), alpha=0.0, measure=True).cn
+        ratios.append(cn.ratio[cn.counted].float().cpu())
+    model.train(was_training)
     return torch.cat(ratios) if ratios else torch.zeros(0)
 
 
@@ -231,6 +298,12 @@ def peak_rss_gib() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW (§5.1). fused: one kernel for all parameters instead of a loop of small ones, the same update; on
+    2 CPU cores it takes a SmolLM2 step's optimiser from 0.30 to 0.09 s. FSDP's sharded parameters use the loop."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -349,28 +422,24 @@ def shard(model, on_cuda: bool):
     return fully_shard(model, mp_policy=policy)
 
 
-def mean_over_ranks(values: list[float], world: int, device) -> list[float]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)   # NCCL reduces CUDA tensors only
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
 # ---------------------------------------------------------------------------------------------
 
-def resolve(cfg: TrainConfig, data: stg.DataSet) -> None:
-    """Fill in the paper's defaults (§5.1, Appendix F) that depend on model, data and method."""
+def resolve(cfg: TrainConfig, data: stg.DataSet, device: str) -> None:
+    """Fill in the paper's defaults (§5.1, Appendix F) that depend on model, data, method and device."""
     is_stg = data.task.startswith("stg")
     if cfg.method == "vanilla":
         cfg.alpha = 0.0
-    elif cfg.method == "cat" and cfg.alpha <= 0:
-        raise SystemExit("--method cat needs --alpha > 0 (the paper uses 0.05–0.35 on pretrained models)")
-    cfg.method = "cat" if cfg.alpha > 0 else "vanilla"
+    elif cfg.method == "cat" and cfg.alpha <= 0 and cfg.alpha_scale <= 0:
+        raise SystemExit("--method cat needs --alpha > 0 or --alpha-scale > 0 (the paper uses 0.05–0.35 on "
+                         "pretrained models)")
+    cfg.method = "cat" if cfg.alpha > 0 or cfg.alpha_scale > 0 else "vanilla"
     cfg.epochs = cfg.epochs or (10 if cfg.model == "scratch" else 6 if is_stg else 4)
     cfg.lr = cfg.lr or (1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5)
+    cfg.dtype = M.precision(device, cfg.dtype)
     if cfg.attn not in ("fast", "explicit"):
         raise SystemExit(f"--attn {cfg.attn!r}: choose fast or explicit")
+    if cfg.attn_loss not in cat.ATTN_LOSSES:
+        raise SystemExit(f"--attn-loss {cfg.attn_loss!r}: choose one of {', '.join(cat.ATTN_LOSSES)}")
     short = Path(cfg.model).name if os.sep in cfg.model else cfg.model
     cfg.name = cfg.name or f"{short}-{data.name}-{cfg.method}{'-lora' if cfg.lora else ''}-s{cfg.seed}"
 
@@ -385,8 +454,42 @@ def split_validation(records: list[dict], cfg: TrainConfig) -> tuple[list[dict],
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run the whole training; returns the run folder."""
+@dataclass
+class Run:
+    """What the loop works with, built once by setup()."""
+    cfg: TrainConfig
+    run_dir: Path
+    data: stg.DataSet
+    rank: int
+    world: int
+    device: str
+    model: torch.nn.Module           # wrapped in DDP or FSDP under torchrun
+    tok: M.Tokenizer
+    lora_cfg: M.LoRAConfig | None
+    optimizer: torch.optim.Optimizer
+    params: list                     # the trainable parameters
+    examples: list[Example]
+    autocast: object                 # the compute precision's autocast context (model.autocast)
+    steps_per_epoch: int
+    total: int                       # optimiser steps of the whole run
+
+
+def place_alpha(cfg: TrainConfig, ratios: torch.Tensor) -> None:
+    """Print where the model starts (docs/design.md, "What α means"), and with --alpha-scale set α from it."""
+    if not len(ratios):
+        return
+    q10, q50, q90 = torch.quantile(ratios, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    cfg.extra["cn_ratio_at_start"] = {"p10": q10, "median": q50, "p90": q90, "rows": len(ratios)}
+    if cfg.alpha_scale > 0:
+        cfg.alpha = cfg.alpha_scale * q50
+        print(f"--alpha-scale {cfg.alpha_scale:g}: α = {cfg.alpha_scale:g} × median C/N {q50:.3f} = {cfg.alpha:.3f}")
+    print(f"C/N on the causal rows before training: median {q50:.2f} (10th percentile {q10:.2f}, 90th {q90:.2f}), "
+          f"{len(ratios)} rows" + (f"; the hinge acts on rows with C/N < α = {cfg.alpha:.3g} "
+                                   f"({(ratios < cfg.alpha).float().mean():.0%} of them now)" if cfg.alpha > 0 else ""))
+
+
+def setup(cfg: TrainConfig) -> tuple[Run, int]:
+    """Device, data, model, optimiser and run folder; returns the run and the step to start from."""
     if cfg.resume:
         saved = json.loads((Path(cfg.resume) / "train_config.json").read_text())
         cfg = TrainConfig(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
@@ -396,28 +499,27 @@ def train(cfg: TrainConfig) -> Path:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)   # FSDP and NCCL place each rank on its current device
     on_cuda = device.startswith("cuda")
-    dtype = {"auto": torch.bfloat16 if (cfg.lora and on_cuda) else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[cfg.dtype]
-    data = stg.resolve_data(cfg.data)
+    data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if data.train is None:
         raise SystemExit(f"--data {cfg.data}: no training file")
-    resolve(cfg, data)
+    resolve(cfg, data, device)
+    if cfg.fsdp and cfg.lora:
+        raise SystemExit("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under torchrun")
+    if rank == 0:
+        print(f"precision: {cfg.dtype}" + (" (bf16 autocast, float32 weights)" if cfg.dtype == "bfloat16" else "")
+              + f" on {device}")
     records, val_records = split_validation(stg.training_records(data), cfg)
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
     torch.manual_seed(cfg.seed)
-    model, tok, lora_cfg = build_model(cfg, records, device, dtype)
+    weights = torch.bfloat16 if (cfg.lora and on_cuda and cfg.dtype == "bfloat16") else torch.float32
+    model, tok, lora_cfg = build_model(cfg, records, device, weights)   # LoRA on CUDA: frozen base weights in bf16
     examples = encode_all(records, tok, cfg)
-    if cfg.method == "cat" and not any(ex.adj is not None and ex.adj.any() for ex in examples):
+    if cfg.method == "cat" and not any(ex.n_cat_rows for ex in examples):
         raise SystemExit(f"--alpha {cfg.alpha}: no record of {data.train} carries an `important` annotation that "
                          "was found in its text; annotate the data (annotate.py) or train vanilla with --alpha 0")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
-    fresh = rank == 0 and not cfg.resume
-    ratios = starting_ratios(model, examples, tok.pad_id, device, autocast) if fresh else torch.zeros(0)
-    if len(ratios):   # DESIGN.md, "What α means in practice": place α against where the model starts
-        q10, q50, q90 = torch.quantile(ratios, torch.tensor([0.1, 0.5, 0.9])).tolist()
-        cfg.extra["cn_ratio_at_start"] = {"p10": q10, "median": q50, "p90": q90, "rows": len(ratios)}
-        print(f"C/N on the causal rows before training: median {q50:.2f} (10th percentile {q10:.2f}, 90th {q90:.2f}), "
-              f"{len(ratios)} rows; the hinge acts on rows with C/N < α = {cfg.alpha}")
+    autocast = M.autocast(device, cfg.dtype)
+    if not cfg.resume and (rank == 0 or cfg.alpha_scale > 0):   # every rank places the same α from the same data
+        place_alpha(cfg, starting_ratios(model, examples, tok.pad_id, device, autocast))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.extra["world_size"] = world
@@ -425,96 +527,144 @@ def train(cfg: TrainConfig) -> Path:
         if val_records:   # the validation split travels with the run, and is evaluated beside the test files
             stg.write_jsonl(run_dir / "val.jsonl", val_records)
             data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
-    if cfg.fsdp and cfg.lora:
-        raise SystemExit("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under torchrun")
     # The CAT loss needs nothing from other ranks: each sequence's attention, and so its L_attn, stays on its rank.
     if cfg.fsdp:
         model = shard(model, on_cuda)
     elif world > 1:   # only trainable parameters are synchronised; every parameter gets a gradient every step
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    run = Run(cfg, run_dir, data, rank, world, device, model, tok, lora_cfg, optimizer, params, examples, autocast,
+              steps_per_epoch, steps_per_epoch * cfg.epochs)
     step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         stg.write_text(run_dir / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.name)
-    model.train()
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        gamma = cat.gamma(epoch, cfg.gamma)                                 # §5.1: γ = e^{-epoch}
-        batch = [examples[i] for i in epoch_order(len(examples), cfg.seed, epoch)[k * cfg.batch_size:
-                                                                                 (k + 1) * cfg.batch_size]]
-        n_tokens = sum(len(ex.ids) - ex.n_prompt for ex in batch)          # global counts: the loss normaliser
-        n_seqs = len(batch)
-        mine = batch[rank::world]                                           # this rank's disjoint slice
-        per_rank = math.ceil(len(batch) / world)
-        micro = math.ceil(per_rank / cfg.grad_accum)
-        chunks = [mine[m:m + micro] for m in range(0, per_rank, micro)]     # the same count on every rank
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        t0, sums, ratios = time.time(), [0.0, 0.0], []
-        for c, chunk in enumerate(chunks):
-            # a rank short of records (the last batch of an epoch) still joins every collective, with weight zero
-            weight = 1.0 if chunk else 0.0
-            ids, pad_mask, labels, mask = collate(chunk or batch[:1], tok.pad_id, device)
-            last = c == len(chunks) - 1
-            if cfg.fsdp:   # gradients are reduced after the last micro-batch only
-                model.set_requires_gradient_sync(last)
-            sync = model.no_sync() if (world > 1 and not cfg.fsdp and not last) else nullcontext()
-            with sync, autocast:
-                l_next, l_attn, ratio = losses(model, ids, pad_mask, labels, mask, cfg, n_tokens, n_seqs)
-                # §4.2: L_total = L_next + γ·L_attn; ×world because DDP and FSDP average gradients over ranks
-                ((l_next + gamma * l_attn) * world * weight).backward()
-            sums[0] += l_next.item() * weight
-            sums[1] += l_attn.item() * weight
-            ratios.append(ratio.float().cpu())
-        l_next_v, l_attn_v = mean_over_ranks([sums[0] * world, sums[1] * world], world, device)
-        if not math.isfinite(l_next_v + l_attn_v):
-            raise SystemExit(f"step {step}: loss is {l_next_v + l_attn_v} (NaN/inf); the last good checkpoint is "
-                             f"kept in {run_dir / 'checkpoint'}; lower --lr or check the data")
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    return run, step
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimiser step over the global batch of `step`: L_total = L_next + γ·L_attn (§4.2), backward over this
+    rank's micro-batches, clip, AdamW. Returns its metrics; the one host synchronisation is reading them."""
+    cfg, model = run.cfg, run.model
+    epoch, k = divmod(step, run.steps_per_epoch)
+    gamma = cat.gamma(epoch, cfg.gamma)                                     # §5.1: γ = e^{-epoch}
+    order = epoch_order(len(run.examples), cfg.seed, epoch)
+    batch = [run.examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+    counts = (sum(ex.n_targets for ex in batch), len(batch), sum(ex.n_cat_rows for ex in batch))  # the normalisers
+    mine = batch[run.rank::run.world]                                       # this rank's disjoint slice
+    per_rank = math.ceil(len(batch) / run.world)
+    micro = math.ceil(per_rank / cfg.grad_accum)
+    chunks = [mine[m:m + micro] for m in range(0, per_rank, micro)]        # the same count on every rank
+    lr = lr_at(step, run.total, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.time()
+    logged = torch.zeros(4, device=run.device)   # L_next, L_attn, Σ C/N and the rows it is summed over
+    for c, chunk in enumerate(chunks):
+        weight = 1.0 if chunk else 0.0   # a rank short of records still joins every collective, with weight zero
+        mb = collate(chunk or batch[:1], run.tok.pad_id).to(run.device)
+        last = c == len(chunks) - 1
+        if cfg.fsdp:   # gradients are reduced after the last micro-batch only
+            model.set_requires_gradient_sync(last)
+        sync = model.no_sync() if (run.world > 1 and not cfg.fsdp and not last) else nullcontext()
+        with sync, run.autocast:
+            out = losses(model, mb, cfg.alpha, attn=cfg.attn, measure=cfg.log_ratio, attn_loss=cfg.attn_loss,
+                         counts=counts)
+            # §4.2: L_total = L_next + γ·L_attn; ×world because DDP and FSDP average gradients over ranks
+            ((out.l_next + gamma * out.l_attn) * run.world * weight).backward()
+        ratio_sum = (out.cn.ratio.detach() * out.cn.counted).sum() if out.cn else 0.0
+        n_ratio = out.cn.counted.sum() if out.cn else 0.0
+        logged += weight * torch.stack([out.l_next.detach(), out.l_attn.detach(),
+                                        torch.as_tensor(ratio_sum, device=logged.device),
+                                        torch.as_tensor(n_ratio, device=logged.device, dtype=torch.float32)])
+    if run.world > 1:
+        dist.all_reduce(logged)   # the losses are shares of the global batch's: their sum is the global loss
+    l_next, l_attn, ratio_sum, n_ratio = logged.tolist()
+    if not math.isfinite(l_next + l_attn):
+        kept = (f"the last good checkpoint is kept in {run.run_dir / 'checkpoint'}"
+                if (run.run_dir / "checkpoint" / "state.pt").exists() else "no checkpoint was written before it")
+        raise SystemExit(f"step {step}: loss is {l_next + l_attn} (NaN/inf); {kept}; lower --lr or check the data")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    record = {"step": step + 1, "epoch": epoch, "lr": lr, "l_next": l_next, "l_attn": l_attn, "gamma": gamma,
+              "cn_ratio": ratio_sum / n_ratio if n_ratio else None, "grad_norm": float(grad_norm),
+              "tokens_per_s": sum(len(ex.ids) for ex in batch) / (time.time() - t0)}
+    if run.device.startswith("cuda"):
+        record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    elif (rss := peak_rss_gib()) is not None:
+        record["max_rss_gib"] = rss
+    return record
+
+
+def finish(run: Run, step: int, started: float) -> None:
+    """Save the final model (or say how to resume), evaluate on the test files, and say where everything is."""
+    cfg, run_dir = run.cfg, run.run_dir
+    if step < run.total:
+        if run.rank == 0:
+            print(f"stopped after step {step} of {run.total}; continue with: python train.py --resume {run_dir}")
+        return
+    final = gather_model(run.model, cfg.fsdp, run.rank)
+    if run.rank != 0:
+        return
+    if cfg.save:
+        save_final(run_dir, final, run.tok, run.lora_cfg, cfg)
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)   # the run is complete: nothing to resume
+    results = None
+    if cfg.eval and run.data.tests:
+        import eval as evaluation
+        results = evaluation.evaluate(final, run.tok, run.data, out_dir=run_dir, limit=cfg.eval_limit or None,
+                                      dtype=cfg.dtype)
+    print(summary(run, results, time.time() - started))
+
+
+def summary(run: Run, results: dict | None, seconds: float) -> str:
+    """The last lines of a run: accuracy per test split beside the majority baseline, where the run is, what next."""
+    lines = [f"{run.cfg.name}: {run.total} steps in {seconds / 60:.1f} min ({run.cfg.method}"
+             + (f", α = {run.cfg.alpha:.3g}" if run.cfg.alpha > 0 else "") + f", {run.cfg.dtype})"]
+    for split, result in (results or {}).items():
+        lines.append(f"  {split:>5}: accuracy {result['accuracy']:.1%} of {result['n']} records "
+                     f"(majority baseline {result['majority']:.1%})")
+    lines += [f"run folder: {run.run_dir}",
+              f"evaluate again: python eval.py --model {run.run_dir} --data {run.cfg.data}",
+              f"compare runs:   python eval.py --compare {run.run_dir.parent}/*"]
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the whole training, as nanoGPT's loop reads: setup, then one train_step per optimiser step, then finish;
+    returns the run folder."""
+    started = time.time()
+    run, step = setup(cfg)
+    metrics = open(run.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
+    bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=run.cfg.name)
+    run.model.train()
+    while step < run.total:
+        record = train_step(run, step)
         step += 1
-        ratio = torch.cat(ratios)
-        record = {"step": step, "epoch": epoch, "lr": lr_at(step - 1, total, cfg), "l_next": l_next_v,
-                  "l_attn": l_attn_v, "gamma": gamma, "cn_ratio": ratio.mean().item() if len(ratio) else None,
-                  "tokens_per_s": sum(len(ex.ids) for ex in mine) * world / (time.time() - t0)}
-        if on_cuda:
-            record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        elif (rss := peak_rss_gib()) is not None:
-            record["max_rss_gib"] = rss
-        if rank == 0:
+        if run.rank == 0:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            bar.set_postfix(ep=epoch, l_next=f"{l_next_v:.3f}", l_attn=f"{l_attn_v:.3f}",
+            bar.set_postfix(ep=record["epoch"], l_next=f"{record['l_next']:.3f}", l_attn=f"{record['l_attn']:.3f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update()
-        end_of_epoch = step % steps_per_epoch == 0
+        cfg = run.cfg
         stopping = cfg.stop_after and step >= cfg.stop_after
+        end_of_epoch = step % run.steps_per_epoch == 0
         if (cfg.save_every > 0 and step % cfg.save_every == 0) or (end_of_epoch and cfg.save_every == 0) or stopping:
-            save_checkpoint(run_dir, model, optimizer, step, cfg.fsdp, rank)
+            save_checkpoint(run.run_dir, run.model, run.optimizer, step, cfg.fsdp, run.rank)
         if stopping:
             break
     bar.close()
-    if step < total:
-        print(f"stopped after step {step}; continue with: python train.py --resume {run_dir}")
-    else:
-        final = gather_model(model, cfg.fsdp, rank)
-        if rank == 0:
-            save_final(run_dir, final, tok, lora_cfg, cfg)
-            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)   # the run is complete: nothing to resume
-            if cfg.eval and data.tests:
-                import eval as evaluation
-                evaluation.evaluate(final, tok, data, out_dir=run_dir, limit=cfg.eval_limit or None)
+    if metrics:
+        metrics.close()
+    finish(run, step, started)
     if dist.is_initialized():
+        dist.barrier()   # no rank tears the group down while another still works (checkpoint, model, evaluation)
         dist.destroy_process_group()
-    return run_dir
+    return run.run_dir
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -528,19 +678,24 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """argparse mapped one-to-one onto TrainConfig: every field is a flag, with the dataclass default."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = field_comments(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
+def config_parser(cls, description: str, skip=("extra",)) -> argparse.ArgumentParser:
+    """argparse mapped one-to-one onto a config dataclass: every field a flag with the dataclass default, its help
+    the field's comment; booleans get --flag / --no-flag."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
             continue
         flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "") + " (default: %(default)s)"
         if f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=text)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    return TrainConfig(**vars(config_parser(TrainConfig, __doc__).parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -35,23 +35,25 @@ def tiny_config(stg_file, tmp_path, **kw) -> train.TrainConfig:
 def fixed_batch(cfg, stg_file):
     records = stg.read_records(stg_file)[:8]
     data = stg.resolve_data(cfg.data)
-    train.resolve(cfg, data)
+    train.resolve(cfg, data, "cpu")
     model, tok, lora_cfg = train.build_model(cfg, records, "cpu", torch.float32)
     examples = train.encode_all(records, tok, cfg)
-    batch = train.collate(examples, tok.pad_id, "cpu")
-    n_tokens = sum(len(ex.ids) - ex.n_prompt for ex in examples)
-    return model, batch, n_tokens, len(examples)
+    return model, train.collate(examples, tok.pad_id)
 
 
-def run_steps(model, batch, cfg, n_tokens, n_seqs, steps, gamma=1.0):
+def step_losses(model, batch, cfg) -> train.Losses:
+    return train.losses(model, batch, cfg.alpha, attn=cfg.attn, measure=cfg.log_ratio, attn_loss=cfg.attn_loss)
+
+
+def run_steps(model, batch, cfg, steps, gamma=1.0):
     """Plain AdamW steps on one fixed batch; returns the (L_next, L_attn, mean C/N) before each step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model.eval()  # no dropout: the comparison is about the optimisation, not the noise
     history = []
     for _ in range(steps):
-        l_next, l_attn, ratio = train.losses(model, *batch, cfg, n_tokens, n_seqs)
-        history.append((l_next.item(), l_attn.item(), ratio.mean().item() if len(ratio) else math.nan))
-        (l_next + gamma * l_attn).backward()
+        out = step_losses(model, batch, cfg)
+        history.append((out.l_next.item(), out.l_attn.item(), out.cn.ratio[out.cn.counted].mean().item()))
+        (out.l_next + gamma * out.l_attn).backward()
         opt.step()
         opt.zero_grad()
     return history
@@ -60,8 +62,8 @@ def run_steps(model, batch, cfg, n_tokens, n_seqs, steps, gamma=1.0):
 @pytest.mark.parametrize("alpha,lora", [(0.0, False), (2.0, False), (2.0, True)], ids=["vanilla", "cat", "lora"])
 def test_a_step_lowers_the_loss_on_a_fixed_batch(stg_file, tmp_path, alpha, lora):
     cfg = tiny_config(stg_file, tmp_path, alpha=alpha, lora=lora, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    model, batch, n_tokens, n_seqs = fixed_batch(cfg, stg_file)
-    history = run_steps(model, batch, cfg, n_tokens, n_seqs, steps=2)
+    model, batch = fixed_batch(cfg, stg_file)
+    history = run_steps(model, batch, cfg, steps=2)
     (before_next, before_attn, _), (after_next, after_attn, _) = history
     assert after_next + after_attn < before_next + before_attn, history
 
@@ -69,8 +71,8 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(stg_file, tmp_path, alpha, lora
 def test_cat_raises_the_causal_ratio_and_vanilla_does_not_touch_it(stg_file, tmp_path):
     """CAT with α above the starting C/N pushes attention onto the causal tokens within a few steps."""
     cfg = tiny_config(stg_file, tmp_path, alpha=3.0, lr=1e-2)
-    model, batch, n_tokens, n_seqs = fixed_batch(cfg, stg_file)
-    history = run_steps(model, batch, cfg, n_tokens, n_seqs, steps=8, gamma=10.0)
+    model, batch = fixed_batch(cfg, stg_file)
+    history = run_steps(model, batch, cfg, steps=8, gamma=10.0)
     first, last = history[0][2], history[-1][2]
     assert last > first + 0.2, f"mean C/N went {first:.3f} -> {last:.3f}"
     assert history[-1][1] < history[0][1]
@@ -80,11 +82,11 @@ def test_fast_and_explicit_attention_give_the_same_losses_and_gradients(stg_file
     grads = {}
     for attn in ("fast", "explicit"):
         cfg = tiny_config(stg_file, tmp_path, alpha=2.0, attn=attn)
-        model, batch, n_tokens, n_seqs = fixed_batch(cfg, stg_file)
+        model, batch = fixed_batch(cfg, stg_file)
         model.eval()
-        l_next, l_attn, ratio = train.losses(model, *batch, cfg, n_tokens, n_seqs)
-        (l_next + l_attn).backward()
-        grads[attn] = (l_attn.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        out = step_losses(model, batch, cfg)
+        (out.l_next + out.l_attn).backward()
+        grads[attn] = (out.l_attn.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads["fast"][0] == pytest.approx(grads["explicit"][0], abs=1e-5)
     for name, g in grads["fast"][1].items():
         torch.testing.assert_close(g, grads["explicit"][1][name], atol=1e-4, rtol=1e-3, msg=name)
@@ -95,13 +97,23 @@ def test_collate_masks_only_target_tokens_and_shifts_the_adjacency(stg_file, tmp
     records = stg.read_records(stg_file)[:2]
     _, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
     examples = train.encode_all(records, tok, cfg)
-    ids, pad_mask, labels, mask = train.collate(examples, tok.pad_id, "cpu")
+    batch = train.collate(examples, tok.pad_id)
+    ids, pad_mask, mask = batch.ids, batch.pad_mask, batch.cat_mask
+    T = ids.shape[1]
     for b, ex in enumerate(examples):
         n = len(ex.ids)
         target = tok.encode(records[b]["target"]) + [tok.eos_ids[0]]
-        assert labels[b][labels[b] != -100].tolist() == target
+        mine = (batch.target_pos >= b * T) & (batch.target_pos < (b + 1) * T)
+        assert batch.targets[mine].tolist() == target
+        assert (batch.target_pos[mine] - b * T).tolist() == list(range(ex.n_prompt - 1, n - 1)), "t predicts t + 1"
         assert pad_mask[b].sum() == n
         assert torch.equal(mask[b, :n - 1, :n], ex.adj[1:n, :n])     # row i holds adjacency row i+1
+        # the fast path's rows are exactly the rows that hold causal tokens, each with its counts over j <= i
+        has = mask[b].any(-1).nonzero().flatten().tolist()
+        assert batch.rows.rows[b, :len(has)].tolist() == has
+        for r, i in enumerate(has):
+            assert batch.rows.n_causal[b, r] == mask[b, i, :i + 1].sum()
+            assert batch.rows.n_other[b, r] == i + 1 - mask[b, i, :i + 1].sum()
         # the row that predicts the first answer token attends to the three causal attributes
         row = mask[b, ex.n_prompt - 1]
         causal_text = tok.decode(ids[b][row].tolist())
@@ -188,3 +200,63 @@ def test_a_saved_scratch_model_is_prompted_as_it_was_trained(stg_file, tmp_path)
     ex, _ = train.encode(records[0], tok)
     assert reloaded.bos_id == tok.bos_id is not None
     assert evaluation.prompt_ids(reloaded, records[0]["input"]) == ex.ids[:ex.n_prompt]
+
+
+def full_logits_losses(model, batch, alpha):
+    """Reference L_next and L_attn: logits at every position (B, T, V) with a padding mask, labels -100 off the
+    target, and the Re-Attention loss of the explicit maps, as the equations read."""
+    labels = torch.full(batch.ids.shape, -100, dtype=torch.long)
+    labels.view(-1)[batch.target_pos] = batch.targets
+    out = model(batch.ids, batch.pad_mask.long(), return_attn=True)
+    l_next = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    cn = cat.causal_ratio(cat.average_attention(out.attentions), batch.cat_mask, batch.pad_mask)
+    return l_next / len(batch.targets), cat.reattention_loss(cn, alpha)
+
+
+def test_logits_at_the_loss_positions_equal_the_full_logits_path(stg_file, tmp_path):
+    """L_next from the lm_head applied at the target positions only equals the full (B, T, V) path: loss and
+    gradients, float32, the fast CAT path against the explicit maps."""
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, dtype="float32")
+    model, batch = fixed_batch(cfg, stg_file)
+    model.eval()
+    grads = []
+    for compute in (lambda: full_logits_losses(model, batch, cfg.alpha),
+                    lambda: (lambda o: (o.l_next, o.l_attn))(step_losses(model, batch, cfg))):
+        model.zero_grad()
+        l_next, l_attn = compute()
+        (l_next + l_attn).backward()
+        grads.append((l_next.item(), l_attn.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_next, ref_attn, ref), (got_next, got_attn, got) = grads
+    assert ref_attn > 0 and got_next == pytest.approx(ref_next, abs=1e-5) and got_attn == pytest.approx(ref_attn, abs=1e-5)
+    assert len(batch.targets) < batch.ids.numel() / 10, "the test means something: few loss positions"
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_bfloat16_step_stays_close_to_the_float32_step(stg_file, tmp_path):
+    """--dtype bfloat16 (autocast, float32 weights, float32 softmax and losses) against float32 on the same batch.
+    Tolerance: bf16 keeps 8 significant bits, a relative rounding of 2^-9 ≈ 0.2% on every matmul input; through
+    2 layers and the head these add to well under 1% of the losses and gradients. 2% on the losses and a gradient
+    cosine of 0.99 leave room for that and still catch a real error (a bf16 softmax or loss is off by more)."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_config(stg_file, tmp_path, alpha=2.0, dtype=dtype)
+        model, batch = fixed_batch(cfg, stg_file)
+        model.eval()
+        with M.autocast("cpu", cfg.dtype):
+            out = step_losses(model, batch, cfg)
+            (out.l_next + out.l_attn).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[dtype] = (out.l_next.item(), out.l_attn.item(), grad, out.l_next.dtype)
+    (n32, a32, g32, _), (n16, a16, g16, loss_dtype) = results["float32"], results["bfloat16"]
+    assert loss_dtype == torch.float32, "the losses are computed in float32 under autocast"
+    assert a32 > 0 and n16 == pytest.approx(n32, rel=2e-2) and a16 == pytest.approx(a32, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert not torch.equal(g16, g32), "bf16 autocast was in effect"
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16_and_is_recorded(stg_file, tmp_path):
+    assert M.precision("cpu", "auto") == ("bfloat16" if M.native_bf16_cpu() else "float32")
+    assert M.precision("cuda", "auto") == "bfloat16" and M.precision("cpu", "float32") == "float32"
+    run = train.train(tiny_config(stg_file, tmp_path, epochs=1))
+    assert json.loads((run / "train_config.json").read_text())["dtype"] == M.precision("cpu", "auto")
