@@ -2,17 +2,19 @@
 
     python benchmarks/step.py --model smollm2-135m --batch 4 --seq-len 128,512 --repeats 5 --out step.json
     python benchmarks/step.py --shape tinyllama --device cuda --batch 8 --seq-len 512,1024,2048
+    python benchmarks/step.py --model smollm2-135m --batch 8 --seq-len 96 --vs-transformers   # against transformers
 
 A step is what train.py does for one optimiser step of one micro-batch: train.losses (forward, L_next, and
 L_attn for CAT, §4.2) -> (L_next + γ·L_attn).backward() with γ = 1 -> clip the gradient norm -> AdamW step ->
-zero_grad. Three variants of it, on the same weights and tokens:
-  vanilla   train.losses with alpha 0 and a CAT mask of all zeros, so no attention path runs: a pure vanilla step
+zero_grad, in the precision train.py picks (--dtype auto: bf16 autocast on CUDA and on CPUs with native bf16).
+Three variants of it, on the same weights and tokens:
+  vanilla   train.losses with alpha 0 and measure off, so no attention path runs: a pure vanilla step
   explicit  alpha > 0, attn "explicit": per-layer probabilities (B, H, T, T) -> Ā -> C_i / N_i (§4.2)
-  fast      alpha > 0, attn "fast": the causal mass (B, T), softmax written out for the supervised rows only
+  fast      alpha > 0, attn "fast": the causal mass (B, R) of the R rows that hold causal tokens only
 AdamW runs at lr 0: it does all its arithmetic, but the weights never change, so every variant and every
 repeat sees the same model, and L_next and L_attn of the three variants must agree (fast == explicit).
-The batch is built once, outside the timed step (train.collate's work); cat.causal_rows, which train.losses
-calls, is inside it.
+The batch is built once by train.collate, outside the timed step, as train.py builds it before each step (the
+loss positions, the causal rows and their counts, on the CPU).
 
 Data: B sequences of exactly T tokens, each STG_S training records (stg.generate) encoded as train.encode does,
 packed back to back, the last one cut at T; L_next covers each record's target + eos. Every record keeps its own
@@ -25,6 +27,12 @@ out); memory = its peak RSS (train.peak_rss_gib), variants interleaved over --ro
 one process, variants interleaved step by step, bf16 autocast as train.py, torch.cuda.synchronize around each
 step, torch.cuda.max_memory_allocated reset before each step; model FLOPs utilisation = 6·N·B·T / step time /
 --peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted).
+
+--vs-transformers (optional; needs transformers, which no project module imports): in one process, interleaved,
+our vanilla step against transformers' (LlamaForCausalLM with labels: logits at every position) in float32, its
+default, and in the precision of our step; and greedy decoding of B STG prompts, 16 new tokens, model.generate
+against transformers' generate. Same weights (saved once in HF layout), batch, threads and precision; ratios > 1
+mean ours is faster.
 """
 import argparse
 import dataclasses
@@ -68,6 +76,8 @@ class BenchConfig:
     warmup: int = 1               # untimed steps first (per round on CPU)
     rounds: int = 1               # CPU: worker subprocesses per variant, run interleaved vanilla, explicit, fast, ...
     device: str = "cpu"           # cpu | cuda
+    dtype: str = "auto"           # compute precision, as train.py's --dtype: auto | float32 | bfloat16
+    vs_transformers: bool = False  # also time transformers' training step and generate on the same weights and batch
     threads: int = 0              # CPU: torch threads per worker (0 = torch's default, one per core)
     alpha: float = 2.0            # CAT hinge threshold: above C_i/N_i of pretrained and random models alike, so
                                   # L_attn is non-zero on every causal row (its cost does not depend on alpha)
@@ -97,25 +107,22 @@ def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
         return M.Transformer(M.ModelArgs(**SHAPES[cfg.shape])), tok
 
 
-def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int, device):
-    """STG_S records packed into B rows of T tokens: ids, pad_mask, labels (B, T), shifted CAT mask (B, T, T)."""
+def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) -> train.Batch:
+    """STG_S records packed into B rows of T tokens, each row one train.Example, through train.collate."""
     examples = [train.encode(r, tok)[0] for r in stg.generate("stg_s_train", seed)]
-    ids = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
-    adj = torch.zeros(B, T, T, dtype=torch.bool)
-    k = 0
-    for b in range(B):
-        t = 0
-        while t < T:
-            ex = examples[k % len(examples)]
+    rows, k = [], 0
+    for _ in range(B):
+        ids, labels, adj = [], [], torch.zeros(T, T, dtype=torch.bool)
+        while len(ids) < T:
+            ex, t = examples[k % len(examples)], len(ids)
             n = min(len(ex.ids), T - t)                                       # the last record is cut at T
-            ids[b, t:t + n] = torch.tensor(ex.ids[:n])
-            labels[b, t + ex.n_prompt - 1:t + n - 1] = ids[b, t + ex.n_prompt:t + n]   # target + eos, as collate
+            ids += ex.ids[:n]
+            labels += ex.labels[:n - 1] + [-100]                              # its last token predicts nothing here
             if annotated == "all" or t == 0:
-                adj[b, t:t + n, t:t + n] = ex.adj[:n, :n]                     # (n, n) block on the diagonal
-            t, k = t + n, k + 1
-    pad_mask = torch.ones(B, T, dtype=torch.bool)
-    return ids.to(device), pad_mask.to(device), labels.to(device), cat.shift_up(adj).to(device)
+                adj[t:t + n, t:t + n] = ex.adj[:n, :n]                        # (n, n) block on the diagonal
+            k += 1
+        rows.append(train.Example(ids, labels, adj))
+    return train.collate(rows, tok.pad_id)
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -126,21 +133,19 @@ def matmul_params(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # The step
 
-def train_step(model, optimizer, params, batch, variant: str, alpha: float, autocast) -> tuple[float, float]:
+def train_step(model, optimizer, params, batch: train.Batch, variant: str, alpha: float,
+               autocast) -> tuple[float, float]:
     """One optimiser step as train.py takes it; returns (L_next, L_attn) before the update."""
-    ids, pad_mask, labels, mask = batch
-    if variant == "vanilla":
-        tcfg, mask = train.TrainConfig(alpha=0.0), torch.zeros_like(mask)
-    else:
-        tcfg = train.TrainConfig(alpha=alpha, attn=variant)
-    n_tokens, n_seqs = int((labels != -100).sum()), ids.shape[0]
     with autocast:
-        l_next, l_attn, _ = train.losses(model, ids, pad_mask, labels, mask, tcfg, n_tokens, n_seqs)
-        (l_next + l_attn).backward()                                   # §4.2: L_next + γ·L_attn, γ = e^0 = 1
+        if variant == "vanilla":   # no attention path at all: train.py's step with --alpha 0 --no-log-ratio
+            out = train.losses(model, batch, 0.0, measure=False)
+        else:
+            out = train.losses(model, batch, alpha, attn=variant)
+        (out.l_next + out.l_attn).backward()                           # §4.2: L_next + γ·L_attn, γ = e^0 = 1
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return l_next.item(), l_attn.item()
+    return out.l_next.item(), out.l_attn.item()
 
 
 def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
@@ -150,10 +155,10 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
         torch.set_num_threads(cfg.threads)
     model, tok = build(cfg, cfg.device)
     model.train()
-    batch = packed_batch(tok, cfg.batch, T, cfg.annotated, cfg.seed, cfg.device)
+    batch = packed_batch(tok, cfg.batch, T, cfg.annotated, cfg.seed).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0)          # all of AdamW's work, weights unchanged
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+    optimizer = train.adamw(params, lr=0.0)                 # all of AdamW's work, weights unchanged
+    autocast = M.autocast(cfg.device, M.precision(cfg.device, cfg.dtype))
     rss_before = int(train.peak_rss_gib() * 2**30)
     out = {v: {"times_s": [], "peak_mem_bytes": 0} for v in variants}
     for r in range(cfg.warmup + cfg.repeats):
@@ -179,9 +184,8 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
                 out[v]["times_s"].append(elapsed)
                 if on_cuda:
                     out[v]["peak_mem_bytes"] = max(out[v]["peak_mem_bytes"], torch.cuda.max_memory_allocated())
-    mask = batch[3]
     for v in variants:
-        out[v]["supervised_rows"] = int(cat.causal_rows(mask)[0].shape[-1]) if v != "vanilla" else 0
+        out[v]["supervised_rows"] = batch.rows.rows.shape[-1] if v != "vanilla" else 0
         out[v]["n_matmul_params"] = matmul_params(model)
         if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step
             out[v]["peak_mem_bytes"] = int(train.peak_rss_gib() * 2**30)
@@ -193,14 +197,95 @@ def run_worker(cfg: BenchConfig, variant: str, T: int) -> dict:
     """This variant at length T in a fresh subprocess (`--variant`), so its peak RSS is its own."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--seq-len", str(T)]
     for f in dataclasses.fields(BenchConfig):
-        if f.name not in ("seq_len", "variant", "out", "rounds"):
-            argv += ["--" + f.name.replace("_", "-"), str(getattr(cfg, f.name))]
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name not in ("seq_len", "variant", "out", "rounds", "vs_transformers"):
+            argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     load = os.getloadavg()[0]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"worker exited {done.returncode}: {done.stderr.strip()[-500:]}", "times_s": [],
                 "load_1min": load}
     return {**json.loads(done.stdout.strip().splitlines()[-1])[variant], "load_1min": load}
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers (optional: only this benchmark imports it, and only with --vs-transformers)
+
+def hf_step(hf, optimizer, params, ids, labels, autocast) -> float:
+    """transformers' own training step: the loss from `labels` (shifted inside, logits at every position)."""
+    with autocast:
+        loss = hf(input_ids=ids, labels=labels).loss
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
+    """Our vanilla step and greedy decoding against transformers' on the same weights, batch, threads and precision,
+    interleaved in one process: {name: {"median_s", "times_s", ...}} and the ratios. None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        print("--vs-transformers: transformers is not installed (pip install -r requirements-test.txt); skipped")
+        return None
+    import tempfile
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ours, tok = build(cfg, cfg.device)
+    with tempfile.TemporaryDirectory() as folder:   # the same weights for both, through the HF layout
+        M.save_model(ours, tok, folder)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
+                                                               attn_implementation="sdpa").to(cfg.device)
+    precision = M.precision(cfg.device, cfg.dtype)
+    same, plain = M.autocast(cfg.device, precision), M.autocast(cfg.device, "float32")
+    batch = packed_batch(tok, cfg.batch, T, cfg.annotated, cfg.seed).to(cfg.device)
+    labels = torch.full_like(batch.ids, -100)
+    labels.view(-1)[batch.target_pos + 1] = batch.targets          # transformers shifts the labels itself
+    opt = {name: train.adamw([p for p in m.parameters() if p.requires_grad], lr=0.0)   # fused, as transformers'
+           for name, m in (("ours", ours), ("hf", hf))}                               # Trainer default on torch >= 2.8
+    steps = {"ours": lambda: train_step(ours, opt["ours"], list(ours.parameters()), batch, "vanilla", 0.0, same)[0],
+             f"transformers_{precision}": lambda: hf_step(hf, opt["hf"], list(hf.parameters()), batch.ids, labels, same),
+             "transformers_float32": lambda: hf_step(hf, opt["hf"], list(hf.parameters()), batch.ids, labels, plain)}
+    tests = [train.encode(r, tok)[0] for r in stg.generate("stg_e_test_iid", cfg.seed)[:cfg.batch]]
+    prompts = [ex.ids[:ex.n_prompt] for ex in tests]                 # the prefix eval.py generates from
+    new_tokens = 16
+    width = max(map(len, prompts))
+    hf_ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts], device=cfg.device)
+    hf_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=cfg.device)
+
+    def hf_generate():
+        with torch.no_grad(), same:
+            hf.generate(input_ids=hf_ids, attention_mask=hf_mask, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_id)
+
+    def our_generate():
+        with same:
+            M.generate(ours, prompts, new_tokens, eos_ids=[], pad_id=tok.pad_id)   # no EOS: all 16 tokens
+
+    timed = {**steps, "generate_ours": our_generate, f"generate_transformers_{precision}": hf_generate}
+    out = {name: {"times_s": []} for name in timed}
+    for r in range(cfg.warmup + cfg.repeats):
+        for name, fn in timed.items():
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            value = fn()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if r >= cfg.warmup:
+                out[name]["times_s"].append(time.perf_counter() - t0)
+            if r == 0 and value is not None:
+                out[name]["l_next"] = value
+    for row in out.values():
+        row["median_s"] = statistics.median(row["times_s"])
+    ratios = {"step: transformers float32 (default) / ours": out["transformers_float32"]["median_s"] / out["ours"]["median_s"],
+              f"step: transformers {precision} / ours": out[f"transformers_{precision}"]["median_s"] / out["ours"]["median_s"],
+              f"generate: transformers {precision} / ours": out[f"generate_transformers_{precision}"]["median_s"]
+              / out["generate_ours"]["median_s"]}
+    return {"precision": precision, "transformers": transformers.__version__, "generate_new_tokens": new_tokens,
+            "timings": out, "speedups": ratios}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,11 +339,7 @@ def device_name(cfg: BenchConfig) -> str:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    """argparse mapped one-to-one onto BenchConfig."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    return BenchConfig(**vars(p.parse_args(argv)))
+    return BenchConfig(**vars(train.config_parser(BenchConfig, __doc__, skip=()).parse_args(argv)))
 
 
 def main(argv=None) -> dict | None:
@@ -287,6 +368,11 @@ def main(argv=None) -> dict | None:
               "start": start, "end": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_end": os.getloadavg(),
               "results": results}
     print(markdown(cfg, results))
+    if cfg.vs_transformers:
+        report["vs_transformers"] = {str(T): vs_transformers(cfg, T) for T in seq_lens}
+        for T, row in report["vs_transformers"].items():
+            for name, ratio in (row or {}).get("speedups", {}).items():
+                print(f"T = {T}, {name}: {ratio:.2f}x")
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(report, indent=2))
     return report
