@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import cat
 import stg
+import model as M
 from model import generate, load_model
 
 KINDS = ("causal", "spurious", "irrelevant")           # CAT §5.2.1: the three factor types of STG
@@ -37,7 +38,8 @@ class EvalConfig:
     limit: int | None = None          # evaluate only the first N records of each split
     attention: bool = False           # STG only: attention on causal / spurious / irrelevant tokens, plots
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"            # float32 | bfloat16 | float16 weights
+    dtype: str = "auto"               # compute precision as train.py's --dtype: auto = bfloat16 on CUDA and on CPUs with
+                                      # native bf16 matmuls, else float32; float32 | bfloat16
     compare: list[str] = field(default_factory=list)  # run folders to tabulate instead of evaluating
 
 
@@ -312,10 +314,11 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
 
 
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
-             out_dir=None, attention: bool = False, limit: int | None = None) -> dict:
+             out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto") -> dict:
     """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}. With out_dir, writes
     predictions_<data>_<split>.jsonl and merges {data.name: result} into out_dir/results.json; with
-    attention (STG only), adds the per-kind attention numbers and draws the two pictures."""
+    attention (STG only), adds the per-kind attention numbers and draws the two pictures. dtype: the compute
+    precision (model.precision), as in training."""
     if attention and data.task not in stg.FACTORS:
         raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
@@ -324,7 +327,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     was_training = model.training
     model.eval()
     results, numbers, example = {}, {}, None
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), M.autocast(device, M.precision(device, dtype)):
         for split, path in data.tests.items():
             records = stg.read_records(path)[:limit]
             if not records:
@@ -429,7 +432,7 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--limit", type=int, help="only the first N records of each split")
     p.add_argument("--attention", action="store_true", help="STG: attention per factor kind, Figures 3 and 5")
     p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="print Table 1 from these runs")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if not cfg.compare and cfg.model is None:
@@ -445,13 +448,16 @@ def main(argv=None) -> None:
         if cfg.out:
             stg.write_text(Path(cfg.out), table + "\n")
         return
-    model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    precision = M.precision(cfg.device, cfg.dtype)
+    print(f"precision: {precision} on {cfg.device}")
+    weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
+    model, tokenizer = load_model(cfg.model, dtype=weights, device=cfg.device)
     data = stg.resolve_data(cfg.data)
     if cfg.task:
         data = replace(data, task=cfg.task)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)
     results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                       out_dir=out_dir, attention=cfg.attention, limit=cfg.limit)
+                       out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision)
     print(format_results(data.name, results))
     print(f"results in {out_dir / 'results.json'}, predictions in {out_dir}/predictions_{data.name}_*.jsonl")
 
