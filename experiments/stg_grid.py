@@ -124,10 +124,10 @@ def run_pool(jobs: list[Job], n_workers: int, env: dict) -> list[dict]:
         return list(pool.map(one, jobs))
 
 
-def child_env(cfg: GridConfig) -> dict:
+def child_env(jobs: int) -> dict:
     """Environment of the runs: CPU threads shared out between the parallel jobs unless the user set them."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.jobs)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     return env
 
 
@@ -413,7 +413,7 @@ def main(argv=None) -> Path:
               f"α < 1: these CAT runs will train much as vanilla does. Try --alphas 1.5,2,3 to engage it.")
     out.mkdir(parents=True, exist_ok=True)
     stg.write_text(out / "grid_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    env = child_env(cfg)
+    env = child_env(cfg.jobs)
     # α selection and the vanilla runs do not depend on α*: they share the first round
     first = [selection_job(cfg, out, d, a, seeds[0]) for d in datas for a in alphas]
     first += [final_job(cfg, out, d, "vanilla", s, 0.0) for d in datas for s in seeds]

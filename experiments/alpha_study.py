@@ -1,0 +1,354 @@
+"""Does CAT work on a real model? α placed against the model's starting C/N, on the authors' STG files, over seeds.
+
+    python experiments/alpha_study.py --model <SmolLM2 folder> --authors-data <CAT repo folder> --data stg_s
+    python experiments/alpha_study.py --out results/alpha-study-smollm2 --summary-only    # the tables again
+
+Every (data set, setting, seed) is one train.py run on the training file less a seeded validation share
+(--val-frac, 0.2), tested at its end on that share, IID and OOD. The CAT setting with the best mean validation
+accuracy is the chosen one (the test files choose nothing); every setting's runs are in the figure. Settings:
+  vanilla      α = 0
+  k<K>         α = K × the median C/N of the causal rows before the first step (train.py --alpha-scale K)
+  a<α>         an absolute α (a0.6: the α of the paper's Appendix F for TinyLlama full fine-tuning)
+  div-a<α>     the authors' published loss (train.py --attn-loss div) at that α
+Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
+STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
+data source matters. The queue runs vanilla and the second setting seed by seed first, so that every finished
+prefix compares something; a finished run (results.json) is skipped, an interrupted one resumed.
+Each run folder keeps train_config.json, metrics.jsonl, results.json, wall_time.json and outcomes.json (each test
+record's answer and whether it was right, for the paired test); weights are not saved (train.py --no-save), and
+the files that copy the data (predictions, val.jsonl) are ignored by the .gitignore the study writes.
+<out>/summary.md and summary.json: per setting α, accuracy and the C/N at the end (mean ± std over seeds), Table 1's
+layout for the chosen setting, the paired per-seed OOD difference with a 95 % bootstrap interval over test records
+and McNemar's exact test per seed, wall times, the machine and the revision; <out>/figure4_<data>.png.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import stg  # noqa: E402
+from stg_grid import Job, child_env, mean_std, run_job  # noqa: E402
+
+AUTHORS_FILES = {  # data set -> (folder, training file, IID test file, OOD test file) in the authors' repository
+    "stg_s": ("STG", "spurious_token_game_train3_S", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
+    "stg_m": ("STG", "spurious_token_game_train3_M", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
+    "stg_l": ("STG", "spurious_token_game_train3", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
+    "stg_h": ("STG_H", "STG_H_train", "STG_H_iid_test", "STG_H_ood_test"),
+}
+SPLITS = ("val", "iid", "ood")
+KEEP = ("train_config.json", "metrics.jsonl", "results.json", "wall_time.json", "outcomes.json")
+
+
+@dataclass
+class StudyConfig:
+    model: str = ""                  # train.py --model (the study: SmolLM2-135M-Instruct, a local folder)
+    authors_data: str = ""           # folder with the authors' STG/ and STG_H/ folders (their repository)
+    data: str = "stg_s,stg_m"        # comma-separated: stg_s | stg_m | stg_l | stg_h (the authors') | gen-stg_m (ours)
+    settings: str = "vanilla,k2,a0.6,k1.5,k3,div-a0.6"   # see the module docstring; the first two run first
+    seeds: str = "42,1,2"
+    val_frac: float = 0.2            # training share held out to choose the setting
+    device: str = "auto"             # train.py --device
+    out: str = "results/alpha-study"  # the run folders, summary and figures
+    summary_only: bool = False       # write the summary from the run folders that exist, run nothing
+    train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
+
+
+def items(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def setting_flags(setting: str) -> list[str]:
+    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>."""
+    if setting == "vanilla":
+        return ["--alpha", "0"]
+    kind, _, value = setting.partition("-") if setting.startswith("div-") else ("hinge", "", setting)
+    try:
+        number = float(value[1:])
+    except ValueError:
+        number = -1.0
+    if value[:1] not in ("k", "a") or number <= 0:
+        raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α> or div-a<α> (K, α > 0)")
+    flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
+    return flags + (["--attn-loss", "div"] if kind == "div" else [])
+
+
+def data_files(cfg: StudyConfig, data: str) -> tuple[Path, dict[str, Path]]:
+    """(training file, {"iid": file, "ood": file}) of a study data set."""
+    if data.startswith("gen-"):
+        resolved = stg.resolve_data(data.removeprefix("gen-"))
+        return resolved.train, resolved.tests
+    if data not in AUTHORS_FILES:
+        raise SystemExit(f"--data {data}: expected one of {', '.join(AUTHORS_FILES)} or gen-<name> (stg.py's files)")
+    folder, train, iid, ood = AUTHORS_FILES[data]
+    base = Path(cfg.authors_data) / folder
+    paths = [base / f"{name}.jsonl" for name in (train, iid, ood)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{missing[0]} not found: --authors-data names the folder of the authors' repository "
+                         "(github.com/Kairong-Han/CAT), which holds STG/ and STG_H/")
+    return paths[0], {"iid": paths[1], "ood": paths[2]}
+
+
+def run_name(data: str, setting: str, seed: int) -> str:
+    return f"{data}-{setting}-s{seed}"
+
+
+def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
+    """The queue: per data set, the first two settings seed by seed, then the rest seed by seed."""
+    settings, seeds, queue = items(cfg.settings), [int(s) for s in items(cfg.seeds)], []
+    for data in items(cfg.data):
+        train_file, tests = data_files(cfg, data)
+        for group in (settings[:2], settings[2:]):
+            for seed in seeds:
+                for setting in group:
+                    name = run_name(data, setting, seed)
+                    queue.append(Job(out / name, [[
+                        sys.executable, str(ROOT / "train.py"), "--model", cfg.model, "--data", str(train_file),
+                        "--test", ",".join(f"{s}={p}" for s, p in tests.items()), "--val-frac", str(cfg.val_frac),
+                        "--seed", str(seed), "--device", cfg.device, "--out", str(out), "--name", name,
+                        "--no-save", "--save-every", "-1", *setting_flags(setting), *cfg.train_args]]))
+    return queue
+
+
+def collect_outcomes(run: Path) -> None:
+    """outcomes.json: per split, each test record's answer and correctness (the predictions copy the inputs)."""
+    outcomes = {}
+    for path in sorted(run.glob("predictions_*.jsonl")):
+        split = path.stem.rsplit("_", 1)[1]
+        rows = stg.read_records(path)
+        outcomes[split] = {"answer": [r["answer"] for r in rows], "correct": [bool(r["correct"]) for r in rows]}
+    stg.write_text(run / "outcomes.json", json.dumps(outcomes) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+def read_run(run: Path) -> dict | None:
+    """What the summary needs of one finished run, None when it has not finished."""
+    if not (run / "results.json").exists() or not (run / "outcomes.json").exists():
+        return None
+    config = json.loads((run / "train_config.json").read_text())
+    results = next(iter(json.loads((run / "results.json").read_text()).values()))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last_epoch = [m for m in metrics if m["epoch"] == metrics[-1]["epoch"] and m["cn_ratio"] is not None]
+    wall = run / "wall_time.json"
+    return {"alpha": config["alpha"], "cn_start": config["extra"].get("cn_ratio_at_start", {}).get("median"),
+            "cn_end": statistics.fmean(m["cn_ratio"] for m in last_epoch) if last_epoch else None,
+            "l_attn_mean": statistics.fmean(m["l_attn"] for m in metrics),
+            "accuracy": {s: results[s]["accuracy"] for s in SPLITS if s in results},
+            "majority": {s: results[s]["majority"] for s in SPLITS if s in results},
+            "outcomes": json.loads((run / "outcomes.json").read_text()),
+            "seconds": json.loads(wall.read_text())["seconds"] if wall.exists() else None,
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics), "dtype": config["dtype"]}
+
+
+def mcnemar_p(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar test of paired outcomes: the records that only one of the two got right."""
+    only_a, only_b = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_difference(cat: dict, vanilla: dict, split: str = "ood", resamples: int = 2000) -> dict:
+    """CAT − vanilla accuracy, seed by seed on the same test records, and a 95 % bootstrap interval of its mean
+    over seeds (the test records resampled, the same draw for every seed)."""
+    seeds = sorted(set(cat) & set(vanilla))
+    if not seeds:
+        return {}
+    diffs = np.array([np.array(cat[s]["outcomes"][split]["correct"], float)
+                      - np.array(vanilla[s]["outcomes"][split]["correct"], float) for s in seeds])   # (S, n)
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, diffs.shape[1], size=(resamples, diffs.shape[1]))
+    means = diffs[:, draws].mean(axis=(0, 2))
+    return {"seeds": seeds, "per_seed": dict(zip(map(str, seeds), diffs.mean(axis=1).tolist())),
+            "mean": float(diffs.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "mcnemar_p": {str(s): mcnemar_p(cat[s]["outcomes"][split]["correct"],
+                                            vanilla[s]["outcomes"][split]["correct"]) for s in seeds}}
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def summarize(cfg: StudyConfig, out: Path) -> dict:
+    settings, seeds = items(cfg.settings), [int(s) for s in items(cfg.seeds)]
+    summary = {"config": dataclasses.asdict(cfg), "data": {}}
+    for data in items(cfg.data):
+        runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(data, st, s)))} for st in settings}
+        rows = {}
+        for st, by_seed in runs.items():
+            if by_seed:
+                rows[st] = {"seeds": sorted(by_seed), "alpha": mean_std([r["alpha"] for r in by_seed.values()]),
+                            **{s: mean_std([r["accuracy"][s] for r in by_seed.values()]) for s in SPLITS},
+                            "cn_end": mean_std([r["cn_end"] for r in by_seed.values() if r["cn_end"] is not None]
+                                               or [float("nan")]),
+                            "l_attn_mean": mean_std([r["l_attn_mean"] for r in by_seed.values()]),
+                            "minutes": mean_std([r["seconds"] / 60 for r in by_seed.values() if r["seconds"]]
+                                                or [float("nan")])}
+        cats = [st for st in rows if st != "vanilla" and len(rows[st]["seeds"]) == len(seeds)]
+        chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
+        any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
+        summary["data"][data] = {
+            "rows": rows, "chosen": chosen, "majority": any_run["majority"] if any_run else {},
+            "cn_start": mean_std([r["cn_start"] for by in runs.values() for r in by.values() if r["cn_start"]]
+                                 or [float("nan")]),
+            "paired_ood": {st: paired_difference(runs[st], runs["vanilla"]) for st in rows if st != "vanilla"}
+            if "vanilla" in runs else {}}
+    summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    summary["revision"] = git_revision()
+    return summary
+
+
+def pct(stat: dict | None) -> str:
+    if not stat or stat["mean"] != stat["mean"]:
+        return "—"
+    return f"{100 * stat['mean']:.2f}" + (f" ± {100 * stat['std']:.2f}" if stat["std"] is not None else "")
+
+
+def number(stat: dict | None, digits: int = 2) -> str:
+    if not stat or stat["mean"] != stat["mean"]:
+        return "—"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def markdown(summary: dict) -> str:
+    cfg = summary["config"]
+    lines = [f"# α study: {Path(cfg['model']).name}, full fine-tuning", "",
+             f"Revision {summary['revision']}; {summary['machine']}. Command: `python experiments/alpha_study.py "
+             f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
+             f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
+                                                              else "") + "`.", ""]
+    for data, d in summary["data"].items():
+        majority = d["majority"]
+        lines += [f"## {data}", "",
+                  f"C/N of the causal rows before training: median {number(d['cn_start'], 3)} (over runs). "
+                  f"Majority baseline: IID {100 * majority.get('iid', float('nan')):.2f} %, "
+                  f"OOD {100 * majority.get('ood', float('nan')):.2f} %.", "",
+                  "| setting | seeds | α | val | IID | OOD | C/N at the end | mean L_attn | OOD − vanilla (95 % CI) | "
+                  "minutes per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for st, row in d["rows"].items():
+            paired = d["paired_ood"].get(st, {})
+            diff = (f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
+                    if paired else "—")
+            mark = " (chosen on val)" if st == d["chosen"] else ""
+            lines.append(f"| {st}{mark} | {len(row['seeds'])} | {number(row['alpha'], 3)} | {pct(row['val'])} | "
+                         f"{pct(row['iid'])} | {pct(row['ood'])} | {number(row['cn_end'])} | "
+                         f"{number(row['l_attn_mean'], 3)} | {diff} | {number(row['minutes'], 1)} |")
+        if d["chosen"]:
+            paired = d["paired_ood"][d["chosen"]]
+            lines += ["", f"Paired per seed (OOD, CAT {d['chosen']} − vanilla): "
+                      + ", ".join(f"seed {s}: {100 * v:+.2f} (McNemar p = {paired['mcnemar_p'][s]:.3f})"
+                                  for s, v in paired["per_seed"].items()) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(summary: dict, out: Path) -> list[Path]:
+    """Figure 4's layout per data set: accuracy against α (vanilla at 0), and the C/N at the end against α."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): the numbers are in summary.md, no figure")
+        return []
+    paths = []
+    for data, d in summary["data"].items():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for st, row in d["rows"].items():
+            x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
+            marker = "s" if st.startswith("div") else "o"
+            for split, color in (("iid", "tab:blue"), ("ood", "tab:red")):
+                left.errorbar(x, 100 * row[split]["mean"], yerr=100 * (row[split]["std"] or 0), fmt=marker,
+                              color=color, capsize=3)
+            right.errorbar(x, row["cn_end"]["mean"], yerr=row["cn_end"]["std"] or 0, fmt=marker, color="tab:green",
+                           capsize=3)
+            left.annotate(st, (x, 100 * row["ood"]["mean"]), fontsize=7, xytext=(3, -10), textcoords="offset points")
+        for split, color in (("iid", "tab:blue"), ("ood", "tab:red")):
+            if split in d["majority"]:
+                left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
+        left.plot([], [], "o", color="tab:blue", label="IID")
+        left.plot([], [], "o", color="tab:red", label="OOD")
+        left.plot([], [], ":", color="gray", label="majority baseline")
+        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss)", ylabel="accuracy (%)",
+                 title=f"{data}: accuracy, mean ± std over seeds")
+        left.legend(fontsize=8)
+        if d["cn_start"]["mean"] == d["cn_start"]["mean"]:
+            right.axhline(d["cn_start"]["mean"], color="gray", ls="--", lw=1, label="median C/N before training")
+            right.legend(fontsize=8)
+        right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")
+        fig.tight_layout()
+        path = out / f"figure4_{data}.png"
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> StudyConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    import train
+    p = train.config_parser(StudyConfig, __doc__, skip=("train_args",))
+    cfg = StudyConfig(**vars(p.parse_args(argv[:cut])), train_args=argv[cut + 1:])
+    for setting in items(cfg.settings):
+        setting_flags(setting)
+    if not cfg.summary_only and not cfg.model:
+        p.error("--model: the model to fine-tune (a folder, alias or hub id)")
+    return cfg
+
+
+def main(argv=None) -> Path:
+    cfg = parse_args(argv)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "study_config.json"
+    if cfg.summary_only and config_path.exists():   # the committed configuration, with this run's --out
+        saved = json.loads(config_path.read_text())
+        cfg = StudyConfig(**{**saved, "out": cfg.out, "summary_only": True})
+    if not cfg.summary_only:
+        stg.write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        stg.write_text(out / ".gitignore", "# written by alpha_study.py: only the small files of each run\n*/*\n"
+                       + "".join(f"!*/{name}\n" for name in KEEP))
+        env = child_env(jobs=1)   # one run at a time, with every core
+        for job in jobs(cfg, out):
+            outcome = run_job(job, env)
+            if outcome["status"] == "done":
+                collect_outcomes(job.run)
+            print(f"{job.run.name}: {outcome['status']}" + (f" in {outcome['seconds']:.0f} s"
+                                                            if outcome.get("seconds") else ""), flush=True)
+            summary = summarize(cfg, out)    # after every run, so that the summary is never behind the runs
+            stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            stg.write_text(out / "summary.md", markdown(summary))
+    summary = summarize(cfg, out)
+    stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    stg.write_text(out / "summary.md", markdown(summary))
+    figure(summary, out)
+    print(markdown(summary))
+    return out
+
+
+if __name__ == "__main__":
+    main()
