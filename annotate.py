@@ -22,12 +22,13 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 import requests
 from tqdm import tqdm
+
+import stg
 
 # ----------------------------------------------------------------------------- prompts (Appendix B)
 # The math description is the same for SVAMP, GSM8K and MAWPS in Appendix B (MAWPS's copy lost its braces
@@ -260,52 +261,24 @@ def fetch(task: str, sources: list[str] | None = None, out_dir="data") -> dict[s
     out = {}
     for name in SPLITS:
         out[name] = Path(out_dir) / f"{task}_{name}.jsonl"
-        write_jsonl_atomic(out[name], splits[name])
+        stg.write_jsonl(out[name], splits[name])
     print(f"{task}: " + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS) + f" (dropped {dropped}) -> {out_dir}")
     return out
 
 
 # ----------------------------------------------------------------------------- JSONL files
-def read_jsonl(path) -> list[dict]:
-    """Records with input and target; a bad line raises naming file:line."""
-    records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-        if not isinstance(record, dict) or not {"input", "target"} <= record.keys():
-            raise ValueError(f"{path}:{n}: a record needs 'input' and 'target'")
-        records.append(record)
-    return records
-
-
-def write_jsonl_atomic(path, records: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
 def record_key(record: dict) -> str:
     """The resume key: a hash of the record's content."""
     return hashlib.sha256(json.dumps([record["input"], record["target"]]).encode()).hexdigest()[:20]
 
 
-def done_keys(path: Path) -> set[str]:
-    """Keys already written to an append-only JSONL; a half-written last line (a kill mid-write) is cut off."""
+def done_keys(path: Path, repair: bool = True) -> set[str]:
+    """Keys already written to an append-only JSONL (stg.complete_lines: only an unparsable last line, a kill
+    mid-write, is dropped; with repair=False, a dry run, the file is not touched)."""
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
-    return {record_key(r) for r in read_jsonl(path)}
+    lines = [line for line in stg.complete_lines(path, repair) if line.strip()]
+    return {record_key(json.loads(line)) for line in lines}
 
 
 def append_line(f, record: dict) -> None:
@@ -396,15 +369,15 @@ class AnnotateConfig:
     out: str = "data/gsm8k_train_annotated.jsonl"   # appended to; also the resume state
     rejects: str | None = None              # replies that could not be used (default: <out>.rejects.jsonl)
     base_url: str = "https://api.openai.com/v1"     # any OpenAI-compatible server (GLM: .../api/paas/v4)
-    model: str = "gpt-4o"
+    model: str = "gpt-4o"                   # the assistant LLM (the paper: glm-4-air; Table 5: gpt-4o)
     api_key_env: str = "OPENAI_API_KEY"     # the NAME of the variable holding the key, never the key
-    temperature: float = 0.0
+    temperature: float = 0.0                # sampling temperature of the assistant (0: its most likely reply)
     json_mode: bool = True                  # response_format json_object, dropped if the server refuses it
     concurrency: int = 8                    # requests in flight
     timeout: float = 120.0                  # seconds per request
     max_retries: int = 6                    # retries of timeouts, connection errors, 429 and 5xx
     backoff_base: float = 1.0               # seconds; retry k waits uniform(0, base * 2**k), capped
-    backoff_max: float = 60.0
+    backoff_max: float = 60.0               # seconds: the longest wait between two retries
     max_cost: float | None = None           # stop before this is spent (in the price's currency)
     price_in: float | None = None           # per 1M prompt tokens (default: PRICES)
     price_out: float | None = None          # per 1M completion tokens
@@ -419,7 +392,14 @@ class ChatClient:
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
 
     def redact(self, text: str) -> str:
-        return text.replace(self.key, "[API key]") if self.key else text
+        """The text without the API key: whole, or echoed in part as servers do ("sk-ABCD...wxyz", "sk-ab***yz")."""
+        if not self.key:
+            return text
+        text = text.replace(self.key, "[API key]")
+        head, tail = re.escape(self.key[:4]), re.escape(self.key[-4:])
+        # a run of the key's first characters, an elision (…, ..., ***) and its last ones
+        return re.sub(rf"{head}[\w-]*(?:\.{{2,}}|…|\*+)[\w-]*{tail}|{re.escape(self.key[:8])}[\w-]*", "[API key]",
+                      text) if len(self.key) >= 12 else text
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         """The server's Retry-After (seconds or an HTTP date), else exponential backoff with full jitter."""
@@ -523,9 +503,15 @@ def annotate(cfg: AnnotateConfig) -> dict:
     if cfg.task not in TEMPLATES:
         raise SystemExit(f"no prompt template for task {cfg.task!r} (have {sorted(TEMPLATES)}); STG records "
                          f"carry rule-made `important` fields and need no LLM")
+    for name, value, low in (("concurrency", cfg.concurrency, 1), ("max_retries", cfg.max_retries, 0)):
+        if value < low:
+            raise stg.InputError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+    for name in ("timeout", "backoff_base", "backoff_max", "max_cost", "price_in", "price_out"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0 or (name == "timeout" and cfg.timeout == 0):
+            raise stg.InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive")
     out, rejects = Path(cfg.out), Path(cfg.rejects or Path(cfg.out).with_suffix(".rejects.jsonl"))
-    done = done_keys(out) | done_keys(rejects)
-    pending = list({record_key(r): r for r in read_jsonl(cfg.inp) if record_key(r) not in done}.values())
+    done = done_keys(out, repair=not cfg.dry_run) | done_keys(rejects, repair=not cfg.dry_run)
+    pending = list({record_key(r): r for r in stg.read_records(cfg.inp) if record_key(r) not in done}.values())
     price = price_for(cfg.model, cfg.price_in, cfg.price_out)
     if cfg.dry_run:
         return dry_run(cfg, pending, price)
@@ -597,16 +583,10 @@ def main(argv=None) -> int:
     p_fetch.add_argument("task", choices=sorted(SOURCES))
     p_fetch.add_argument("--source", action="append", help="a local upstream file instead of the hub: FILE or "
                                                            "SPLIT=FILE (train/validation/test); repeatable")
-    p_fetch.add_argument("--out", default="data")
+    p_fetch.add_argument("--out", default="data", help="folder for <task>_{train,val,test}.jsonl (default: %(default)s)")
     p_ann = sub.add_parser("annotate", help="annotate records with an assistant LLM (resumable)",
                            description="Each option is a field of AnnotateConfig in annotate.py, commented there.")
-    for field in fields(AnnotateConfig):      # argparse mapped onto the dataclass: --in, --base-url, ...
-        flag = "--in" if field.name == "inp" else "--" + field.name.replace("_", "-")
-        if field.type is bool:
-            p_ann.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            kind = next(t for t in get_args(field.type) or (field.type,) if t is not type(None))
-            p_ann.add_argument(flag, dest=field.name, type=kind, default=field.default)
+    stg.add_config_arguments(p_ann, AnnotateConfig, rename={"inp": "--in"})
     args = parser.parse_args(argv)
     if args.command == "fetch":
         fetch(args.task, args.source, args.out)
@@ -628,4 +608,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stg.run_cli(lambda: sys.exit(main()))

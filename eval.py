@@ -5,8 +5,8 @@ Table 1's layout from the results of several runs.
     python eval.py --model runs/<name> --data stg_s --attention
     python eval.py --compare runs/a runs/b --out table.md
 """
-import argparse
 import json
+import os
 import re
 import statistics
 from collections import Counter
@@ -31,16 +31,20 @@ ATTENTION_BATCH = 16                                    # per-layer (B, H, T, T)
 class EvalConfig:
     model: str | None = None          # run folder, base model alias, local folder or hub id (model.load_model)
     data: str = "stg_s"               # data set name or JSONL path (stg.resolve_data)
-    task: str | None = None           # answer checker to use instead of the data set's own
-    out: str | None = None            # output folder; default: the run folder, else runs/eval-<name>
-    batch_size: int = 64              # Appendix F, Table 6
-    max_new_tokens: int | None = None  # default: MAX_NEW_TOKENS per task, else 512 (Appendix F)
+    test: str = ""                    # test files as split=FILE,split=FILE instead of the data set's own
+    task: str | None = None           # answer checker to use instead of the data set's own (see CHECKERS)
+    out: str | None = None            # output folder (with --compare: a Markdown file for the table); default: the
+                                      # run folder, else runs/eval-<name>
+    batch_size: int = 64              # prompts decoded together (Appendix F, Table 6)
+    max_new_tokens: int | None = None  # default: MAX_NEW_TOKENS per task (8 STG, 16 ARC-E), else 512 (Appendix F)
+    max_len: int | None = None        # prompts longer than this less max_new_tokens are skipped and counted;
+                                      # default: the model's max_position_embeddings
     limit: int | None = None          # evaluate only the first N records of each split
     attention: bool = False           # STG only: attention on causal / spurious / irrelevant tokens, plots
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # cpu | cuda[:N]
     dtype: str = "auto"               # compute precision as train.py's --dtype: auto = bfloat16 on CUDA and on CPUs with
                                       # native bf16 matmuls, else float32; float32 | bfloat16
-    compare: list[str] = field(default_factory=list)  # run folders to tabulate instead of evaluating
+    compare: list[str] = field(default_factory=list)  # run folders to tabulate (Table 1) instead of evaluating
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +264,8 @@ def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path,
         ax.locator_params(axis="x", nbins=5)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(density, dpi=150)
+    with stg.atomic_path(density) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     plt.close(fig)
 
     first = min(j for j, kind in enumerate(example["kinds"]) if kind is not None)
@@ -277,7 +282,8 @@ def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path,
     ax.set_title(f"average attention map, {name} (green causal, red spurious, gray irrelevant)")
     fig.tight_layout()
     attention_map = out_dir / f"attention_map_{name}.png"
-    fig.savefig(attention_map, dpi=150)
+    with stg.atomic_path(attention_map) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     plt.close(fig)
     return [density, attention_map]
 
@@ -314,11 +320,13 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
 
 
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
-             out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto") -> dict:
+             out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto",
+             max_len: int | None = None) -> dict:
     """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}. With out_dir, writes
     predictions_<data>_<split>.jsonl and merges {data.name: result} into out_dir/results.json; with
     attention (STG only), adds the per-kind attention numbers and draws the two pictures. dtype: the compute
-    precision (model.precision), as in training."""
+    precision (model.precision), as in training. max_len: records whose prompt and max_new_tokens do not fit are
+    skipped and counted (result "skipped_too_long"), as training skips them."""
     if attention and data.task not in stg.FACTORS:
         raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
@@ -331,10 +339,19 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
         for split, path in data.tests.items():
             records = stg.read_records(path)[:limit]
             if not records:
-                raise ValueError(f"{path}: no records to evaluate")
+                raise stg.InputError(f"{path}: no records to evaluate")
+            fits = [max_len is None or len(prompt_ids(tokenizer, r["input"])) + max_new_tokens <= max_len
+                    for r in records]
+            skipped = fits.count(False)
+            if skipped:
+                print(f"{path}: {skipped} of {len(records)} prompts do not fit in {max_len} tokens with "
+                      f"{max_new_tokens} new ones; they are skipped")
+                records = [r for r, fit in zip(records, fits) if fit]
+            if not records:
+                raise stg.InputError(f"{path}: no prompt fits in {max_len} tokens (--max-len)")
             rows = answer_rows(model, tokenizer, records, data.task, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
-            results[split] = score(data.task, rows)
+            results[split] = {**score(data.task, rows), **({"skipped_too_long": skipped} if skipped else {})}
             if attention:  # the example drawn is the last split's first record: OOD for STG, where the trap shows
                 numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
                 results[split]["attention"] = summarize_attention(numbers[split])
@@ -385,9 +402,11 @@ def compare_runs(runs: list[str]) -> str:
     rows, columns, majority = [], [], {}
     for run in map(Path, runs):
         path = run / "results.json"
+        if not run.is_dir():
+            raise stg.InputError(f"--compare {run}: no such run folder")
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: evaluate the run first "
-                                    f"(python eval.py --model {run} --data <data set>)")
+            raise stg.InputError(f"{path} does not exist: evaluate the run first "
+                                 f"(python eval.py --model {run} --data <data set>)")
         label = run_label(run)
         rows += [label] if label not in rows else []
         for name, splits in json.loads(path.read_text()).items():
@@ -421,23 +440,32 @@ def default_out_dir(model: str) -> Path:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    d = EvalConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="run folder, base model alias, local folder or hub id")
-    p.add_argument("--data", default=d.data, help="data set name (stg_s, stg_h, gsm8k, ...) or JSONL path")
-    p.add_argument("--task", choices=sorted(CHECKERS), help="answer checker instead of the data set's own")
-    p.add_argument("--out", help="output folder (with --compare: a Markdown file for the table)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-new-tokens", type=int, help="default: 8 for STG, 16 for ARC-E, else 512")
-    p.add_argument("--limit", type=int, help="only the first N records of each split")
-    p.add_argument("--attention", action="store_true", help="STG: attention per factor kind, Figures 3 and 5")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="print Table 1 from these runs")
+    p = stg.config_parser(EvalConfig, __doc__)
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if not cfg.compare and cfg.model is None:
         p.error("give --model to evaluate, or --compare RUN ... to tabulate results")
+    for name in ("batch_size", "max_new_tokens", "max_len", "limit"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.task is not None and cfg.task not in CHECKERS:
+        p.error(f"--task {cfg.task!r}: choose one of {', '.join(CHECKERS)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        p.error(f"--dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
     return cfg
+
+
+def check_model_folder(model: str) -> None:
+    """A run folder that training has not finished is refused with what to do; a path that is not there too."""
+    path = Path(model)
+    if (path / "checkpoint" / "state.pt").exists() and not (path / "model.safetensors").exists() \
+            and not (path / "adapter_config.json").exists():
+        raise stg.InputError(f"{path} is an unfinished training run (it has a checkpoint, no model yet): "
+                             f"finish it with python train.py --resume {path}")
+    if (model.startswith((".", "/", "~")) or os.sep in model and Path(model.split(os.sep)[0]).is_dir()) \
+            and not path.is_dir():
+        raise stg.InputError(f"--model {model}: no such folder")
 
 
 def main(argv=None) -> None:
@@ -448,19 +476,21 @@ def main(argv=None) -> None:
         if cfg.out:
             stg.write_text(Path(cfg.out), table + "\n")
         return
+    check_model_folder(cfg.model)
+    data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     precision = M.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=weights, device=cfg.device)
-    data = stg.resolve_data(cfg.data)
     if cfg.task:
         data = replace(data, task=cfg.task)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)
     results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                       out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision)
+                       out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision,
+                       max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"))
     print(format_results(data.name, results))
     print(f"results in {out_dir / 'results.json'}, predictions in {out_dir}/predictions_{data.name}_*.jsonl")
 
 
 if __name__ == "__main__":
-    main()
+    stg.run_cli(main)

@@ -5,7 +5,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from stg import InputError, atomic_files, atomic_path, run_cli
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
@@ -47,16 +48,20 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         arch = (cfg.get("architectures") or [None])[0]
         if arch not in ARCHITECTURES:
-            raise ValueError(f"config.json: architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+            raise InputError(f"config.json: architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported, only 'silu' (SwiGLU)")
+            raise InputError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported, only 'silu' (SwiGLU)")
         # newer configs hold theta and scaling in one rope_parameters dict, older ones in two keys
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"config.json: RoPE type {rope_type!r} is not supported: 'default', 'linear', 'llama3'")
+            raise InputError(f"config.json: RoPE type {rope_type!r} is not supported: 'default', 'linear', 'llama3'")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if k not in cfg]
+        if missing:
+            raise InputError(f"config.json: no {', '.join(missing)}: a Llama, Qwen2 or Mistral config.json has them")
         args = cls(architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
                    n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                    n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
@@ -362,7 +367,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A JSON file of a model folder as a dict; {} when it does not exist."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); restore the file from the model's "
+                         "source") from None
 
 
 def _token(value) -> str | None:
@@ -413,16 +425,17 @@ class Tokenizer:
         return cls(backend, bos_id, eos_ids, pad_id, config)
 
     def save(self, out_dir) -> None:
-        out_dir = Path(out_dir)
-        self.backend.save(str(out_dir / "tokenizer.json"))
+        """tokenizer.json, tokenizer_config.json and generation_config.json, written together (stg.atomic_files)."""
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.backend.id_to_token(self.eos_ids[0]),
                   "pad_token": self.backend.id_to_token(self.pad_id), **self.config,
                   "add_bos_token": self.bos_id is not None}   # read back by from_dir: the same prompt prefix
         if self.bos_id is not None:
             config.setdefault("bos_token", self.backend.id_to_token(self.bos_id))
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
         generation = {"bos_token_id": self.bos_id, "eos_token_id": self.eos_ids, "pad_token_id": self.pad_id}
-        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        with atomic_files(out_dir) as path:
+            self.backend.save(str(path("tokenizer.json")))
+            path("tokenizer_config.json").write_text(json.dumps(config, indent=2))
+            path("generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 def _check_tensors(expected: dict, found: dict, source, optional=()) -> None:
@@ -443,8 +456,9 @@ def _resolve(name_or_path: str) -> Path:
     name = ALIASES.get(name_or_path, name_or_path)
     if Path(name).is_dir():
         return Path(name)
-    if "/" not in name or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ValueError(f"{name_or_path!r} is neither a model folder nor a hub id (owner/name) "
+    local = Path(name).parts[0] if Path(name).parts else ""
+    if "/" not in name or name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(local).is_dir():
+        raise InputError(f"{name_or_path!r} is neither a model folder nor a hub id (owner/name) "
                          f"nor an alias: {sorted(ALIASES)}")
     from huggingface_hub import snapshot_download
     try:
@@ -471,15 +485,18 @@ def _read_weights(folder: Path, device) -> dict:
         tensors = {}
         for path in bins:
             tensors.update(torch.load(path, map_location="cpu", weights_only=True))
-        tmp = folder / "model.safetensors.tmp"   # renamed when complete: an interruption leaves no half file
-        save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / "model.safetensors")
+        with atomic_path(folder / "model.safetensors") as tmp:   # an interruption leaves no half file
+            save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
         files = [folder / "model.safetensors"]
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     tensors = {}
     for path in files:
-        tensors.update(load_file(str(path), device=str(device)))
+        try:
+            tensors.update(load_file(str(path), device=str(device)))
+        except Exception as error:   # safetensors raises its own error type for a damaged or empty file
+            raise InputError(f"{path}: not a readable safetensors file ({error}); it is damaged or incomplete: "
+                             "download or save it again") from None
     return tensors
 
 
@@ -493,7 +510,13 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
         if (folder / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_dir(folder)
         return merge_lora(load_adapter(model, folder)), tokenizer
-    args = ModelArgs.from_hf_config(_read_json(folder / "config.json"))
+    if not (folder / "config.json").exists():
+        raise InputError(f"{folder / 'config.json'} not found: a model folder in Hugging Face layout holds "
+                         "config.json, *.safetensors and tokenizer.json")
+    try:
+        args = ModelArgs.from_hf_config(_read_json(folder / "config.json"))
+    except InputError as error:
+        raise InputError(f"{folder}/{error}") from None
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
         model = Transformer(args)
     tensors = {k: v.to(dtype) for k, v in _read_weights(folder, device).items()
@@ -507,17 +530,6 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
     return model, Tokenizer.from_dir(folder)
 
 
-def _write_atomically(out_dir, write) -> None:
-    """write(tmp) fills a temporary folder inside out_dir; each file then replaces its namesake by a rename, so no
-    reader sees a half-written file, and the other files of out_dir (a run's metrics) stay."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
-        write(Path(tmp))
-        for path in Path(tmp).iterdir():
-            os.replace(path, out_dir / path.name)
-
-
 def save_model(model: Transformer, tokenizer: Tokenizer, out_dir) -> None:
     """config.json, model.safetensors and tokenizer files, in the layout transformers reads."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -528,11 +540,10 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir) -> None:
     config = {**model.args.to_hf_config(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
               "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_ids, "pad_token_id": tokenizer.pad_id}
 
-    def write(tmp):
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-    _write_atomically(out_dir, write)
+    with atomic_files(out_dir) as path:   # all files renamed into place at the end; a run's metrics stay
+        path("config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(path("model.safetensors")), metadata={"format": "pt"})
+    tokenizer.save(out_dir)
 
 
 @dataclass
@@ -611,10 +622,9 @@ def save_adapter(model: Transformer, cfg: LoRAConfig, out_dir, base_model: str) 
               "lora_dropout": cfg.dropout, "target_modules": list(cfg.target_modules), "bias": "none",
               "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True}
 
-    def write(tmp):
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _write_atomically(out_dir, write)
+    with atomic_files(out_dir) as path:
+        path("adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(path("adapter_model.safetensors")), metadata={"format": "pt"})
 
 
 def load_adapter(model: Transformer, adapter_dir) -> Transformer:
@@ -646,9 +656,11 @@ def main():
     a = parser.parse_args()
     model, tokenizer = load_model(a.model, getattr(torch, a.dtype), a.device)
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(a.prompt)
+    if not prompt:
+        raise InputError("--prompt is empty and this tokenizer adds no BOS token: give some text to continue")
     new = generate(model, [prompt], a.max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)[0]
     print(tokenizer.decode(new))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

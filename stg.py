@@ -14,11 +14,17 @@ Every file is drawn from its own stream, random.Random(f"{seed}/{file stem}"), s
 files never share a stream, and the files are byte-identical on every run.
 """
 import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
 import random
 import re
+import sys
+import types
+import typing
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -157,13 +163,105 @@ def generate(stem: str, seed: int) -> list[dict]:
     return [make_record(task, rng, ood, train) for _ in range(n)]
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so that an interruption leaves no half-written file."""
+# ----------------------------------------------------------------------------- files: the project's one home for them
+class InputError(ValueError):
+    """Bad input a user can fix (a file, a field, a flag): the message names it and says what to do."""
+
+
+def run_cli(main) -> None:
+    """Run a command line's main(): input errors end in one line naming what to fix and exit status 2; any other
+    exception is a bug and keeps its traceback."""
+    try:
+        main()
+    except (InputError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a dataclass (and its continuation lines): its --help text."""
+    comments, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+(\w+): [^#]*#\s?(.*)", line):
+            name, comments[m[1]] = m[1], m[2]
+        elif name and (m := re.match(r"\s+#\s?(.*)", line)):
+            comments[name] += " " + m[1]
+    return comments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), rename=None) -> None:
+    """argparse mapped one-to-one onto a config dataclass: every field a flag (--field-name, or rename[field])
+    with the dataclass default, its help the field's comment; booleans get --flag / --no-flag."""
+    comments, rename = field_comments(cls), rename or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = rename.get(f.name, "--" + f.name.replace("_", "-"))
+        text = comments.get(f.name, "") + " (default: %(default)s)"
+        kind = f.type
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):                    # int | None -> int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=text)
+        elif typing.get_origin(kind) is list or kind is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", default=f.default_factory(), help=text)
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=text)
+
+
+def config_parser(cls, description: str, skip=(), rename=None) -> argparse.ArgumentParser:
+    """A command line of one config dataclass (add_config_arguments), the module docstring as its description."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, cls, skip, rename)
+    return parser
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` to write to; renamed onto `path` when the block ends without error, so that
+    an interruption leaves either the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_files(folder):
+    """Several files of one folder written together: name -> a temporary path for each (atomic_path); all of
+    them are renamed into place when the block ends without error, and the folder's other files stay."""
+    with ExitStack() as stack:
+        yield lambda name: stack.enter_context(atomic_path(Path(folder) / name))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
-    os.replace(tmp, path)
+
+
+def complete_lines(path, repair: bool = True) -> list[str]:
+    """The lines of an append-only JSONL file (metrics.jsonl, annotate.py's output). A last line without its
+    newline is kept when it parses and dropped when it does not (a kill during the write); with repair the file
+    is rewritten so (atomically), without it nothing is written (a dry run)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not text or text.endswith("\n"):
+        return text.splitlines()
+    lines = text.splitlines()
+    try:
+        json.loads(lines[-1])
+    except json.JSONDecodeError:
+        print(f"{path}: the last line is incomplete (an interrupted write); it is dropped")
+        lines = lines[:-1]
+    if repair:
+        write_text(Path(path), "".join(line + "\n" for line in lines))
+    return lines
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -243,18 +341,18 @@ def read_records(path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
                                  'one object like {"input": "...", "target": "..."}') from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+                raise InputError(f"{where}: expected a JSON object, found {type(record).__name__}")
             for field in ("input", "target"):
                 if not isinstance(record.get(field), str):
                     found = "nothing" if field not in record else type(record[field]).__name__
-                    raise ValueError(f"{where}: field {field!r} must be a string, found {found}; "
+                    raise InputError(f"{where}: field {field!r} must be a string, found {found}; "
                                      'each record needs {"input": "...", "target": "..."}')
             important = record.get("important", [])
             if not (isinstance(important, list) and all(isinstance(d, dict) for d in important)):
-                raise ValueError(f"{where}: 'important' must be a list of {{effect: [causes]}} objects")
+                raise InputError(f"{where}: 'important' must be a list of {{effect: [causes]}} objects")
             records.append(record)
     return records
 
@@ -320,7 +418,7 @@ def _resolve_data(name_or_path: str, data_dir: Path) -> DataSet:
                        {"test": data_dir / f"{task}_test.jsonl"}, annotated if annotated.exists() else None)
         missing = [p for p in (data.train, data.val, data.tests["test"]) if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"{', '.join(map(str, missing))} not found: run `python annotate.py fetch {task} "
+            raise InputError(f"{', '.join(map(str, missing))} not found: run `python annotate.py fetch {task} "
                                     f"--out {data_dir}` to download and split {task}; `python annotate.py annotate "
                                     f"--task {task}` then writes {annotated} for CAT training")
         return data
@@ -328,8 +426,8 @@ def _resolve_data(name_or_path: str, data_dir: Path) -> DataSet:
     if path.is_file():
         return DataSet(path.stem, guess_task(path.stem), path, None, {"test": path})
     if path.suffix == ".jsonl" or os.sep in name_or_path:
-        raise FileNotFoundError(f"{path}: no such file (expected a JSONL file of records, one object a line)")
-    raise ValueError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
+        raise InputError(f"{path}: no such file (expected a JSONL file of records, one object a line)")
+    raise InputError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
                      f"or the path of an existing JSONL file")
 
 
@@ -361,12 +459,10 @@ class StgConfig:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write the STG benchmark (CAT Appendix A) as JSONL files.")
-    parser.add_argument("--out", default=StgConfig.out, help="output folder")
-    parser.add_argument("--seed", type=int, default=StgConfig.seed, help="seed every file's stream derives from")
-    cfg = StgConfig(**vars(parser.parse_args(argv)))
+    cfg = StgConfig(**vars(config_parser(StgConfig, "Write the STG benchmark (CAT Appendix A) as JSONL files.")
+                           .parse_args(argv)))
     write_stg(cfg.out, cfg.seed)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

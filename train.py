@@ -45,7 +45,6 @@ class TrainConfig:
     alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured before
                                      # the first step (printed, and written to train_config.json); 0 = --alpha as given
     attn_loss: str = "hinge"         # L_attn: "hinge", the paper's Eq. 10, or "div", the authors' code (myloss.py)
-    method: str = ""                 # "cat" or "vanilla"; derived from alpha when empty
     gamma: str = "exp"               # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
     log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
@@ -55,8 +54,9 @@ class TrainConfig:
     lora_dropout: float = 0.1        # dropout on the input of the LoRA branch
     lora_targets: str = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"  # linear layers that get an adapter
     fsdp: bool = False               # under torchrun, full fine-tuning sharded with FSDP (one unit per decoder layer)
-    epochs: int = 0                  # 0 = the paper's default: 6 on STG, 4 elsewhere (scratch: 10)
-    lr: float = 0.0                  # 0 = the paper's default: 5e-5 full, 1e-4 LoRA (scratch: 1e-3)
+    epochs: int | None = None        # passes over the training records; unset: the paper's 6 on STG, 4 elsewhere
+                                     # (scratch: 10)
+    lr: float | None = None          # peak learning rate; unset: the paper's 5e-5 full, 1e-4 LoRA (scratch: 1e-3)
     batch_size: int = 8              # global batch (records per optimiser step), split over processes
     grad_accum: int = 1              # micro-batches per optimiser step on each process
     warmup_ratio: float = 0.1        # §5.1: linear warm-up over this share of the steps, then cosine decay
@@ -68,13 +68,14 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "auto"              # compute precision: auto = bfloat16 autocast (float32 weights) on CUDA and on CPUs with
                                      # native bf16 matmuls (AVX512-BF16, AMX), else float32; float32 | bfloat16
-    scratch_dim: int = 256           # --model scratch: width, layers, heads, tokenizer vocabulary
-    scratch_layers: int = 4
-    scratch_heads: int = 4
-    scratch_vocab: int = 1000
+    scratch_dim: int = 256           # --model scratch: the model's width
+    scratch_layers: int = 4          # --model scratch: decoder layers
+    scratch_heads: int = 4           # --model scratch: attention heads
+    scratch_vocab: int = 1000        # --model scratch: vocabulary of the BPE tokenizer trained on the data
     out: str = "runs"                # parent folder of the run folders
-    name: str = ""                   # run folder name; default <model>-<data>-<method>[-lora]-s<seed>
+    name: str = ""                   # run folder name; default <model>-<data>-<cat|vanilla>[-lora]-s<seed>
     resume: str = ""                 # a run folder: continue from its last checkpoint
+    overwrite: bool = False          # replace what a run folder of the same name holds (else a fresh run refuses)
     save_every: int = 0              # checkpoint every N optimiser steps (0: at the end of each epoch; -1: never)
     stop_after: int = 0              # stop (checkpointed) after N optimiser steps in total; resume later
     eval: bool = True                # evaluate on the data set's test files at the end
@@ -427,21 +428,86 @@ def shard(model, on_cuda: bool):
 def resolve(cfg: TrainConfig, data: stg.DataSet, device: str) -> None:
     """Fill in the paper's defaults (§5.1, Appendix F) that depend on model, data, method and device."""
     is_stg = data.task.startswith("stg")
-    if cfg.method == "vanilla":
-        cfg.alpha = 0.0
-    elif cfg.method == "cat" and cfg.alpha <= 0 and cfg.alpha_scale <= 0:
-        raise SystemExit("--method cat needs --alpha > 0 or --alpha-scale > 0 (the paper uses 0.05–0.35 on "
-                         "pretrained models)")
-    cfg.method = "cat" if cfg.alpha > 0 or cfg.alpha_scale > 0 else "vanilla"
-    cfg.epochs = cfg.epochs or (10 if cfg.model == "scratch" else 6 if is_stg else 4)
-    cfg.lr = cfg.lr or (1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5)
+    if cfg.epochs is None:
+        cfg.epochs = 10 if cfg.model == "scratch" else 6 if is_stg else 4
+    if cfg.lr is None:
+        cfg.lr = 1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5
     cfg.dtype = M.precision(device, cfg.dtype)
-    if cfg.attn not in ("fast", "explicit"):
-        raise SystemExit(f"--attn {cfg.attn!r}: choose fast or explicit")
-    if cfg.attn_loss not in cat.ATTN_LOSSES:
-        raise SystemExit(f"--attn-loss {cfg.attn_loss!r}: choose one of {', '.join(cat.ATTN_LOSSES)}")
     short = Path(cfg.model).name if os.sep in cfg.model else cfg.model
-    cfg.name = cfg.name or f"{short}-{data.name}-{cfg.method}{'-lora' if cfg.lora else ''}-s{cfg.seed}"
+    cfg.name = cfg.name or f"{short}-{data.name}-{method(cfg)}{'-lora' if cfg.lora else ''}-s{cfg.seed}"
+
+
+def method(cfg: TrainConfig) -> str:
+    """CAT when an α is asked for (--alpha or --alpha-scale), else vanilla fine-tuning: α is the one switch."""
+    return "cat" if cfg.alpha > 0 or cfg.alpha_scale > 0 else "vanilla"
+
+
+AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratch_dim": 1, "scratch_layers": 1,
+            "scratch_heads": 1, "scratch_vocab": 300, "save_every": -1, "stop_after": 0, "eval_limit": 0,
+            "alpha": 0, "alpha_scale": 0, "weight_decay": 0, "epochs": 1}
+POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
+FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
+CHOICES = {"gamma": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),
+           "dtype": ("auto", "float32", "bfloat16")}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every flag checked before any work is done or any file written: the flag, its value, what is allowed."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name, low in AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise stg.InputError(f"{flag(name)} {value}: must be at least {low}")
+    for name in POSITIVE:
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            raise stg.InputError(f"{flag(name)} {getattr(cfg, name)}: must be positive (leave it out for the default)")
+    for name in FRACTION:
+        if not 0 <= getattr(cfg, name) < 1:
+            raise stg.InputError(f"{flag(name)} {getattr(cfg, name)}: must be in [0, 1)")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise stg.InputError(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.alpha > 0 and cfg.alpha_scale > 0:
+        raise stg.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
+    if cfg.scratch_dim % cfg.scratch_heads:
+        raise stg.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads {cfg.scratch_heads}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise stg.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise stg.InputError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or auto)")
+    if cfg.fsdp and cfg.lora:
+        raise stg.InputError("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under "
+                             "torchrun")
+
+
+def folder_state(run_dir: Path) -> str | None:
+    """What a run folder holds, in words: finished, interrupted at step N, or started; None when no run."""
+    if not (run_dir / "train_config.json").exists():   # other files (a grid's log.txt) make no run
+        return None
+    for folder in ("checkpoint", "checkpoint.old"):
+        if (run_dir / folder / "state.pt").exists():
+            step = torch.load(run_dir / folder / "state.pt", weights_only=True)["step"]
+            return f"a run interrupted at step {step}"
+    if (run_dir / "results.json").exists() or (run_dir / "model.safetensors").exists() or \
+            (run_dir / "adapter_model.safetensors").exists():
+        return "a finished run"
+    return "a run that stopped before its first checkpoint"
+
+
+def check_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
+    """A fresh run never writes into another run's folder, and --resume needs an interrupted run."""
+    state = folder_state(run_dir)
+    if cfg.resume:
+        if state is None:
+            raise stg.InputError(f"--resume {run_dir}: no run there (no train_config.json)")
+        if "interrupted" not in state:
+            raise stg.InputError(f"--resume {run_dir}: it holds {state}, with no checkpoint to continue from"
+                                 + ("" if "finished" in state else "; start it again with --overwrite"))
+    elif state is not None and not cfg.overwrite:
+        raise stg.InputError(f"{run_dir} already holds {state}. "
+                             + (f"Continue it with --resume {run_dir}, or c" if "interrupted" in state else "C")
+                             + "hoose another --name, or replace it with --overwrite")
 
 
 def split_validation(records: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -491,8 +557,10 @@ def place_alpha(cfg: TrainConfig, ratios: torch.Tensor) -> None:
 def setup(cfg: TrainConfig) -> tuple[Run, int]:
     """Device, data, model, optimiser and run folder; returns the run and the step to start from."""
     if cfg.resume:
+        check_run_folder(cfg, Path(cfg.resume))
         saved = json.loads((Path(cfg.resume) / "train_config.json").read_text())
         cfg = TrainConfig(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
+    validate(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = init_distributed(device, cfg.fsdp)
     if device == "cuda" and dist.is_initialized():
@@ -501,32 +569,40 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     on_cuda = device.startswith("cuda")
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if data.train is None:
-        raise SystemExit(f"--data {cfg.data}: no training file")
+        raise stg.InputError(f"--data {cfg.data}: no training file")
     resolve(cfg, data, device)
-    if cfg.fsdp and cfg.lora:
-        raise SystemExit("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under torchrun")
+    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
+    if not cfg.resume:
+        check_run_folder(cfg, run_dir)
+    if dist.is_initialized():
+        dist.barrier()   # every rank has looked at the run folder before rank 0 writes into it
     if rank == 0:
         print(f"precision: {cfg.dtype}" + (" (bf16 autocast, float32 weights)" if cfg.dtype == "bfloat16" else "")
               + f" on {device}")
     records, val_records = split_validation(stg.training_records(data), cfg)
-    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
+    if not records:
+        raise stg.InputError(f"{data.train}: no training records" + (f" left after --val-frac {cfg.val_frac}"
+                                                                     if val_records else ""))
     torch.manual_seed(cfg.seed)
     weights = torch.bfloat16 if (cfg.lora and on_cuda and cfg.dtype == "bfloat16") else torch.float32
     model, tok, lora_cfg = build_model(cfg, records, device, weights)   # LoRA on CUDA: frozen base weights in bf16
     examples = encode_all(records, tok, cfg)
-    if cfg.method == "cat" and not any(ex.n_cat_rows for ex in examples):
-        raise SystemExit(f"--alpha {cfg.alpha}: no record of {data.train} carries an `important` annotation that "
-                         "was found in its text; annotate the data (annotate.py) or train vanilla with --alpha 0")
+    if method(cfg) == "cat" and not any(ex.n_cat_rows for ex in examples):
+        raise stg.InputError(f"--alpha {cfg.alpha or cfg.alpha_scale}: no record of {data.train} carries an "
+                             "`important` annotation that was found in its text; annotate the data (annotate.py) "
+                             "or train vanilla with --alpha 0")
     autocast = M.autocast(device, cfg.dtype)
     if not cfg.resume and (rank == 0 or cfg.alpha_scale > 0):   # every rank places the same α from the same data
         place_alpha(cfg, starting_ratios(model, examples, tok.pad_id, device, autocast))
-    if rank == 0:
+    if rank == 0 and not cfg.resume:   # a resumed run keeps the configuration it was started with
+        if cfg.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.extra["world_size"] = world
         stg.write_text(run_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        if val_records:   # the validation split travels with the run, and is evaluated beside the test files
-            stg.write_jsonl(run_dir / "val.jsonl", val_records)
-            data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
+    if rank == 0 and val_records:   # the validation split travels with the run, evaluated beside the test files
+        stg.write_jsonl(run_dir / "val.jsonl", val_records)
+        data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
     # The CAT loss needs nothing from other ranks: each sequence's attention, and so its L_attn, stays on its rank.
     if cfg.fsdp:
         model = shard(model, on_cuda)
@@ -539,8 +615,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
               steps_per_epoch, steps_per_epoch * cfg.epochs)
     step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        stg.write_text(run_dir / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        path = run_dir / "metrics.jsonl"
+        lines = stg.complete_lines(path) if path.exists() else []    # a line cut by a kill is dropped
+        stg.write_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
     return run, step
 
 
@@ -616,13 +693,13 @@ def finish(run: Run, step: int, started: float) -> None:
     if cfg.eval and run.data.tests:
         import eval as evaluation
         results = evaluation.evaluate(final, run.tok, run.data, out_dir=run_dir, limit=cfg.eval_limit or None,
-                                      dtype=cfg.dtype)
+                                      dtype=cfg.dtype, max_len=cfg.max_len)
     print(summary(run, results, time.time() - started))
 
 
 def summary(run: Run, results: dict | None, seconds: float) -> str:
     """The last lines of a run: accuracy per test split beside the majority baseline, where the run is, what next."""
-    lines = [f"{run.cfg.name}: {run.total} steps in {seconds / 60:.1f} min ({run.cfg.method}"
+    lines = [f"{run.cfg.name}: {run.total} steps in {seconds / 60:.1f} min ({method(run.cfg)}"
              + (f", α = {run.cfg.alpha:.3g}" if run.cfg.alpha > 0 else "") + f", {run.cfg.dtype})"]
     for split, result in (results or {}).items():
         lines.append(f"  {split:>5}: accuracy {result['accuracy']:.1%} of {result['n']} records "
@@ -667,36 +744,9 @@ def train(cfg: TrainConfig) -> Path:
     return run.run_dir
 
 
-def field_comments(cls) -> dict[str, str]:
-    """The comment beside each field of a dataclass (and its continuation lines): its --help text."""
-    comments, name = {}, None
-    for line in inspect.getsource(cls).splitlines():
-        if m := re.match(r"\s+(\w+): [^#]*#\s?(.*)", line):
-            name, comments[m[1]] = m[1], m[2]
-        elif name and (m := re.match(r"\s+#\s?(.*)", line)):
-            comments[name] += " " + m[1]
-    return comments
-
-
-def config_parser(cls, description: str, skip=("extra",)) -> argparse.ArgumentParser:
-    """argparse mapped one-to-one onto a config dataclass: every field a flag with the dataclass default, its help
-    the field's comment; booleans get --flag / --no-flag."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "") + " (default: %(default)s)"
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=text)
-    return p
-
-
 def parse_args(argv=None) -> TrainConfig:
-    return TrainConfig(**vars(config_parser(TrainConfig, __doc__).parse_args(argv)))
+    return TrainConfig(**vars(stg.config_parser(TrainConfig, __doc__, skip=("extra",)).parse_args(argv)))
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    stg.run_cli(lambda: train(parse_args()))

@@ -339,7 +339,7 @@ def device_name(cfg: BenchConfig) -> str:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    return BenchConfig(**vars(train.config_parser(BenchConfig, __doc__, skip=()).parse_args(argv)))
+    return BenchConfig(**vars(stg.config_parser(BenchConfig, __doc__).parse_args(argv)))
 
 
 def main(argv=None) -> dict | None:
@@ -374,9 +374,9 @@ def main(argv=None) -> dict | None:
             for name, ratio in (row or {}).get("speedups", {}).items():
                 print(f"T = {T}, {name}: {ratio:.2f}x")
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(report, indent=2))
+        stg.write_text(Path(cfg.out), json.dumps(report, indent=2) + "\n")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    stg.run_cli(main)

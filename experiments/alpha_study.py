@@ -57,7 +57,7 @@ class StudyConfig:
     authors_data: str = ""           # folder with the authors' STG/ and STG_H/ folders (their repository)
     data: str = "stg_s,stg_m"        # comma-separated: stg_s | stg_m | stg_l | stg_h (the authors') | gen-stg_m (ours)
     settings: str = "vanilla,k2,a0.6,k1.5,k3,div-a0.6"   # see the module docstring; the first two run first
-    seeds: str = "42,1,2"
+    seeds: str = "42,1,2"            # comma-separated; every setting runs with each
     val_frac: float = 0.2            # training share held out to choose the setting
     device: str = "auto"             # train.py --device
     out: str = "results/alpha-study"  # the run folders, summary and figures
@@ -297,9 +297,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
         right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")
         fig.tight_layout()
         path = out / f"figure4_{data}.png"
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with stg.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -310,8 +309,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
 def parse_args(argv=None) -> StudyConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    import train
-    p = train.config_parser(StudyConfig, __doc__, skip=("train_args",))
+    p = stg.config_parser(StudyConfig, __doc__, skip=("train_args",))
     cfg = StudyConfig(**vars(p.parse_args(argv[:cut])), train_args=argv[cut + 1:])
     for setting in items(cfg.settings):
         setting_flags(setting)
@@ -351,4 +349,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    stg.run_cli(main)

@@ -443,4 +443,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    stg.run_cli(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import annotate as A
+import stg
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -93,7 +94,7 @@ def ok(i, n, body, headers):
 
 def config(tmp_path, server, records, **kw) -> A.AnnotateConfig:
     inp = tmp_path / "in.jsonl"
-    A.write_jsonl_atomic(inp, records)
+    stg.write_jsonl(inp, records)
     defaults = dict(task="mawps", inp=str(inp), out=str(tmp_path / "out.jsonl"), base_url=server.url if server
                     else "http://127.0.0.1:9/v1", model="test-model", api_key_env="CAT_TEST_KEY", timeout=5.0,
                     backoff_base=0.01, backoff_max=0.05, concurrency=8)
@@ -107,7 +108,7 @@ def api_key(monkeypatch):
 
 
 def ids(path) -> list[int]:
-    return [r["id"] for r in A.read_jsonl(path)] if Path(path).exists() else []
+    return [r["id"] for r in stg.read_records(path)] if Path(path).exists() else []
 
 
 def assert_no_key(tmp_path, *texts):
@@ -156,10 +157,10 @@ def test_misbehaving_server_every_record_once_and_calls_bounded(tmp_path, capfd)
     assert stats["annotated"] == 160 and stats["rejected"] == 40 and stats["failed"] == 0
     assert stats["dropped_phrases"] == 160                                 # "not in the text", once per record
     assert stats["tokens_in"] == 100 * (200 + 3 * 20)                    # usage of every reply that came back
-    by_id = {r["id"]: r for r in A.read_jsonl(tmp_path / "out.jsonl")}
+    by_id = {r["id"]: r for r in stg.read_records(tmp_path / "out.jsonl")}
     assert by_id[14]["important"] == [{"14 apples": ["Ann has"]}, {"17.0": ["14 apples", "3 more"]}]
     assert all(body.get("response_format") == {"type": "json_object"} for _, body, _ in server.log)
-    reject = next(r for r in A.read_jsonl(tmp_path / "out.rejects.jsonl") if r["id"] == 6)
+    reject = next(r for r in stg.read_records(tmp_path / "out.rejects.jsonl") if r["id"] == 6)
     assert GARBAGE in reject["raw"] and "[API key]" in reject["raw"] and reject["error"]
     captured = capfd.readouterr()
     assert_no_key(tmp_path, captured.out, captured.err)
@@ -397,7 +398,7 @@ def fake_hub(monkeypatch):
 def fetched(task, tmp_path, sources=None) -> dict[str, list[dict]]:
     paths = A.fetch(task, sources, tmp_path)
     assert list(paths) == ["train", "val", "test"] and all(p.name == f"{task}_{s}.jsonl" for s, p in paths.items())
-    return {split: A.read_jsonl(path) for split, path in paths.items()}
+    return {split: stg.read_records(path) for split, path in paths.items()}
 
 
 def test_fetch_gsm8k_keeps_test_and_carves_val(fake_hub, tmp_path):

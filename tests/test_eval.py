@@ -148,7 +148,7 @@ def test_compare_runs_table1_layout(tmp_path):
         "| smollm2-135m LoRA CAT α=0.3 γ=1 | 80.00% | 70.00% | – | – |",
         "| d-no-config | – | – | 95.00% | 70.00% |",
         "| majority baseline | 69.00% | 66.50% | 69.00% | 66.50% |"]
-    with pytest.raises(FileNotFoundError, match="evaluate the run first"):
+    with pytest.raises(stg.InputError, match="evaluate the run first"):
         ev.compare_runs([str(tmp_path)])
 
 

@@ -203,7 +203,7 @@ def test_resolve_stg_names_generates_missing_files(stg_dir, tmp_path, capsys):
 
 
 def test_resolve_downstream_names(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python annotate.py fetch gsm8k"):
+    with pytest.raises(stg.InputError, match=r"python annotate.py fetch gsm8k"):
         stg.resolve_data("gsm8k", tmp_path)
     for split in ("train", "val", "test"):
         (tmp_path / f"gsm8k_{split}.jsonl").write_text('{"input": "q", "target": "1"}\n')
@@ -247,7 +247,7 @@ def test_resolve_paths_and_unknown_names(tmp_path):
         assert (data.name, data.task, data.train, data.tests) == (path.stem, task, path, {"test": path})
     with pytest.raises(ValueError, match="unknown data set 'stg_x'.*stg_s"):
         stg.resolve_data("stg_x", tmp_path)
-    with pytest.raises(FileNotFoundError, match="absent.jsonl: no such file"):
+    with pytest.raises(stg.InputError, match="absent.jsonl: no such file"):
         stg.resolve_data(str(tmp_path / "absent.jsonl"), tmp_path)
 
 

@@ -162,7 +162,7 @@ def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path):
 def test_cat_without_annotations_stops_with_a_clear_message(tmp_path):
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"input": "2 + 2 = Answer: ", "target": "4"}) + "\n")
-    with pytest.raises(SystemExit, match="important"):
+    with pytest.raises(stg.InputError, match="important"):
         train.train(tiny_config(path, tmp_path, alpha=1.0))
 
 
