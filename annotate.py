@@ -28,6 +28,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+import cat
 import stg
 
 # ----------------------------------------------------------------------------- prompts (Appendix B)
@@ -301,11 +302,6 @@ def extract_json(text: str) -> tuple:
     raise ValueError("no JSON object in the reply")
 
 
-def _occurs(phrase: str, text: str) -> bool:
-    """The rule of cat.find_phrase: exact, else case-insensitive."""
-    return phrase in text or phrase.lower() in text.lower()
-
-
 def parse_annotation(reply: str, text: str) -> tuple[list[dict], int]:
     """{effect: [causes]} -> (`important` list of one-key dicts, phrases dropped for not occurring in text)."""
     pairs = extract_json(reply)
@@ -315,8 +311,8 @@ def parse_annotation(reply: str, text: str) -> tuple[list[dict], int]:
         values = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in values]
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise ValueError(f"value of {key!r} is not a list of phrases: {values!r}")
-        kept = [v for v in values if v.strip() and _occurs(v, text)]
-        if not key.strip() or not _occurs(key, text) or not kept:
+        kept = [v for v in values if v.strip() and cat.find_phrase(text, v)]
+        if not key.strip() or not cat.find_phrase(text, key) or not kept:
             dropped += 1 + len(values)
             continue
         dropped += len(values) - len(kept)
@@ -583,7 +579,8 @@ def main(argv=None) -> int:
     p_fetch.add_argument("task", choices=sorted(SOURCES))
     p_fetch.add_argument("--source", action="append", help="a local upstream file instead of the hub: FILE or "
                                                            "SPLIT=FILE (train/validation/test); repeatable")
-    p_fetch.add_argument("--out", default="data", help="folder for <task>_{train,val,test}.jsonl (default: %(default)s)")
+    p_fetch.add_argument("--out", default="data",
+                         help="folder for <task>_{train,val,test}.jsonl (default: %(default)s)")
     p_ann = sub.add_parser("annotate", help="annotate records with an assistant LLM (resumable)",
                            description="Each option is a field of AnnotateConfig in annotate.py, commented there.")
     stg.add_config_arguments(p_ann, AnnotateConfig, rename={"inp": "--in"})

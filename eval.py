@@ -42,8 +42,8 @@ class EvalConfig:
     limit: int | None = None          # evaluate only the first N records of each split
     attention: bool = False           # STG only: attention on causal / spurious / irrelevant tokens, plots
     device: str = "cuda" if torch.cuda.is_available() else "cpu"   # cpu | cuda[:N]
-    dtype: str = "auto"               # compute precision as train.py's --dtype: auto = bfloat16 on CUDA and on CPUs with
-                                      # native bf16 matmuls, else float32; float32 | bfloat16
+    dtype: str = "auto"               # compute precision as train.py's --dtype: auto = bfloat16 on CUDA and on CPUs
+                                      # with native bf16 matmuls, else float32; float32 | bfloat16
     compare: list[str] = field(default_factory=list)  # run folders to tabulate (Table 1) instead of evaluating
 
 
@@ -291,6 +291,16 @@ def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path,
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
+def majority_baseline(task: str, targets: list[str]) -> dict:
+    """Always answering the most frequent target: its share (the accuracy every table reports beside a model's),
+    and on STG_H the mean absolute error of that answer."""
+    answer, count = Counter(targets).most_common(1)[0]
+    result = {"answer": answer, "accuracy": count / len(targets), "n": len(targets)}
+    if task == "stg_h":
+        result["mae"] = statistics.fmean(abs(float(t) - float(answer)) for t in targets)
+    return result
+
+
 def score(task: str, rows: list[dict]) -> dict:
     """Accuracy of the checked rows, with the majority-label baseline, unparsed outputs and, for STG_H, the
     mean absolute error of the parsed numbers."""
@@ -298,7 +308,7 @@ def score(task: str, rows: list[dict]) -> dict:
     correct = sum(row["correct"] for row in rows)
     result = {"accuracy": correct / n, "n": n, "correct": correct,
               "unparsed": sum(row["answer"] is None for row in rows),
-              "majority": Counter(row["target"] for row in rows).most_common(1)[0][1] / n}
+              "majority": majority_baseline(task, [row["target"] for row in rows])["accuracy"]}
     if task == "stg_h":
         errors = [abs(float(row["answer"]) - float(row["target"])) for row in rows if row["answer"] is not None]
         result["mae"] = statistics.fmean(errors) if errors else None

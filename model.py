@@ -254,8 +254,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, visible, cache, return_attn, causal_rows, causal_row_mask):
-        h, probs, mass = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache=cache, return_attn=return_attn,
-                                        causal_rows=causal_rows, causal_row_mask=causal_row_mask)
+        h, probs, mass = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache=cache,
+                                        return_attn=return_attn, causal_rows=causal_rows,
+                                        causal_row_mask=causal_row_mask)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), probs, mass
 

@@ -8,9 +8,7 @@ A plain loop: batches → forward → L_next (+ γ·L_attn) → backward → cli
 visible `lr_at(step)`. Writes runs/<name>/: the model (HF layout) or LoRA adapter, train_config.json,
 metrics.jsonl, a resumable checkpoint/, and results.json from eval.py on the data set's test files.
 """
-import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -36,14 +34,16 @@ import stg
 
 @dataclass
 class TrainConfig:
-    model: str = "scratch"           # alias (tinyllama, qwen2.5-1.5b, llama3.1-8b, smollm2-135m), folder, hub id, or
-                                     # "scratch": a small Llama-style model from random init, tokenizer trained on the data
-    data: str = "stg_s"              # stg_s | stg_m | stg_l | stg_h | mawps | svamp | asdiv | gsm8k | arc_e | a JSONL path
+    model: str = "scratch"           # alias (tinyllama, qwen2.5-1.5b, llama3.1-8b, smollm2-135m), folder, hub id,
+                                     # or "scratch": a small Llama-style model from random init, its tokenizer trained
+                                     # on the data
+    data: str = "stg_s"              # stg_s | stg_m | stg_l | stg_h | mawps | svamp | asdiv | gsm8k | arc_e | a JSONL
+                                     # path
     test: str = ""                   # test files as split=FILE,split=FILE (e.g. iid=a.jsonl,ood=b.jsonl); default: the
                                      # data set's own (a JSONL --data: itself)
     alpha: float = 0.0               # CAT §4.2: hinge threshold on C_i/N_i; 0 = vanilla fine-tuning (the baseline)
-    alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured before
-                                     # the first step (printed, and written to train_config.json); 0 = --alpha as given
+    alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured
+                                     # before the first step (printed, written to train_config.json); 0 = --alpha
     attn_loss: str = "hinge"         # L_attn: "hinge", the paper's Eq. 10, or "div", the authors' code (myloss.py)
     gamma: str = "exp"               # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
@@ -66,8 +66,8 @@ class TrainConfig:
     val_frac: float = 0.0            # carve this share of the training file out as a validation split (choose α on it)
     seed: int = 42                   # data order, initialisation, dropout
     device: str = "auto"             # auto | cpu | cuda
-    dtype: str = "auto"              # compute precision: auto = bfloat16 autocast (float32 weights) on CUDA and on CPUs with
-                                     # native bf16 matmuls (AVX512-BF16, AMX), else float32; float32 | bfloat16
+    dtype: str = "auto"              # compute precision: auto = bfloat16 autocast (float32 weights) on CUDA and on CPUs
+                                     # with native bf16 matmuls (AVX512-BF16, AMX), else float32; float32 | bfloat16
     scratch_dim: int = 256           # --model scratch: the model's width
     scratch_layers: int = 4          # --model scratch: decoder layers
     scratch_heads: int = 4           # --model scratch: attention heads
@@ -433,8 +433,13 @@ def resolve(cfg: TrainConfig, data: stg.DataSet, device: str) -> None:
     if cfg.lr is None:
         cfg.lr = 1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5
     cfg.dtype = M.precision(device, cfg.dtype)
-    short = Path(cfg.model).name if os.sep in cfg.model else cfg.model
-    cfg.name = cfg.name or f"{short}-{data.name}-{method(cfg)}{'-lora' if cfg.lora else ''}-s{cfg.seed}"
+    lora = "-lora" if cfg.lora else ""
+    cfg.name = cfg.name or f"{model_label(cfg.model)}-{data.name}-{method(cfg)}{lora}-s{cfg.seed}"
+
+
+def model_label(model: str) -> str:
+    """The model's part of a run name: a folder's or hub id's last component, or the alias."""
+    return Path(model).name if "/" in model or os.sep in model else model
 
 
 def method(cfg: TrainConfig) -> str:
@@ -471,7 +476,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.alpha > 0 and cfg.alpha_scale > 0:
         raise stg.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
     if cfg.scratch_dim % cfg.scratch_heads:
-        raise stg.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads {cfg.scratch_heads}")
+        raise stg.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
+                             f"{cfg.scratch_heads}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise stg.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

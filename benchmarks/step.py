@@ -34,7 +34,6 @@ default, and in the precision of our step; and greedy decoding of B STG prompts,
 against transformers' generate. Same weights (saved once in HF layout), batch, threads and precision; ratios > 1
 mean ours is faster.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -43,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +49,6 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cat  # noqa: E402
 import model as M  # noqa: E402
 import stg  # noqa: E402
 import train  # noqa: E402
@@ -245,9 +242,10 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
     labels.view(-1)[batch.target_pos + 1] = batch.targets          # transformers shifts the labels itself
     opt = {name: train.adamw([p for p in m.parameters() if p.requires_grad], lr=0.0)   # fused, as transformers'
            for name, m in (("ours", ours), ("hf", hf))}                               # Trainer default on torch >= 2.8
-    steps = {"ours": lambda: train_step(ours, opt["ours"], list(ours.parameters()), batch, "vanilla", 0.0, same)[0],
-             f"transformers_{precision}": lambda: hf_step(hf, opt["hf"], list(hf.parameters()), batch.ids, labels, same),
-             "transformers_float32": lambda: hf_step(hf, opt["hf"], list(hf.parameters()), batch.ids, labels, plain)}
+    ours_params, hf_params = list(ours.parameters()), list(hf.parameters())
+    steps = {"ours": lambda: train_step(ours, opt["ours"], ours_params, batch, "vanilla", 0.0, same)[0],
+             f"transformers_{precision}": lambda: hf_step(hf, opt["hf"], hf_params, batch.ids, labels, same),
+             "transformers_float32": lambda: hf_step(hf, opt["hf"], hf_params, batch.ids, labels, plain)}
     tests = [train.encode(r, tok)[0] for r in stg.generate("stg_e_test_iid", cfg.seed)[:cfg.batch]]
     prompts = [ex.ids[:ex.n_prompt] for ex in tests]                 # the prefix eval.py generates from
     new_tokens = 16
@@ -280,10 +278,11 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
                 out[name]["l_next"] = value
     for row in out.values():
         row["median_s"] = statistics.median(row["times_s"])
-    ratios = {"step: transformers float32 (default) / ours": out["transformers_float32"]["median_s"] / out["ours"]["median_s"],
-              f"step: transformers {precision} / ours": out[f"transformers_{precision}"]["median_s"] / out["ours"]["median_s"],
-              f"generate: transformers {precision} / ours": out[f"generate_transformers_{precision}"]["median_s"]
-              / out["generate_ours"]["median_s"]}
+    median = {name: row["median_s"] for name, row in out.items()}
+    ratios = {"step: transformers float32 (default) / ours": median["transformers_float32"] / median["ours"],
+              f"step: transformers {precision} / ours": median[f"transformers_{precision}"] / median["ours"],
+              f"generate: transformers {precision} / ours": median[f"generate_transformers_{precision}"]
+              / median["generate_ours"]}
     return {"precision": precision, "transformers": transformers.__version__, "generate_new_tokens": new_tokens,
             "timings": out, "speedups": ratios}
 

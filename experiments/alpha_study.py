@@ -21,7 +21,6 @@ the files that copy the data (predictions, val.jsonl) are ignored by the .gitign
 layout for the chosen setting, the paired per-seed OOD difference with a 95 % bootstrap interval over test records
 and McNemar's exact test per seed, wall times, the machine and the revision; <out>/figure4_<data>.png.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import stg  # noqa: E402
-from stg_grid import Job, child_env, mean_std, run_job  # noqa: E402
+from stg_grid import Job, child_env, items, mean_std, run_job  # noqa: E402
 
 AUTHORS_FILES = {  # data set -> (folder, training file, IID test file, OOD test file) in the authors' repository
     "stg_s": ("STG", "spurious_token_game_train3_S", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
@@ -63,10 +62,6 @@ class StudyConfig:
     out: str = "results/alpha-study"  # the run folders, summary and figures
     summary_only: bool = False       # write the summary from the run folders that exist, run nothing
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
-
-
-def items(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def setting_flags(setting: str) -> list[str]:
@@ -107,7 +102,7 @@ def run_name(data: str, setting: str, seed: int) -> str:
 
 def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
     """The queue: per data set, the first two settings seed by seed, then the rest seed by seed."""
-    settings, seeds, queue = items(cfg.settings), [int(s) for s in items(cfg.seeds)], []
+    settings, seeds, queue = items(cfg.settings), items(cfg.seeds, int), []
     for data in items(cfg.data):
         train_file, tests = data_files(cfg, data)
         for group in (settings[:2], settings[2:]):
@@ -189,7 +184,7 @@ def git_revision() -> str:
 
 
 def summarize(cfg: StudyConfig, out: Path) -> dict:
-    settings, seeds = items(cfg.settings), [int(s) for s in items(cfg.seeds)]
+    settings, seeds = items(cfg.settings), items(cfg.seeds, int)
     summary = {"config": dataclasses.asdict(cfg), "data": {}}
     for data in items(cfg.data):
         runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(data, st, s)))} for st in settings}

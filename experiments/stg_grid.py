@@ -25,14 +25,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import stg  # noqa: E402  (the repository root is put on the path above)
+import eval as evaluation  # noqa: E402  (the repository root is put on the path above)
+import stg  # noqa: E402
+from train import model_label  # noqa: E402
 
 SPLITS = ("iid", "ood")
 METHODS = ("vanilla", "cat")
@@ -64,13 +65,13 @@ class GridConfig:
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
 
 
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def items(text: str, kind=str) -> list:
+    """A comma-separated flag as a list: "42,1,2" -> [42, 1, 2] with kind=int."""
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def label(cfg: GridConfig) -> str:
-    name = Path(cfg.model).name if os.sep in cfg.model else cfg.model.replace("/", "-")
-    return name + ("-lora" if cfg.lora else "")
+    return model_label(cfg.model) + ("-lora" if cfg.lora else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,14 +206,9 @@ def read_final(out: Path, data: str, method: str, seed: int) -> dict | None:
 def majority_baseline(data: str, n: dict) -> dict:
     """Always answering the most frequent target of each test file (its first n[split] records, as evaluated):
     STG_E, the majority label's share; STG_H, the accuracy of the most frequent AQI and its mean absolute error."""
-    result = {}
-    for split, path in stg.resolve_data(data).tests.items():
-        targets = [str(r["target"]) for r in stg.read_records(path)[:n.get(split)]]
-        answer, count = Counter(targets).most_common(1)[0]
-        result[split] = {"answer": answer, "accuracy": count / len(targets), "n": len(targets)}
-        if stg.STG_TRAIN[data] == "stg_h":
-            result[split]["mae"] = statistics.fmean(abs(float(t) - float(answer)) for t in targets)
-    return result
+    return {split: evaluation.majority_baseline(stg.STG_TRAIN[data], [str(r["target"]) for r in
+                                                                      stg.read_records(path)[:n.get(split)]])
+            for split, path in stg.resolve_data(data).tests.items()}
 
 
 def verdict(data: str, cat: dict | None, vanilla: dict | None, majority: float) -> str:
@@ -240,7 +236,7 @@ def evaluated_n(finals: dict) -> dict:
 
 def summarize(cfg: GridConfig, out: Path) -> dict:
     """Everything summary.json holds, from the run folders that exist."""
-    datas, seeds = cfg.data.split(","), [int(s) for s in cfg.seeds.split(",")]
+    datas, seeds = items(cfg.data), items(cfg.seeds, int)
     finals = {(d, m, s): read_final(out, d, m, s) for d in datas for m in METHODS for s in seeds}
     done = {key: r for key, r in finals.items() if r is not None}
     table, mae = {}, {}
@@ -266,7 +262,7 @@ def summarize(cfg: GridConfig, out: Path) -> dict:
     walls = [{"run": str(w.parent.relative_to(out)), "seconds": json.loads(w.read_text())["seconds"]}
              for w in sorted(out.glob("**/wall_time.json"))]
     return {"config": dataclasses.asdict(cfg),
-            "selection": {d: choose_alpha(out, d, floats(cfg.alphas), seeds[0]) for d in datas},
+            "selection": {d: choose_alpha(out, d, items(cfg.alphas, float), seeds[0]) for d in datas},
             "table": table, "stg_h_mae": mae, "majority": majority,
             "paper_tinyllama_full": {f"{m} {s}": v for (m, s), v in PAPER.items()},
             "verdicts": {d: verdict(d, table["cat ood"][d], table["vanilla ood"][d], majority[d]["ood"]["accuracy"])
@@ -313,7 +309,7 @@ def command_line(cfg: dict) -> str:
 
 def markdown(summary: dict) -> str:
     cfg = summary["config"]
-    datas, n_seeds = cfg["data"].split(","), len(cfg["seeds"].split(","))
+    datas, n_seeds = items(cfg["data"]), len(items(cfg["seeds"]))
     setting = "LoRA" if cfg["lora"] else "Full"
     head = "| method | split | " + " | ".join(d.upper() for d in datas) + " | Average |"
     rule = "|---" * (len(datas) + 3) + "|"
@@ -342,7 +338,7 @@ def markdown(summary: dict) -> str:
                   for key, v in summary["stg_h_mae"].items()]
         lines += [f"| majority baseline | {s.upper()} | {summary['majority']['stg_h'][s]['mae']:.2f} |" for s in SPLITS]
         lines.append("")
-    alphas = [f"{float(a):g}" for a in cfg["alphas"].split(",")]
+    alphas = [f"{a:g}" for a in items(cfg["alphas"], float)]
     lines += [f"Selected α (validation accuracy in %, seed {cfg['seeds'].split(',')[0]}, {cfg['val_frac']:g} of the "
               "training file held out; the best wins, a tie goes to the smaller α; test files unread):", "",
               "| data | " + " | ".join(f"α={a}" for a in alphas) + " | chosen |", "|---" * (len(alphas) + 2) + "|"]
@@ -393,12 +389,12 @@ def parse_args(argv=None) -> GridConfig:
     for arg in passed:
         if arg.split("=")[0] in RESERVED:
             p.error(f"{arg} after `--`: the grid sets {arg.split('=')[0]} itself; use stg_grid.py's own flag")
-    unknown = [d for d in cfg.data.split(",") if d not in stg.STG_TRAIN]
+    unknown = [d for d in items(cfg.data) if d not in stg.STG_TRAIN]
     if unknown:
         p.error(f"--data {','.join(unknown)}: expected STG data sets ({', '.join(stg.STG_TRAIN)})")
-    if cfg.attention and cfg.attention_data not in cfg.data.split(","):
+    if cfg.attention and cfg.attention_data not in items(cfg.data):
         p.error(f"--attention-data {cfg.attention_data} is not one of --data {cfg.data}")
-    if cfg.jobs < 1 or not floats(cfg.alphas) or min(floats(cfg.alphas)) <= 0:
+    if cfg.jobs < 1 or not items(cfg.alphas, float) or min(items(cfg.alphas, float)) <= 0:
         p.error("--jobs must be ≥ 1 and --alphas a list of α > 0")
     return cfg
 
@@ -407,10 +403,10 @@ def main(argv=None) -> Path:
     cfg = parse_args(argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f"runs/grid-{label(cfg)}")
     out = Path(cfg.out)
-    datas, seeds, alphas = cfg.data.split(","), [int(s) for s in cfg.seeds.split(",")], floats(cfg.alphas)
+    datas, seeds, alphas = items(cfg.data), items(cfg.seeds, int), items(cfg.alphas, float)
     if cfg.model == "scratch" and max(alphas) < 1:
         print("note: a scratch model starts at C/N ≈ 1 (DESIGN.md), so the hinge max(0, α − C/N) stays zero for "
-              f"α < 1: these CAT runs will train much as vanilla does. Try --alphas 1.5,2,3 to engage it.")
+              "α < 1: these CAT runs will train much as vanilla does. Try --alphas 1.5,2,3 to engage it.")
     out.mkdir(parents=True, exist_ok=True)
     stg.write_text(out / "grid_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     env = child_env(cfg.jobs)

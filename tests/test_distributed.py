@@ -25,8 +25,8 @@ def run(nproc: int, stg_file: Path, out: Path, extra: list[str]) -> Path:
     """train.py with a tiny scratch model; odd record count and batch 6 over 2 ranks with 2 micro-batches."""
     args = ["train.py", "--model", "scratch", "--data", str(stg_file), "--scratch-dim", "32", "--scratch-layers", "2",
             "--scratch-heads", "2", "--scratch-vocab", "300", "--batch-size", "6", "--grad-accum", "2",
-            "--epochs", "2", "--lr", "3e-3", "--alpha", "2.0", "--no-eval", "--dtype", "float32", "--out", str(out), "--name", "run",
-            *extra]
+            "--epochs", "2", "--lr", "3e-3", "--alpha", "2.0", "--no-eval", "--dtype", "float32", "--out", str(out),
+            "--name", "run", *extra]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

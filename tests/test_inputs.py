@@ -193,7 +193,8 @@ def test_user_errors_end_in_one_line(stg_file, tmp_path, capsys, smollm2_dir=Non
     empty.write_text("")
     assert "no training records" in cli_error(train_cli([*TINY, "--data", str(empty), "--out", str(tmp_path / "r")]),
                                               capsys)
-    model, tok = train.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1, scratch_heads=2))
+    model, tok = train.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1,
+                                                                      scratch_heads=2))
     folder = tmp_path / "model"
     M.save_model(model, tok, folder)
     (folder / "model.safetensors").write_bytes(b"")           # damaged (empty)
@@ -218,7 +219,8 @@ def test_eval_of_an_unfinished_run_says_resume_it(stg_file, tmp_path, capsys):
 
 
 def test_an_empty_prompt_is_refused_with_what_to_do(tmp_path, capsys):
-    model, tok = train.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1, scratch_heads=2))
+    model, tok = train.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1,
+                                                                      scratch_heads=2))
     tok.bos_id = None
     M.save_model(model, tok, tmp_path / "m")
     sys_argv = sys.argv
