@@ -221,7 +221,7 @@ class Attention(nn.Module):
                                                  enable_gqa=n_rep > 1)   # kv head g serves query heads g*n ..
         mass = None
         if causal_rows is not None:
-            # CAT §4.2 fast path (DESIGN.md, "a useful identity"): the loss reads, of the attention map, only the
+            # CAT §4.2 fast path (docs/design.md, "Speed"): the loss reads, of the attention map, only the
             # rows that hold causal tokens, and of each such row only m_i = sum_j P_ij M_ij. So §3.1's softmax is
             # written out for those R rows alone, (R × S) a head instead of (T × S), beside the fused call.
             R = causal_rows.shape[1]

@@ -756,3 +756,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 if __name__ == "__main__":
     stg.run_cli(lambda: train(parse_args()))
+    if "WORLD_SIZE" in os.environ:
+        # Under torchrun, leave without the interpreter's shutdown: a gloo worker thread may still be freeing the
+        # tensors of the last collective, and one that needs the GIL while Python finalises aborts the process
+        # ("terminate called without an active exception", SIGABRT about one run in ten; pytorch#117762).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

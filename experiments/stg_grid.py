@@ -55,7 +55,7 @@ class GridConfig:
     lora: bool = False                   # LoRA instead of full fine-tuning
     data: str = "stg_s,stg_m,stg_l,stg_h"
     seeds: str = "42,1,2"                # the first one also selects α
-    alphas: str = "0.05,0.15,0.25,0.35"  # §5.1: the paper's range; a scratch model needs α > 1 (DESIGN.md)
+    alphas: str = "0.05,0.15,0.25,0.35"  # §5.1: the paper's range; a scratch model needs α > 1 (docs/design.md)
     val_frac: float = 0.2                # share of the training file held out to select α
     jobs: int = 1                        # runs at the same time (small runs share one GPU well)
     device: str = "auto"                 # auto | cpu | cuda, for train.py and eval.py
@@ -405,7 +405,7 @@ def main(argv=None) -> Path:
     out = Path(cfg.out)
     datas, seeds, alphas = items(cfg.data), items(cfg.seeds, int), items(cfg.alphas, float)
     if cfg.model == "scratch" and max(alphas) < 1:
-        print("note: a scratch model starts at C/N ≈ 1 (DESIGN.md), so the hinge max(0, α − C/N) stays zero for "
+        print("note: a scratch model starts at C/N ≈ 1 (docs/design.md), so the hinge max(0, α − C/N) stays zero for "
               "α < 1: these CAT runs will train much as vanilla does. Try --alphas 1.5,2,3 to engage it.")
     out.mkdir(parents=True, exist_ok=True)
     stg.write_text(out / "grid_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""STG generator: every invariant of CAT Appendix A (and DESIGN.md), checked on the written files by parsing
+"""STG generator: every invariant of CAT Appendix A (and docs/design.md), checked on the written files by parsing
 the texts back; reading records and resolving data sets by name or path."""
 import json
 import math
@@ -86,7 +86,7 @@ def test_stg_e_ood_breaks_the_spurious_link(stg_dir):
 
 
 def aqi_from_printed(v) -> int:
-    """DESIGN.md: raw = 0.3·f1 + 0.25·f2 + 0.2·f3 + 0.15·f4 − 0.2·f5 − 0.3·f6, clipped, scaled to 0-100."""
+    """docs/design.md: raw = 0.3·f1 + 0.25·f2 + 0.2·f3 + 0.15·f4 − 0.2·f5 − 0.3·f6, clipped, scaled to 0-100."""
     raw = (0.3 * v["Industrial emissions"] + 0.25 * v["Vehicle emissions"] + 0.2 * v["Coal dependency"]
            + 0.15 * v["Agricultural burning"] - 0.2 * v["Urban green coverage"] - 0.3 * v["Meteorological dispersion"])
     return round((min(max(raw, -20), 30) + 20) / 50 * 100)
