@@ -367,3 +367,17 @@ def test_adjacency_speed_on_stg_like_records(tokenizer):
     seconds = time.perf_counter() - start
     print(f"\ntoken_adjacency: 1000 STG-like records in {seconds:.3f} s ({seconds:.3f} ms per record)")
     assert all(stats["not_found"] == 0 and stats["edges"] > 0 for _, _, stats in results)
+
+
+def test_the_worked_example_runs_and_its_two_paths_agree():
+    """docs/worked_example.py: one record through §4 with the library's functions; the loss it prints from the
+    average map equals the one from the causal mass (the fast path)."""
+    import re
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
+    import worked_example
+    text = worked_example.main(["--alpha", "1.5"])
+    explicit, fast = map(float, re.search(r"L_attn = ([\d.]+) .*: ([\d.]+)$", text, re.MULTILINE).groups())
+    assert explicit > 0 and explicit == pytest.approx(fast, abs=1e-4)
+    assert "Smoking" in text and "C/N" in text
