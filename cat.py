@@ -74,10 +74,10 @@ def _trim(piece: str, start: int, end: int, shift: int) -> tuple[int, int]:
     return shift + start, shift + end
 
 
-def token_offsets(text: str | Sequence[str], tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
-    """CAT §4.1 Step 2: token ids and verified character offsets into "".join(pieces), pieces tokenised apart."""
-    pieces = [text] if isinstance(text, str) else list(text)
-    ids, offsets, shift = [], [], 0
+def piece_offsets(pieces: Sequence[str], tokenizer) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """CAT §4.1 Step 2: each piece tokenised on its own: its ids and their verified character offsets into
+    "".join(pieces). The one tokenisation of the project's records (train.encode)."""
+    out, shift = [], 0
     for piece in pieces:
         enc = tokenizer.encode(piece, add_special_tokens=False)
         spans = enc.offsets
@@ -85,10 +85,15 @@ def token_offsets(text: str | Sequence[str], tokenizer) -> tuple[list[int], list
         # Byte-level tokenizers report wrong offsets in some versions: check them, else derive them by decoding.
         if not _offsets_agree(piece, spans, decoded):
             spans = _decoded_offsets(piece, enc.ids, tokenizer)
-        ids += enc.ids
-        offsets += [_trim(piece, start, end, shift) for start, end in spans]
+        out.append((enc.ids, [_trim(piece, start, end, shift) for start, end in spans]))
         shift += len(piece)
-    return ids, offsets
+    return out
+
+
+def token_offsets(text: str | Sequence[str], tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """CAT §4.1 Step 2: token ids and verified character offsets into "".join(pieces), pieces tokenised apart."""
+    pieces = piece_offsets([text] if isinstance(text, str) else list(text), tokenizer)
+    return [i for ids, _ in pieces for i in ids], [span for _, spans in pieces for span in spans]
 
 
 def tokens_in_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
@@ -113,9 +118,13 @@ def token_adjacency(text: str | Sequence[str], important: list[dict] | None,
                     tokenizer) -> tuple[list[int], Tensor, dict]:
     """CAT §4.1 Eq. 4: ids, A_adj (T, T) bool (A[i, j] = 1: i in an effect, j in a cause before it), stats."""
     ids, offsets = token_offsets(text, tokenizer)
-    pieces = [text] if isinstance(text, str) else list(text)
+    return (ids, *adjacency([text] if isinstance(text, str) else list(text), offsets, important))
+
+
+def adjacency(pieces: Sequence[str], offsets: Sequence[tuple[int, int]], important) -> tuple[Tensor, dict]:
+    """CAT §4.1 Eq. 4 from the tokens' character offsets into "".join(pieces): A_adj (T, T) bool, stats."""
     full, answer_start = "".join(pieces), len("".join(pieces[:-1]))
-    adj = np.zeros((len(ids), len(ids)), dtype=bool)
+    adj = np.zeros((len(offsets), len(offsets)), dtype=bool)
     spans: dict[str, list[tuple[int, int]]] = {}        # phrase -> its character spans, found once
     found, missing = 0, []
     for key, values in _relations(important):
@@ -137,7 +146,7 @@ def token_adjacency(text: str | Sequence[str], important: list[dict] | None,
             adj[np.ix_(rows, cols)] = True
     # Coverage for the caller to report: a phrase not found leaves its rows or columns empty, never silently.
     stats = {"found": found, "not_found": len(missing), "missing_phrases": missing, "edges": int(adj.sum())}
-    return ids, torch.from_numpy(adj), stats
+    return torch.from_numpy(adj), stats
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from model import generate, load_model
 
 KINDS = ("causal", "spurious", "irrelevant")           # CAT §5.2.1: the three factor types of STG
 COLORS = {"causal": "tab:green", "spurious": "tab:red", "irrelevant": "tab:gray"}
-MAX_NEW_TOKENS = {"stg_e": 8, "stg_h": 8, "arc_e": 16}  # short answers; every other task: Appendix F's 512
+# short answers (a number or a label, then EOS; the checkers read the first line); GSM8K's worked solutions and any
+# other task: Appendix F's 512
+MAX_NEW_TOKENS = {"stg_e": 8, "stg_h": 8, "arc_e": 16, "mawps": 24, "svamp": 24, "asdiv": 24}
 ATTENTION_BATCH = 16                                    # per-layer (B, H, T, T) maps are large: smaller batches
 
 
@@ -36,7 +38,8 @@ class EvalConfig:
     out: str | None = None            # output folder (with --compare: a Markdown file for the table); default: the
                                       # run folder, else runs/eval-<name>
     batch_size: int = 64              # prompts decoded together (Appendix F, Table 6)
-    max_new_tokens: int | None = None  # default: MAX_NEW_TOKENS per task (8 STG, 16 ARC-E), else 512 (Appendix F)
+    max_new_tokens: int | None = None  # default: MAX_NEW_TOKENS per task (8 STG, 16 ARC-E, 24 MAWPS/SVAMP/ASDiv),
+                                       # else 512 (Appendix F)
     max_len: int | None = None        # prompts longer than this less max_new_tokens are skipped and counted;
                                       # default: the model's max_position_embeddings
     limit: int | None = None          # evaluate only the first N records of each split
@@ -59,11 +62,13 @@ def _first_line(text: str) -> str:
 
 
 def _answer_text(text: str) -> str:
-    """The part after the first "#### " (GSM8K's answer mark) if any, else the text; first line, without "$",
-    thousands commas and a unit in brackets ("6 (bags)" -> "6")."""
+    """The part after the first "#### " (GSM8K's answer mark) if any, else the text; first line, without a leading
+    "Answer:" (the authors' MAWPS targets are "Answer: 84.0"), "$", thousands commas and a unit in brackets
+    ("6 (bags)" -> "6")."""
     if "#### " in text:
         text = text.split("#### ", 1)[1]
-    line = re.sub(r"\s*\([^)]*\)", "", _first_line(text).replace("$", ""))
+    line = re.sub(r"^answer\s*:\s*", "", _first_line(text), flags=re.IGNORECASE)
+    line = re.sub(r"\s*\([^)]*\)", "", line.replace("$", ""))
     return re.sub(r"(?<=\d),(?=\d{3})", "", line).strip()
 
 
@@ -71,14 +76,14 @@ def _close(a: str, b: str) -> bool:
     return abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b)))
 
 
-def check_exact(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+def check_exact(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """STG_E and any data set without a checker of its own: the first line of the stripped output must equal
     the stripped target ("High Risk" / "Low Risk"); "high risk" and "High Risk, since ..." are wrong."""
     answer = _first_line(prediction)
     return answer, answer == target.strip()
 
 
-def check_stg_h(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+def check_stg_h(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """STG_H: the first number of the output must equal the integer target (an AQI 0-100) exactly:
     "57" and "57.0" are 57, "57.4" is not; the error of that number feeds the mean absolute error."""
     match = NUMBER.search(prediction)
@@ -88,7 +93,7 @@ def check_stg_h(prediction: str, target: str, input: str = "") -> tuple[str | No
     return answer, float(answer) == float(target)
 
 
-def check_numeric(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+def check_numeric(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """MAWPS, SVAMP, ASDiv: the answer is the text after the first "#### " when the output has one (a model
     trained on GSM8K, Table 2's out-of-domain columns), else the output's first line, without "$", thousands
     commas and a unit in brackets. A numeric target ("43.0", "6 (bags)") is matched by the FIRST number of that
@@ -103,7 +108,7 @@ def check_numeric(prediction: str, target: str, input: str = "") -> tuple[str | 
     return match.group(), _close(match.group(), wanted)
 
 
-def check_gsm8k(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+def check_gsm8k(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """GSM8K: the number right after the first "#### " of the output; an output without "#### " has no answer
     (a number elsewhere in the reasoning does not count). The target is the bare number or a solution ending in
     "#### N"."""
@@ -116,7 +121,7 @@ def check_gsm8k(prediction: str, target: str, input: str = "") -> tuple[str | No
     return match.group(), _close(match.group(), wanted.group())
 
 
-def check_arc_e(prediction: str, target: str, input: str = "") -> tuple[str | None, bool]:
+def check_arc_e(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """ARC-E: the option label given by the output's first line (what follows it may be a made-up next
     question), read in this order, with the labels of the input's options ("A." to "E." or "1." to "4.";
     all of them when no input is given):
@@ -124,7 +129,7 @@ def check_arc_e(prediction: str, target: str, input: str = "") -> tuple[str | No
     2. a line that is the text of one option ("a bacterial population in the bloodstream" is B);
     3. a line that starts with a label followed by ".", ")", ":", "," or nothing ("B", "(B)", "B. ...").
     Anything else has no answer ("Because ..." is not B, "A bacterial ..." is not A, "B or D" is neither)."""
-    options = dict(OPTION.findall(input))
+    options = dict(OPTION.findall(question))
     labels = re.escape("".join(options) or "ABCDE1234")
     line = _first_line(prediction)
     said = re.search(rf"(?i:answer(?:\s+is)?\s*:?)\s*\(?([{labels}])(?![A-Za-z0-9])", line)
@@ -143,16 +148,16 @@ CHECKERS = {"stg_e": check_exact, "stg_h": check_stg_h, "mawps": check_numeric, 
             "asdiv": check_numeric, "gsm8k": check_gsm8k, "arc_e": check_arc_e, "generic": check_exact}
 
 
-def check(task: str, prediction: str, target, input: str = "") -> tuple[str | None, bool]:
+def check(task: str, prediction: str, target, question: str = "") -> tuple[str | None, bool]:
     """The answer read from `prediction` and whether it is right, by the task's checker."""
     if task not in CHECKERS:
         raise ValueError(f"no answer checker for task {task!r}; known tasks: {', '.join(CHECKERS)}")
-    return CHECKERS[task](prediction, str(target), input)
+    return CHECKERS[task](prediction, str(target), question)
 
 
-def is_correct(task: str, prediction: str, target, input: str = "") -> bool:
+def is_correct(task: str, prediction: str, target, question: str = "") -> bool:
     """Whether the model's output `prediction` answers `target` (input: the prompt, for ARC-E's options)."""
-    return check(task, prediction, target, input)[1]
+    return check(task, prediction, target, question)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +226,11 @@ def attention_by_kind(model, tokenizer, records: list[dict], task: str) -> tuple
         batch = prompts[start:start + ATTENTION_BATCH]
         lengths = [len(ids) for ids, _, _ in batch]
         ids = torch.full((len(batch), max(lengths)), tokenizer.pad_id, dtype=torch.long)  # (B, T), right-padded
-        mask = torch.zeros_like(ids)
+        pad_mask = torch.zeros_like(ids)                                          # (B, T), 1 = real token
         for b, (prompt, _, _) in enumerate(batch):
             ids[b, :len(prompt)] = torch.tensor(prompt)
-            mask[b, :len(prompt)] = 1
-        out = model(ids.to(device), attention_mask=mask.to(device), return_attn=True)
+            pad_mask[b, :len(prompt)] = 1
+        out = model(ids.to(device), attention_mask=pad_mask.to(device), return_attn=True)
         avg = cat.average_attention(out.attentions).float().cpu()  # (B, T, T)
         for b, (_, _, kinds) in enumerate(batch):
             numbers.append(kind_numbers(avg[b, lengths[b] - 1], kinds))  # row T-1 predicts the answer
@@ -400,7 +405,7 @@ def run_label(run: Path) -> str:
         return run.name
     cfg = json.loads(path.read_text())
     method = f"CAT α={cfg['alpha']:g}" if cfg.get("alpha") else "Vanilla"   # train.py: α = 0 is vanilla
-    if cfg.get("alpha") and cfg.get("gamma") == "constant":
+    if cfg.get("alpha") and cfg.get("gamma_schedule", cfg.get("gamma")) == "constant":
         method += " γ=1"                                                  # Table 3's ablation of the γ decay
     return f"{Path(cfg.get('model', run.name)).name} {'LoRA' if cfg.get('lora') else 'Full'} {method}"
 

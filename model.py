@@ -340,7 +340,7 @@ class Transformer(nn.Module):
                            causal_mass=causal_mass, cache=cache)
 
 
-@torch.no_grad()
+@torch.inference_mode()   # no autograd bookkeeping at all while decoding
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int):
     """Greedy decoding of a batch, left-padded, with a KV cache. Returns each prompt's new tokens, EOS excluded."""
     if not all(prompts):

@@ -156,7 +156,7 @@ def make_record(task: str, rng: random.Random, ood: bool, train: bool) -> dict:
     return record
 
 
-def generate(stem: str, seed: int) -> list[dict]:
+def make_records(stem: str, seed: int) -> list[dict]:
     """All records of one file, from its own stream random.Random(f"{seed}/{stem}")."""
     task, n, ood, train = FILES[stem]
     rng = random.Random(f"{seed}/{stem}")
@@ -296,7 +296,7 @@ def write_stg(out_dir, seed: int = 42, only_missing: bool = False) -> list[Path]
         path = Path(out_dir) / f"{stem}.jsonl"
         if only_missing and path.exists():
             continue
-        records = generate(stem, seed)
+        records = make_records(stem, seed)
         write_jsonl(path, records)
         print(summarize(stem, records))
         written.append(path)

@@ -45,7 +45,7 @@ class TrainConfig:
     alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured
                                      # before the first step (printed, written to train_config.json); 0 = --alpha
     attn_loss: str = "hinge"         # L_attn: "hinge", the paper's Eq. 10, or "div", the authors' code (myloss.py)
-    gamma: str = "exp"               # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
+    gamma_schedule: str = "exp"      # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
     log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
     lora: bool = False               # LoRA instead of full fine-tuning
@@ -85,7 +85,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: record → token ids, loss mask and the CAT adjacency (§4.1 Step 2), then batches.
+# Data: record → token ids, labels and the CAT adjacency (§4.1 Step 2), then batches.
 
 @dataclass
 class Example:
@@ -112,15 +112,13 @@ class Example:
 def encode(record: dict, tok: M.Tokenizer) -> tuple[Example, dict]:
     """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer")."""
     bos = [] if tok.bos_id is None else [tok.bos_id]
+    pieces = [record["input"], record["target"]]
+    (prompt, prompt_offsets), (answer, answer_offsets) = cat.piece_offsets(pieces, tok.backend)
     stats, adj = {}, None
-    if record.get("important"):
-        body, adj, stats = cat.token_adjacency([record["input"], record["target"]], record["important"], tok.backend)
+    if record.get("important"):   # §4.1 Eq. 4 over the same tokens
+        adj, stats = cat.adjacency(pieces, prompt_offsets + answer_offsets, record["important"])
         adj = F.pad(adj, (len(bos), 1, len(bos), 1))       # zero rows/columns for bos and eos
-        n_prompt = len(bos) + len(tok.encode(record["input"]))
-    else:
-        prompt = tok.encode(record["input"])
-        body, n_prompt = prompt + tok.encode(record["target"]), len(bos) + len(prompt)
-    ids = bos + body + [tok.eos_ids[0]]
+    ids, n_prompt = bos + prompt + answer + [tok.eos_ids[0]], len(bos) + len(prompt)
     labels = [-100] * (n_prompt - 1) + ids[n_prompt:] + [-100]   # position t predicts token t + 1
     return Example(ids, labels, adj), stats
 
@@ -452,7 +450,7 @@ AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratc
             "alpha": 0, "alpha_scale": 0, "weight_decay": 0, "epochs": 1}
 POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
 FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
-CHOICES = {"gamma": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),
+CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),
            "dtype": ("auto", "float32", "bfloat16")}
 
 
@@ -632,7 +630,7 @@ def train_step(run: Run, step: int) -> dict:
     rank's micro-batches, clip, AdamW. Returns its metrics; the one host synchronisation is reading them."""
     cfg, model = run.cfg, run.model
     epoch, k = divmod(step, run.steps_per_epoch)
-    gamma = cat.gamma(epoch, cfg.gamma)                                     # §5.1: γ = e^{-epoch}
+    gamma = cat.gamma(epoch, cfg.gamma_schedule)                            # §5.1: γ = e^{-epoch}
     order = epoch_order(len(run.examples), cfg.seed, epoch)
     batch = [run.examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
     counts = (sum(ex.n_targets for ex in batch), len(batch), sum(ex.n_cat_rows for ex in batch))  # the normalisers

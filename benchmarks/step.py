@@ -97,7 +97,7 @@ def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
         return M.load_model(cfg.model, torch.float32, device)
     if cfg.shape not in SHAPES:
         raise SystemExit(f"--shape {cfg.shape!r}: choose one of {', '.join(SHAPES)}")
-    texts = [r["input"] + r["target"] for r in stg.generate("stg_s_train", cfg.seed)]
+    texts = [r["input"] + r["target"] for r in stg.make_records("stg_s_train", cfg.seed)]
     _, tok = train.build_scratch(texts, train.TrainConfig(scratch_vocab=1000, seed=cfg.seed))
     torch.manual_seed(cfg.seed)
     with torch.device(device):
@@ -106,7 +106,7 @@ def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
 
 def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) -> train.Batch:
     """STG_S records packed into B rows of T tokens, each row one train.Example, through train.collate."""
-    examples = [train.encode(r, tok)[0] for r in stg.generate("stg_s_train", seed)]
+    examples = [train.encode(r, tok)[0] for r in stg.make_records("stg_s_train", seed)]
     rows, k = [], 0
     for _ in range(B):
         ids, labels, adj = [], [], torch.zeros(T, T, dtype=torch.bool)
@@ -246,7 +246,7 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
     steps = {"ours": lambda: train_step(ours, opt["ours"], ours_params, batch, "vanilla", 0.0, same)[0],
              f"transformers_{precision}": lambda: hf_step(hf, opt["hf"], hf_params, batch.ids, labels, same),
              "transformers_float32": lambda: hf_step(hf, opt["hf"], hf_params, batch.ids, labels, plain)}
-    tests = [train.encode(r, tok)[0] for r in stg.generate("stg_e_test_iid", cfg.seed)[:cfg.batch]]
+    tests = [train.encode(r, tok)[0] for r in stg.make_records("stg_e_test_iid", cfg.seed)[:cfg.batch]]
     prompts = [ex.ids[:ex.n_prompt] for ex in tests]                 # the prefix eval.py generates from
     new_tokens = 16
     width = max(map(len, prompts))

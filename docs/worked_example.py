@@ -32,7 +32,7 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--alpha", type=float, default=1.5, help="the hinge threshold α (default: %(default)s)")
     alpha = p.parse_args(argv).alpha
-    records = stg.generate("stg_s_train", 42)
+    records = stg.make_records("stg_s_train", 42)
     record = records[0]
     cfg = train.TrainConfig(scratch_dim=64, scratch_layers=2, scratch_heads=4, scratch_vocab=400)
     model, tok = train.build_scratch([r["input"] + r["target"] for r in records], cfg)

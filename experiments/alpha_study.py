@@ -40,13 +40,21 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import stg  # noqa: E402
 from stg_grid import Job, child_env, items, mean_std, run_job  # noqa: E402
 
-AUTHORS_FILES = {  # data set -> (folder, training file, IID test file, OOD test file) in the authors' repository
-    "stg_s": ("STG", "spurious_token_game_train3_S", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
-    "stg_m": ("STG", "spurious_token_game_train3_M", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
-    "stg_l": ("STG", "spurious_token_game_train3", "spurious_token_game_test3", "spurious_token_game_ood3_2"),
-    "stg_h": ("STG_H", "STG_H_train", "STG_H_iid_test", "STG_H_ood_test"),
+STG_TESTS = {"iid": "STG/spurious_token_game_test3", "ood": "STG/spurious_token_game_ood3_2"}
+AUTHORS_FILES = {  # data set -> (training file, {split: test file}) in the authors' repository; a "val" split
+    # chooses the setting (Table 2's tasks ship one), else --val-frac carves it out of the training file
+    "stg_s": ("STG/spurious_token_game_train3_S", STG_TESTS),
+    "stg_m": ("STG/spurious_token_game_train3_M", STG_TESTS),
+    "stg_l": ("STG/spurious_token_game_train3", STG_TESTS),
+    "stg_h": ("STG_H/STG_H_train", {"iid": "STG_H/STG_H_iid_test", "ood": "STG_H/STG_H_ood_test"}),
+    "mawps": ("MAWPS/mawps_train", {"val": "MAWPS/mawps_val", "test": "MAWPS/mawps_test"}),           # GLM-4-air
+    "mawps-gpt4o": ("MAWPS/mawps_train_gpt4o", {"val": "MAWPS/mawps_val", "test": "MAWPS/mawps_test"}),  # Table 5
+    "svamp": ("SVAMP/svamp_train", {"val": "SVAMP/svamp_val", "test": "SVAMP/svamp_test"}),
+    "arc_e": ("ARC_E/ARC_E_train", {"val": "ARC_E/ARC_E_val", "test": "ARC_E/ARC_E_test"}),
+    # the annotated GSM8K training file is not published readably: its annotated val file stands in (Table 2, †)
+    "gsm8k-val": ("GSM8k/gsm8k_val", {"test": "GSM8k/gsm8k_test", "asdiv": "ASDiv/merged_asdiv",
+                                      "mawps_ood": "MAWPS/mawps_ood", "svamp_ood": "SVAMP/svamp_ood"}),
 }
-SPLITS = ("val", "iid", "ood")
 KEEP = ("train_config.json", "metrics.jsonl", "results.json", "wall_time.json", "outcomes.json")
 
 
@@ -80,20 +88,24 @@ def setting_flags(setting: str) -> list[str]:
 
 
 def data_files(cfg: StudyConfig, data: str) -> tuple[Path, dict[str, Path]]:
-    """(training file, {"iid": file, "ood": file}) of a study data set."""
+    """(training file, {split: test file}) of a study data set."""
     if data.startswith("gen-"):
         resolved = stg.resolve_data(data.removeprefix("gen-"))
         return resolved.train, resolved.tests
     if data not in AUTHORS_FILES:
-        raise SystemExit(f"--data {data}: expected one of {', '.join(AUTHORS_FILES)} or gen-<name> (stg.py's files)")
-    folder, train, iid, ood = AUTHORS_FILES[data]
-    base = Path(cfg.authors_data) / folder
-    paths = [base / f"{name}.jsonl" for name in (train, iid, ood)]
-    missing = [p for p in paths if not p.is_file()]
+        raise stg.InputError(f"--data {data}: expected one of {', '.join(AUTHORS_FILES)} or gen-<name> (stg.py's)")
+    train_stem, tests = AUTHORS_FILES[data]
+    path = {split: Path(cfg.authors_data) / f"{stem}.jsonl" for split, stem in {"train": train_stem, **tests}.items()}
+    missing = [p for p in path.values() if not p.is_file()]
     if missing:
-        raise SystemExit(f"{missing[0]} not found: --authors-data names the folder of the authors' repository "
-                         "(github.com/Kairong-Han/CAT), which holds STG/ and STG_H/")
-    return paths[0], {"iid": paths[1], "ood": paths[2]}
+        raise stg.InputError(f"{missing[0]} not found: --authors-data names the folder of the authors' repository "
+                             "(github.com/Kairong-Han/CAT), which holds STG/, STG_H/, MAWPS/, ...")
+    return path.pop("train"), path
+
+
+def main_split(splits) -> str:
+    """The split a study compares on: OOD where there is one (STG), else the test file."""
+    return "ood" if "ood" in splits else "test" if "test" in splits else list(splits)[-1]
 
 
 def run_name(data: str, setting: str, seed: int) -> str:
@@ -109,9 +121,10 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
             for seed in seeds:
                 for setting in group:
                     name = run_name(data, setting, seed)
+                    val_frac = 0.0 if "val" in tests else cfg.val_frac   # the task's own val file, else a share
                     queue.append(Job(out / name, [[
                         sys.executable, str(ROOT / "train.py"), "--model", cfg.model, "--data", str(train_file),
-                        "--test", ",".join(f"{s}={p}" for s, p in tests.items()), "--val-frac", str(cfg.val_frac),
+                        "--test", ",".join(f"{s}={p}" for s, p in tests.items()), "--val-frac", str(val_frac),
                         "--seed", str(seed), "--device", cfg.device, "--out", str(out), "--name", name,
                         "--no-save", "--save-every", "-1", *setting_flags(setting), *cfg.train_args]]))
     return queue
@@ -142,8 +155,8 @@ def read_run(run: Path) -> dict | None:
     return {"alpha": config["alpha"], "cn_start": config["extra"].get("cn_ratio_at_start", {}).get("median"),
             "cn_end": statistics.fmean(m["cn_ratio"] for m in last_epoch) if last_epoch else None,
             "l_attn_mean": statistics.fmean(m["l_attn"] for m in metrics),
-            "accuracy": {s: results[s]["accuracy"] for s in SPLITS if s in results},
-            "majority": {s: results[s]["majority"] for s in SPLITS if s in results},
+            "accuracy": {s: r["accuracy"] for s, r in results.items()},
+            "majority": {s: r["majority"] for s, r in results.items()},
             "outcomes": json.loads((run / "outcomes.json").read_text()),
             "seconds": json.loads(wall.read_text())["seconds"] if wall.exists() else None,
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics), "dtype": config["dtype"]}
@@ -156,9 +169,9 @@ def mcnemar_p(a: list[bool], b: list[bool]) -> float:
     return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def paired_difference(cat: dict, vanilla: dict, split: str = "ood", resamples: int = 2000) -> dict:
-    """CAT − vanilla accuracy, seed by seed on the same test records, and a 95 % bootstrap interval of its mean
-    over seeds (the test records resampled, the same draw for every seed)."""
+def paired_difference(cat: dict, vanilla: dict, split: str, resamples: int = 2000) -> dict:
+    """CAT − vanilla accuracy on `split`, seed by seed on the same test records, and a 95 % bootstrap interval of
+    its mean over seeds (the test records resampled, the same draw for every seed)."""
     seeds = sorted(set(cat) & set(vanilla))
     if not seeds:
         return {}
@@ -188,11 +201,14 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     summary = {"config": dataclasses.asdict(cfg), "data": {}}
     for data in items(cfg.data):
         runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(data, st, s)))} for st in settings}
+        any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
+        splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
+        main = main_split(splits) if splits else None
         rows = {}
         for st, by_seed in runs.items():
             if by_seed:
                 rows[st] = {"seeds": sorted(by_seed), "alpha": mean_std([r["alpha"] for r in by_seed.values()]),
-                            **{s: mean_std([r["accuracy"][s] for r in by_seed.values()]) for s in SPLITS},
+                            **{s: mean_std([r["accuracy"][s] for r in by_seed.values()]) for s in splits},
                             "cn_end": mean_std([r["cn_end"] for r in by_seed.values() if r["cn_end"] is not None]
                                                or [float("nan")]),
                             "l_attn_mean": mean_std([r["l_attn_mean"] for r in by_seed.values()]),
@@ -200,12 +216,12 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                                                 or [float("nan")])}
         cats = [st for st in rows if st != "vanilla" and len(rows[st]["seeds"]) == len(seeds)]
         chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
-        any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
         summary["data"][data] = {
-            "rows": rows, "chosen": chosen, "majority": any_run["majority"] if any_run else {},
+            "rows": rows, "chosen": chosen, "splits": splits, "main_split": main,
+            "majority": any_run["majority"] if any_run else {},
             "cn_start": mean_std([r["cn_start"] for by in runs.values() for r in by.values() if r["cn_start"]]
                                  or [float("nan")]),
-            "paired_ood": {st: paired_difference(runs[st], runs["vanilla"]) for st in rows if st != "vanilla"}
+            "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {}}
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     summary["revision"] = git_revision()
@@ -232,24 +248,23 @@ def markdown(summary: dict) -> str:
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
                                                               else "") + "`.", ""]
     for data, d in summary["data"].items():
-        majority = d["majority"]
+        splits, main = d["splits"], d["main_split"]
         lines += [f"## {data}", "",
                   f"C/N of the causal rows before training: median {number(d['cn_start'], 3)} (over runs). "
-                  f"Majority baseline: IID {100 * majority.get('iid', float('nan')):.2f} %, "
-                  f"OOD {100 * majority.get('ood', float('nan')):.2f} %.", "",
-                  "| setting | seeds | α | val | IID | OOD | C/N at the end | mean L_attn | OOD − vanilla (95 % CI) | "
-                  "minutes per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Majority baseline: " + ", ".join(f"{s} {100 * d['majority'][s]:.2f} %" for s in splits) + ".", "",
+                  "| setting | seeds | α | " + " | ".join(splits) + " | C/N at the end | mean L_attn | "
+                  f"{main} − vanilla (95 % CI) | minutes per run |", "|---" * (len(splits) + 7) + "|"]
         for st, row in d["rows"].items():
-            paired = d["paired_ood"].get(st, {})
+            paired = d["paired"].get(st, {})
             diff = (f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
                     if paired else "—")
             mark = " (chosen on val)" if st == d["chosen"] else ""
-            lines.append(f"| {st}{mark} | {len(row['seeds'])} | {number(row['alpha'], 3)} | {pct(row['val'])} | "
-                         f"{pct(row['iid'])} | {pct(row['ood'])} | {number(row['cn_end'])} | "
+            lines.append(f"| {st}{mark} | {len(row['seeds'])} | {number(row['alpha'], 3)} | "
+                         + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
                          f"{number(row['l_attn_mean'], 3)} | {diff} | {number(row['minutes'], 1)} |")
         if d["chosen"]:
-            paired = d["paired_ood"][d["chosen"]]
-            lines += ["", f"Paired per seed (OOD, CAT {d['chosen']} − vanilla): "
+            paired = d["paired"][d["chosen"]]
+            lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "
                       + ", ".join(f"seed {s}: {100 * v:+.2f} (McNemar p = {paired['mcnemar_p'][s]:.3f})"
                                   for s, v in paired["per_seed"].items()) + "."]
         lines.append("")
@@ -268,20 +283,21 @@ def figure(summary: dict, out: Path) -> list[Path]:
     paths = []
     for data, d in summary["data"].items():
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        colors = dict(zip([s for s in d["splits"] if s != "val"], ("tab:blue", "tab:red", "tab:purple", "tab:orange",
+                                                                    "tab:brown", "tab:olive")))
         for st, row in d["rows"].items():
             x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
             marker = "s" if st.startswith("div") else "o"
-            for split, color in (("iid", "tab:blue"), ("ood", "tab:red")):
+            for split, color in colors.items():
                 left.errorbar(x, 100 * row[split]["mean"], yerr=100 * (row[split]["std"] or 0), fmt=marker,
                               color=color, capsize=3)
             right.errorbar(x, row["cn_end"]["mean"], yerr=row["cn_end"]["std"] or 0, fmt=marker, color="tab:green",
                            capsize=3)
-            left.annotate(st, (x, 100 * row["ood"]["mean"]), fontsize=7, xytext=(3, -10), textcoords="offset points")
-        for split, color in (("iid", "tab:blue"), ("ood", "tab:red")):
-            if split in d["majority"]:
-                left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
-        left.plot([], [], "o", color="tab:blue", label="IID")
-        left.plot([], [], "o", color="tab:red", label="OOD")
+            left.annotate(st, (x, 100 * row[d["main_split"]]["mean"]), fontsize=7, xytext=(3, -10),
+                          textcoords="offset points")
+        for split, color in colors.items():
+            left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
+            left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
         left.set(xlabel="α (vanilla at 0; squares: the authors' div loss)", ylabel="accuracy (%)",
                  title=f"{data}: accuracy, mean ± std over seeds")

@@ -45,6 +45,16 @@ def sentencepiece_bpe() -> Tokenizer:
     return _train(tok, 400)
 
 
+@pytest.fixture(scope="module")
+def stg_file(tmp_path_factory, request) -> Path:
+    """The first N records of the generated STG_S training file as a JSONL path; N is the test module's
+    STG_RECORDS (default 48)."""
+    import stg
+    path = tmp_path_factory.mktemp("data") / "stg_small.jsonl"
+    stg.write_jsonl(path, stg.make_records("stg_s_train", 42)[:getattr(request.module, "STG_RECORDS", 48)])
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct folder that ../shared/tools/make-smollm2 builds (skips when absent)."""

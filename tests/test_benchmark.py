@@ -44,7 +44,7 @@ def test_packed_batch_is_collate_of_each_record_placed_side_by_side():
     batch = step.packed_batch(tok, 2, T, "all", 42)
     ids, pad_mask, labels, mask = batch.ids, batch.pad_mask, labels_of(batch), batch.cat_mask
     assert ids.shape == labels.shape == (2, T) and mask.shape == (2, T, T) and bool(pad_mask.all())
-    examples = [train.encode(r, tok)[0] for r in step.stg.generate("stg_s_train", 42)]
+    examples = [train.encode(r, tok)[0] for r in step.stg.make_records("stg_s_train", 42)]
     k = 0
     for b in range(2):
         t = 0

@@ -9,16 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import stg
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def stg_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "stg_ddp.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in stg.generate("stg_s_train", 42)[:21]))
-    return path
+STG_RECORDS = 21   # the conftest fixture stg_file: an odd count, so ranks get unequal shares
 
 
 def run(nproc: int, stg_file: Path, out: Path, extra: list[str]) -> Path:

@@ -19,8 +19,7 @@ GRID = ROOT / "experiments" / "stg_grid.py"
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    stg.write_jsonl(path, records)
 
 
 def write_results(run: Path, payload: dict) -> None:
@@ -107,10 +106,10 @@ def test_flags_the_grid_sets_are_refused_after_the_separator():
 def test_smoke_grid_selects_on_validation_and_resumes(tmp_path):
     """~1.5 minutes on 2 cores: 2 selection runs (train + eval), vanilla and CAT, attention for both, then again."""
     data = tmp_path / "data"
-    train = stg.generate("stg_s_train", 42)[:60]
+    train = stg.make_records("stg_s_train", 42)[:60]
     write_jsonl(data / "stg_s_train.jsonl", train)
     for split in ("iid", "ood"):
-        write_jsonl(data / f"stg_e_test_{split}.jsonl", stg.generate(f"stg_e_test_{split}", 42)[:20])
+        write_jsonl(data / f"stg_e_test_{split}.jsonl", stg.make_records(f"stg_e_test_{split}", 42)[:20])
     alphas = (1.5, 3.0)
     command = [sys.executable, str(GRID), "--model", "scratch", "--data", "stg_s", "--seeds", "42",
                "--alphas", ",".join(map(str, alphas)), "--jobs", "2", "--device", "cpu", "--out", "runs/grid",

@@ -19,11 +19,7 @@ TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "2", "-
         "--scratch-vocab", "300", "--batch-size", "8", "--epochs", "1", "--no-eval"]
 
 
-@pytest.fixture(scope="module")
-def stg_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "stg_small.jsonl"
-    stg.write_jsonl(path, stg.generate("stg_s_train", 42)[:16])
-    return path
+STG_RECORDS = 16   # the conftest fixture stg_file: 2 steps an epoch at batch 8
 
 
 def cli_error(main, capsys) -> str:
@@ -66,7 +62,8 @@ def test_an_interrupted_run_is_named_with_its_step(stg_file, tmp_path, capsys):
 @pytest.mark.parametrize("flags,named", [
     (["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "-2"], "--batch-size -2"),
     (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"), (["--lr", "-1"], "--lr -1"),
-    (["--lr", "0"], "--lr 0"), (["--alpha", "-0.5"], "--alpha -0.5"), (["--gamma", "bogus"], "--gamma 'bogus'"),
+    (["--lr", "0"], "--lr 0"), (["--alpha", "-0.5"], "--alpha -0.5"),
+    (["--gamma-schedule", "bogus"], "--gamma-schedule 'bogus'"),
     (["--val-frac", "1"], "--val-frac 1"), (["--dtype", "float16"], "--dtype 'float16'"),
     (["--device", "tpu"], "--device 'tpu'"), (["--attn-loss", "mse"], "--attn-loss 'mse'"),
     (["--alpha", "0.3", "--alpha-scale", "2"], "give one of them")], ids=lambda v: " ".join(v) if isinstance(v, list)

@@ -15,16 +15,6 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def stg_file(tmp_path_factory) -> Path:
-    """The first 48 records of a generated STG_S training file, as a JSONL path."""
-    out = tmp_path_factory.mktemp("data")
-    records = stg.generate("stg_s_train", 42)[:48]
-    path = out / "stg_small.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def tiny_config(stg_file, tmp_path, **kw) -> train.TrainConfig:
     base = dict(model="scratch", data=str(stg_file), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                 scratch_vocab=300, batch_size=8, epochs=2, lr=3e-3, out=str(tmp_path), eval=False)
@@ -136,6 +126,13 @@ def test_peak_rss_matches_the_kernels_high_water_mark():
 
 
 def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_path):
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model, batch = fixed_batch(cfg, stg_file)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run_steps(model, batch, cfg, steps=2)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".lora_B." in n for n in changed), "the adapter trained"
+    assert all(".lora_" in n for n in changed), f"base weights changed: {[n for n in changed if '.lora_' not in n]}"
     cfg = tiny_config(stg_file, tmp_path, alpha=2.0, lora=True, lora_r=4, lora_alpha=8, epochs=1)
     run = train.train(cfg)
     assert (run / "adapter_config.json").exists() and (run / "adapter_model.safetensors").exists()
@@ -170,11 +167,6 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"input": "a", "target": "b"}) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl.*2"):
         train.train(tiny_config(path, tmp_path))
-
-
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(stg_file, tmp_path):
-    with pytest.raises(SystemExit, match=r"step \d+.*checkpoint"):
-        train.train(tiny_config(stg_file, tmp_path, lr=1e30, max_grad_norm=1e30, epochs=3))
 
 
 def test_cli_scratch_stg_s_one_epoch(tmp_path):
