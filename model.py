@@ -526,6 +526,8 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
     _check_tensors(expected, tensors, folder, optional={"lm_head.weight"} if args.tie_word_embeddings else ())
     if args.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    # strict=False only for the tied lm_head.weight left out above: _check_tensors has already refused any missing,
+    # unexpected or mis-shaped tensor, by name
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     return model, Tokenizer.from_dir(folder)
@@ -643,7 +645,7 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
                load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(device)).items()}
     expected = {k: v.shape for k, v in _lora_state(model).items()}
     _check_tensors(expected, tensors, adapter_dir / "adapter_model.safetensors")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False)   # the base weights are loaded; _check_tensors checked the adapter's
     return model
 
 

@@ -52,22 +52,23 @@ def mass_path(attn, mask, pad_mask=None) -> cat.CausalRatio:
     return cat.ratio_from_mass(mass, rows.n_causal, rows.n_other)
 
 
-def loop_loss(attn, mask, alpha, pad_mask):
-    """L_attn written straight from CAT §4.2 Eq. 8-10, one row at a time; mean over the batch."""
-    B, T = len(attn), len(attn[0])
-    total = 0.0
-    for b in range(B):
-        for i in range(T):
+def loop_rows(attn, mask, pad_mask):
+    """C_i and N_i written straight from CAT §4.2 Eq. 8, 9, one row at a time: (C, N) of every real row that sees
+    causal and other real tokens j <= i."""
+    for b in range(len(attn)):
+        for i in range(len(attn[0])):
             if not pad_mask[b][i]:
                 continue
             js = [j for j in range(i + 1) if pad_mask[b][j]]
             causal = [attn[b][i][j] for j in js if mask[b][i][j]]
             other = [attn[b][i][j] for j in js if not mask[b][i][j]]
             if causal and other:
-                C = sum(causal) / len(causal)
-                N = sum(other) / len(other)
-                total = total + max(0.0, alpha - C / N)
-    return total / B
+                yield sum(causal) / len(causal), sum(other) / len(other)
+
+
+def loop_loss(attn, mask, alpha, pad_mask):
+    """L_attn of Eq. 10, a plain sum over the rows of loop_rows; mean over the batch."""
+    return sum(max(0.0, alpha - C / N) for C, N in loop_rows(attn, mask, pad_mask)) / len(attn)
 
 
 def random_batch(B=3, T=7, seed=0, dtype=torch.float64):
@@ -95,20 +96,9 @@ def test_loss_equals_double_loop(seed):
 def loop_div(attn, mask, alpha, pad_mask):
     """The authors' loss (myloss.py, loss_type="div"), one row at a time: on each row that sees causal and other
     tokens, -log(1 + C_i) / log(1 + N_i) where C_i/N_i < alpha, else 0; the sum divided by the count of such rows."""
-    total, valid = 0.0, 0
-    for b in range(len(attn)):
-        for i in range(len(attn[0])):
-            if not pad_mask[b][i]:
-                continue
-            js = [j for j in range(i + 1) if pad_mask[b][j]]
-            causal = [attn[b][i][j] for j in js if mask[b][i][j]]
-            other = [attn[b][i][j] for j in js if not mask[b][i][j]]
-            if causal and other:
-                valid += 1
-                C, N = sum(causal) / len(causal), sum(other) / len(other)
-                if C / N < alpha:
-                    total += -math.log(1 + C) / math.log(1 + N)
-    return total / valid if valid else 0.0
+    rows = list(loop_rows(attn, mask, pad_mask))
+    total = sum(-math.log(1 + C) / math.log(1 + N) for C, N in rows if C / N < alpha)
+    return total / len(rows) if rows else 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
