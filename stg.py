@@ -345,6 +345,8 @@ def read_records(path) -> list[dict]:
                                  'one object like {"input": "...", "target": "..."}') from None
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            if isinstance(record.get("target"), (int, float)) and not isinstance(record["target"], bool):
+                record["target"] = str(record["target"])   # the authors' STG_H files hold the AQI as a number
             for field in ("input", "target"):
                 if not isinstance(record.get(field), str):
                     found = "nothing" if field not in record else type(record[field]).__name__

@@ -741,9 +741,8 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     if metrics:
         metrics.close()
-    finish(run, step, started)
+    finish(run, step, started)   # its last collective gathers the model; rank 0 then evaluates alone
     if dist.is_initialized():
-        dist.barrier()   # no rank tears the group down while another still works (checkpoint, model, evaluation)
         dist.destroy_process_group()
     return run.run_dir
 

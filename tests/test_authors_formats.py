@@ -25,15 +25,17 @@ LAYOUTS = {
     "gsm8k_val": {"idx": 0, "question": "Tom has 3 apples...", "answer": "3 + 4 = <<3+4=7>>7\n#### 7",
                   "input": "Tom has 3 apples and buys 4 more. How many apples now? Answer: ",
                   "target": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7", "important": [{"7": ["3 apples", "4 more"]}]},
+    "STG_H_train": {"input": "City data: Industrial emissions: 50.1, Ice cream sales: 20.3 Answer: ", "target": 32,
+                    "important": [{"Answer: 32": ["Industrial emissions: 50.1"]}]},    # the AQI as a JSON number
     "merged_asdiv": {"idx": 0, "body": "Tom has 3 apples.", "question": "How many?", "formula": "3+4=7",
                      "solution_type": "Addition", "answer": "7 (apples)",
                      "input": "Tom has 3 apples and buys 4 more. How many apples now? Answer: ",
                      "target": "7 (apples)"},
 }
-TASKS = {"mawps_train": "mawps", "mawps_ood": "mawps", "svamp_train": "svamp", "ARC_E_train": "arc_e",
+TASKS = {"STG_H_train": "stg_h", "mawps_train": "mawps", "mawps_ood": "mawps", "svamp_train": "svamp", "ARC_E_train": "arc_e",
          "gsm8k_val": "gsm8k", "merged_asdiv": "asdiv"}
 # What a model trained on that layout writes after the input (right, then wrong).
-OUTPUTS = {"mawps_train": ("Answer: 7", "Answer: 8.0"), "mawps_ood": ("7", "8"), "svamp_train": ("7.0", "7.5"),
+OUTPUTS = {"STG_H_train": ("32", "33"), "mawps_train": ("Answer: 7", "Answer: 8.0"), "mawps_ood": ("7", "8"), "svamp_train": ("7.0", "7.5"),
            "ARC_E_train": ("B", "C"), "gsm8k_val": ("3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 8"),
            "merged_asdiv": ("7 (apples)", "6 (apples)")}
 
@@ -45,6 +47,7 @@ def test_each_layout_reads_unchanged_and_its_checker_reads_its_target(tmp_path, 
     data = stg.resolve_data(str(path), tests=f"test={path}")
     assert data.task == TASKS[stem] and data.tests == {"test": path}
     record = stg.read_records(path)[0]
+    assert record["target"] == str(LAYOUTS[stem]["target"]), "a numeric target is read as its text"
     right, wrong = OUTPUTS[stem]
     assert evaluation.check(data.task, right, record["target"], record["input"])[1], (stem, right)
     assert not evaluation.check(data.task, wrong, record["target"], record["input"])[1], (stem, wrong)
