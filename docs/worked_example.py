@@ -43,21 +43,27 @@ def main(argv=None) -> str:
     ex, stats = train.encode(record, tok)                                 # A_adj over [bos] + input + target + eos
     labels = [tok.backend.id_to_token(i).replace("Ġ", "_") for i in ex.ids]
     rows = sorted(set(ex.adj.nonzero()[:, 0].tolist()))                   # the effect's tokens
-    cols = sorted(set(ex.adj.nonzero()[:, 1].tolist()))                   # its causes' tokens
+    causes = sorted(set(ex.adj.nonzero()[:, 1].tolist()))                 # its causes' tokens
+    _, offsets = cat.token_offsets([record["input"], record["target"]], tok.backend)
+    start, end = cat.find_phrase(record["input"], "Yellow fingers")[0]     # a spurious attribute, for contrast
+    end = record["input"].index(",", end) if "," in record["input"][end:] else end
+    spurious = [j + int(tok.bos_id is not None) for j in cat.tokens_in_span(offsets, start, end)]
+    cols = causes + spurious
     out += [f"\n§4.1 Eq. 4, A_adj (T = {len(ex.ids)} tokens; {stats['edges']} ones): the rows of the effect "
-            f"{record['target']!r}, the columns of its causes", grid(ex.adj.int(), labels, rows, cols, str)]
+            f"{record['target']!r}, the columns of its causes and, for contrast, of the spurious Yellow fingers",
+            grid(ex.adj.int(), labels, rows, cols, lambda v: str(int(v)))]
 
     shifted = cat.shift_up(ex.adj)                                        # row i now predicts token i + 1
     shifted_rows = [i - 1 for i in rows]
     out += ["\n§4.2 Eq. 6, shifted up one row: the row that *predicts* each answer token attends to the causes",
-            grid(shifted.int(), labels, shifted_rows, cols, str)]
+            grid(shifted.int(), labels, shifted_rows, cols, lambda v: str(int(v)))]
 
     batch = train.collate([ex], tok.pad_id)
     with torch.no_grad():
         probs = model(batch.ids, return_attn=True).attentions            # L x (1, H, T, T)
     avg = cat.average_attention(probs)[0]                                 # (T, T), Eq. 7
     out += [f"\n§4.2 Eq. 7, the attention averaged over {len(probs)} layers and {probs[0].shape[1]} heads on those "
-            "rows (causal columns only)", grid(avg, labels, shifted_rows, cols, lambda v: f"{v:.3f}")]
+            "rows", grid(avg, labels, shifted_rows, cols, lambda v: f"{v:.3f}")]
 
     cn = cat.causal_ratio(avg[None], shifted[None])                       # Eq. 8, 9
     out.append(f"\n§4.2 Eq. 8-10 with α = {alpha}:")
