@@ -708,8 +708,10 @@ def summary(run: Run, results: dict | None, seconds: float) -> str:
     for split, result in (results or {}).items():
         lines.append(f"  {split:>5}: accuracy {result['accuracy']:.1%} of {result['n']} records "
                      f"(majority baseline {result['majority']:.1%})")
+    test = f" --test {run.cfg.test}" if run.cfg.test else ""
     lines += [f"run folder: {run.run_dir}",
-              f"evaluate again: python eval.py --model {run.run_dir} --data {run.cfg.data}",
+              f"evaluate again: python eval.py --model {run.run_dir} --data {run.cfg.data}{test}" if run.cfg.save
+              else "the weights were not saved (--no-save)",
               f"compare runs:   python eval.py --compare {run.run_dir.parent}/*"]
     return "\n".join(lines)
 
