@@ -471,7 +471,7 @@ def validate(cfg: TrainConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise stg.InputError(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.alpha > 0 and cfg.alpha_scale > 0:
+    if cfg.alpha > 0 and cfg.alpha_scale > 0 and not cfg.resume:   # a resumed run holds the α its scale gave
         raise stg.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
     if cfg.scratch_dim % cfg.scratch_heads:
         raise stg.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "

@@ -74,6 +74,17 @@ def test_every_numeric_and_choice_flag_is_checked_before_any_work(stg_file, tmp_
     assert not any(tmp_path.iterdir()), "a command that fails validation leaves no run folder"
 
 
+def test_a_run_with_alpha_scale_resumes_with_the_alpha_it_placed(stg_file, tmp_path):
+    argv = [*TINY, "--data", str(stg_file), "--out", str(tmp_path), "--name", "run", "--epochs", "2",
+            "--alpha-scale", "2"]
+    run = train.train(train.parse_args([*argv, "--stop-after", "1", "--save-every", "1"]))
+    placed = json.loads((run / "train_config.json").read_text())["alpha"]
+    assert placed > 0
+    train.train(train.parse_args(["--resume", str(run)]))
+    assert json.loads((run / "train_config.json").read_text())["alpha"] == placed
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
 def test_method_is_not_a_second_switch_beside_alpha():
     with pytest.raises(SystemExit):
         train.parse_args(["--method", "cat"])
