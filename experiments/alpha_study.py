@@ -224,7 +224,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {}}
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    summary["revision"] = git_revision()
+    saved = out / "study_config.json"
+    summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
     return summary
 
 
@@ -248,6 +249,9 @@ def markdown(summary: dict) -> str:
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
                                                               else "") + "`.", ""]
     for data, d in summary["data"].items():
+        if not d["rows"]:
+            lines += [f"## {data}", "", "No run has finished yet.", ""]
+            continue
         splits, main = d["splits"], d["main_split"]
         lines += [f"## {data}", "",
                   f"C/N of the causal rows before training: median {number(d['cn_start'], 3)} (over runs). "
@@ -282,6 +286,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
         return []
     paths = []
     for data, d in summary["data"].items():
+        if not d["rows"]:
+            continue
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         colors = dict(zip([s for s in d["splits"] if s != "val"], ("tab:blue", "tab:red", "tab:purple", "tab:orange",
                                                                     "tab:brown", "tab:olive")))
@@ -336,9 +342,12 @@ def main(argv=None) -> Path:
     config_path = out / "study_config.json"
     if cfg.summary_only and config_path.exists():   # the committed configuration, with this run's --out
         saved = json.loads(config_path.read_text())
+        saved.pop("revision", None)
         cfg = StudyConfig(**{**saved, "out": cfg.out, "summary_only": True})
     if not cfg.summary_only:
-        stg.write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        # the revision the runs come from (run the study from a worktree at a commit)
+        config = {**dataclasses.asdict(cfg), "revision": git_revision()}
+        stg.write_text(config_path, json.dumps(config, indent=2) + "\n")
         stg.write_text(out / ".gitignore", "# written by alpha_study.py: only the small files of each run\n*/*\n"
                        + "".join(f"!*/{name}\n" for name in KEEP))
         env = child_env(jobs=1)   # one run at a time, with every core

@@ -32,10 +32,12 @@ LAYOUTS = {
                      "input": "Tom has 3 apples and buys 4 more. How many apples now? Answer: ",
                      "target": "7 (apples)"},
 }
-TASKS = {"STG_H_train": "stg_h", "mawps_train": "mawps", "mawps_ood": "mawps", "svamp_train": "svamp", "ARC_E_train": "arc_e",
+TASKS = {"STG_H_train": "stg_h", "mawps_train": "mawps", "mawps_ood": "mawps", "svamp_train": "svamp",
+         "ARC_E_train": "arc_e",
          "gsm8k_val": "gsm8k", "merged_asdiv": "asdiv"}
 # What a model trained on that layout writes after the input (right, then wrong).
-OUTPUTS = {"STG_H_train": ("32", "33"), "mawps_train": ("Answer: 7", "Answer: 8.0"), "mawps_ood": ("7", "8"), "svamp_train": ("7.0", "7.5"),
+OUTPUTS = {"STG_H_train": ("32", "33"), "mawps_train": ("Answer: 7", "Answer: 8.0"), "mawps_ood": ("7", "8"),
+           "svamp_train": ("7.0", "7.5"),
            "ARC_E_train": ("B", "C"), "gsm8k_val": ("3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 8"),
            "merged_asdiv": ("7 (apples)", "6 (apples)")}
 
