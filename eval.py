@@ -6,7 +6,6 @@ Table 1's layout from the results of several runs.
     python eval.py --compare runs/a runs/b --out table.md
 """
 import json
-import os
 import re
 import statistics
 from collections import Counter
@@ -472,15 +471,12 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def check_model_folder(model: str) -> None:
-    """A run folder that training has not finished is refused with what to do; a path that is not there too."""
+    """A run folder that training has not finished is refused with what to do (a missing path: model._resolve)."""
     path = Path(model)
     if (path / "checkpoint" / "state.pt").exists() and not (path / "model.safetensors").exists() \
             and not (path / "adapter_config.json").exists():
         raise stg.InputError(f"{path} is an unfinished training run (it has a checkpoint, no model yet): "
                              f"finish it with python train.py --resume {path}")
-    if (model.startswith((".", "/", "~")) or os.sep in model and Path(model.split(os.sep)[0]).is_dir()) \
-            and not path.is_dir():
-        raise stg.InputError(f"--model {model}: no such folder")
 
 
 def main(argv=None) -> None:
@@ -492,11 +488,11 @@ def main(argv=None) -> None:
             stg.write_text(Path(cfg.out), table + "\n")
         return
     check_model_folder(cfg.model)
-    data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     precision = M.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=weights, device=cfg.device)
+    data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if cfg.task:
         data = replace(data, task=cfg.task)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)

@@ -458,7 +458,9 @@ def _resolve(name_or_path: str) -> Path:
     if Path(name).is_dir():
         return Path(name)
     local = Path(name).parts[0] if Path(name).parts else ""
-    if "/" not in name or name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(local).is_dir():
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (local != name and Path(local).is_dir()):
+        raise InputError(f"{name_or_path}: no such folder (a path, so it is not looked up on the hub)")
+    if "/" not in name:
         raise InputError(f"{name_or_path!r} is neither a model folder nor a hub id (owner/name) "
                          f"nor an alias: {sorted(ALIASES)}")
     from huggingface_hub import snapshot_download
