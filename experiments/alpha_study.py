@@ -55,6 +55,9 @@ AUTHORS_FILES = {  # data set -> (training file, {split: test file}) in the auth
     "gsm8k-val": ("GSM8k/gsm8k_val", {"test": "GSM8k/gsm8k_test", "asdiv": "ASDiv/merged_asdiv",
                                       "mawps_ood": "MAWPS/mawps_ood", "svamp_ood": "SVAMP/svamp_ood"}),
 }
+# a data set whose records equal another's but for their annotations: vanilla reads no annotation, so its vanilla
+# runs are the other's (the same records, seed and code give the same run) and are not run twice
+SAME_RECORDS = {"mawps-gpt4o": "mawps"}
 KEEP = ("train_config.json", "metrics.jsonl", "results.json", "wall_time.json", "outcomes.json")
 
 
@@ -120,6 +123,8 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
         for group in (settings[:2], settings[2:]):
             for seed in seeds:
                 for setting in group:
+                    if setting == "vanilla" and SAME_RECORDS.get(data) in items(cfg.data):
+                        continue
                     name = run_name(data, setting, seed)
                     val_frac = 0.0 if "val" in tests else cfg.val_frac   # the task's own val file, else a share
                     queue.append(Job(out / name, [[
@@ -159,6 +164,8 @@ def read_run(run: Path) -> dict | None:
             "majority": {s: r["majority"] for s, r in results.items()},
             "outcomes": json.loads((run / "outcomes.json").read_text()),
             "seconds": json.loads(wall.read_text())["seconds"] if wall.exists() else None,
+            "revision": json.loads(wall.read_text())["attempts"][-1].get("revision") if wall.exists() else None,
+            "threads": json.loads(wall.read_text())["attempts"][-1].get("threads") if wall.exists() else None,
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics), "dtype": config["dtype"]}
 
 
@@ -200,7 +207,9 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     settings, seeds = items(cfg.settings), items(cfg.seeds, int)
     summary = {"config": dataclasses.asdict(cfg), "data": {}}
     for data in items(cfg.data):
-        runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(data, st, s)))} for st in settings}
+        runs = {st: {s: r for s in seeds
+                     if (r := read_run(out / run_name(SAME_RECORDS.get(data, data) if st == "vanilla" else data, st, s)))}
+                for st in settings}
         any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
         splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
         main = main_split(splits) if splits else None
@@ -226,6 +235,15 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     saved = out / "study_config.json"
     summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
+    revisions, threads = {}, set()   # revision -> the runs that came from it (a run that recorded none: the study's revision)
+    for data in items(cfg.data):
+        for st in settings:
+            for s in seeds:
+                name = run_name(data, st, s)
+                if (run := read_run(out / name)) is not None:
+                    revisions.setdefault(run["revision"] or summary["revision"], []).append(name)
+                    threads.add(run["threads"] or "not recorded")
+    summary["revisions"], summary["threads"] = revisions, sorted(map(str, threads))
     return summary
 
 
@@ -243,8 +261,12 @@ def number(stat: dict | None, digits: int = 2) -> str:
 
 def markdown(summary: dict) -> str:
     cfg = summary["config"]
+    revisions = summary.get("revisions") or {summary["revision"]: []}
     lines = [f"# α study: {Path(cfg['model']).name}, full fine-tuning", "",
-             f"Revision {summary['revision']}; {summary['machine']}. Command: `python experiments/alpha_study.py "
+             "Revision " + "; ".join(f"{rev} ({len(names)} runs)" if len(revisions) > 1 else str(rev)
+                                     for rev, names in revisions.items())
+             + f"; {summary['machine']}, torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
+             + ". Command: `python experiments/alpha_study.py "
              f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
                                                               else "") + "`.", ""]
@@ -352,7 +374,8 @@ def main(argv=None) -> Path:
                        + "".join(f"!*/{name}\n" for name in KEEP))
         env = child_env(jobs=1)   # one run at a time, with every core
         for job in jobs(cfg, out):
-            outcome = run_job(job, env)
+            outcome = run_job(job, env, record={"revision": config["revision"],
+                                                "threads": int(env["OMP_NUM_THREADS"])})
             if outcome["status"] == "done":
                 collect_outcomes(job.run)
             print(f"{job.run.name}: {outcome['status']}" + (f" in {outcome['seconds']:.0f} s"

@@ -83,9 +83,9 @@ class Job:
     commands: list             # argument lists, run in order; the first is train.py (resumable) or eval.py
 
 
-def run_job(job: Job, env: dict) -> dict:
+def run_job(job: Job, env: dict, record: dict | None = None) -> dict:
     """Run the job's commands (skipping a finished job, resuming from a checkpoint), output to run/log.txt;
-    the seconds of every attempt go to run/wall_time.json."""
+    the seconds of every attempt, with `record` (e.g. the revision it ran from), go to run/wall_time.json."""
     if (job.run / "results.json").exists():
         return {"run": str(job.run), "status": "skipped"}
     commands = job.commands
@@ -106,7 +106,7 @@ def run_job(job: Job, env: dict) -> dict:
             if returncode:
                 break
     attempts.append({"seconds": round(time.time() - start, 1), "resumed": resumed, "returncode": returncode,
-                     "commands": [" ".join(c) for c in commands]})
+                     "commands": [" ".join(c) for c in commands], **(record or {})})
     stg.write_text(wall_path, json.dumps({"seconds": sum(a["seconds"] for a in attempts), "attempts": attempts},
                                          indent=2) + "\n")
     ok = returncode == 0 and (job.run / "results.json").exists()
