@@ -207,9 +207,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     settings, seeds = items(cfg.settings), items(cfg.seeds, int)
     summary = {"config": dataclasses.asdict(cfg), "data": {}}
     for data in items(cfg.data):
-        runs = {st: {s: r for s in seeds
-                     if (r := read_run(out / run_name(SAME_RECORDS.get(data, data) if st == "vanilla" else data, st, s)))}
-                for st in settings}
+        source = {st: SAME_RECORDS.get(data, data) if st == "vanilla" else data for st in settings}
+        runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(source[st], st, s)))} for st in settings}
         any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
         splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
         main = main_split(splits) if splits else None
@@ -231,11 +230,13 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
             "cn_start": mean_std([r["cn_start"] for by in runs.values() for r in by.values() if r["cn_start"]]
                                  or [float("nan")]),
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
-            if "vanilla" in runs else {}}
+            if "vanilla" in runs else {},
+            "paired_by_split": {st: {s: paired_difference(runs[st], runs["vanilla"], s) for s in splits if s != "val"}
+                                for st in rows if st != "vanilla"} if "vanilla" in runs else {}}
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     saved = out / "study_config.json"
     summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
-    revisions, threads = {}, set()   # revision -> the runs that came from it (a run that recorded none: the study's revision)
+    revisions, threads = {}, set()   # revision -> its runs (a run that recorded none: the study's revision)
     for data in items(cfg.data):
         for st in settings:
             for s in seeds:
@@ -263,8 +264,8 @@ def markdown(summary: dict) -> str:
     cfg = summary["config"]
     revisions = summary.get("revisions") or {summary["revision"]: []}
     lines = [f"# α study: {Path(cfg['model']).name}, full fine-tuning", "",
-             "Revision " + "; ".join(f"{rev} ({len(names)} runs)" if len(revisions) > 1 else str(rev)
-                                     for rev, names in revisions.items())
+             "Revision " + "; ".join(f"{rev} ({len(names)} run{'s' * (len(names) != 1)})" if len(revisions) > 1
+                                     else str(rev) for rev, names in revisions.items())
              + f"; {summary['machine']}, torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
              + ". Command: `python experiments/alpha_study.py "
              f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
@@ -345,6 +346,13 @@ def figure(summary: dict, out: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 
+def saved_config(out: Path) -> StudyConfig:
+    """The configuration a study folder was run with (its study_config.json), with `out` where it is now."""
+    saved = json.loads((Path(out) / "study_config.json").read_text())
+    saved.pop("revision", None)
+    return StudyConfig(**{**saved, "out": str(out), "summary_only": True})
+
+
 def parse_args(argv=None) -> StudyConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -363,9 +371,7 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study_config.json"
     if cfg.summary_only and config_path.exists():   # the committed configuration, with this run's --out
-        saved = json.loads(config_path.read_text())
-        saved.pop("revision", None)
-        cfg = StudyConfig(**{**saved, "out": cfg.out, "summary_only": True})
+        cfg = saved_config(out)
     if not cfg.summary_only:
         # the revision the runs come from (run the study from a worktree at a commit)
         config = {**dataclasses.asdict(cfg), "revision": git_revision()}

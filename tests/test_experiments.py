@@ -166,3 +166,128 @@ def test_smoke_grid_selects_on_validation_and_resumes(tmp_path):
     assert second.stdout.count("skipped (results.json exists)") == 6   # 2 selection, 2 final, 2 attention
     assert "done in" not in second.stdout
     assert walls == {p: p.read_text() for p in out.glob("**/wall_time.json")}
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/alpha_study.py: its statistics against hand-worked numbers, its queue, its summary of run folders
+
+def alpha_study():
+    import alpha_study as module
+    return module
+
+
+def test_mcnemar_exact_against_hand_worked_values():
+    study = alpha_study()
+    # 3 records only the first got right, none only the second: two-sided 2 × C(3, 0) / 2^3 = 0.25
+    assert study.mcnemar_p([True, True, True, False], [False, False, False, False]) == pytest.approx(0.25)
+    # 2 against 1: 2 × (C(3, 0) + C(3, 1)) / 8 = 1.0 (capped at 1)
+    assert study.mcnemar_p([True, True, False, True], [False, False, True, True]) == pytest.approx(1.0)
+    # 6 against 0: 2 / 64
+    assert study.mcnemar_p([True] * 6, [False] * 6) == pytest.approx(2 / 64)
+    assert study.mcnemar_p([True, False], [True, False]) == 1.0       # no discordant record
+
+
+def test_paired_difference_is_the_mean_of_per_record_differences():
+    study = alpha_study()
+    cat = {1: {"outcomes": {"ood": {"correct": [True, True, False, True]}}},
+           2: {"outcomes": {"ood": {"correct": [True, False, False, False]}}}}
+    vanilla = {1: {"outcomes": {"ood": {"correct": [False, True, False, True]}}},
+               2: {"outcomes": {"ood": {"correct": [True, False, True, False]}}},
+               3: {"outcomes": {"ood": {"correct": [True, True, True, True]}}}}   # no CAT run: not paired
+    paired = study.paired_difference(cat, vanilla, "ood")
+    assert paired["seeds"] == [1, 2]
+    assert paired["per_seed"] == {"1": pytest.approx(0.25), "2": pytest.approx(-0.25)}
+    assert paired["mean"] == pytest.approx(0.0)
+    low, high = paired["ci95"]
+    assert low <= paired["mean"] <= high and low < high
+
+
+def fake_authors_data(root: Path) -> Path:
+    for stem in {s for train, tests in alpha_study().AUTHORS_FILES.values() for s in (train, *tests.values())}:
+        (root / f"{stem}.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{stem}.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
+    return root
+
+
+def test_the_queue_runs_a_shared_vanilla_once(tmp_path):
+    study = alpha_study()
+    authors = fake_authors_data(tmp_path / "authors")
+    cfg = study.StudyConfig(model="m", authors_data=str(authors), data="mawps,mawps-gpt4o", settings="vanilla,k2",
+                            seeds="42,1")
+    names = [job.run.name for job in study.jobs(cfg, tmp_path / "out")]
+    assert names == ["mawps-vanilla-s42", "mawps-k2-s42", "mawps-vanilla-s1", "mawps-k2-s1",
+                     "mawps-gpt4o-k2-s42", "mawps-gpt4o-k2-s1"]
+    alone = study.StudyConfig(model="m", authors_data=str(authors), data="mawps-gpt4o", settings="vanilla,k2",
+                              seeds="42")
+    assert [job.run.name for job in study.jobs(alone, tmp_path / "out")] == ["mawps-gpt4o-vanilla-s42",
+                                                                             "mawps-gpt4o-k2-s42"]
+    job = study.jobs(cfg, tmp_path / "out")[1]            # mawps k2, seed 42: the task's own val file, no share
+    command = job.commands[0]
+    assert command[command.index("--val-frac") + 1] == "0.0"
+    assert command[command.index("--alpha-scale") + 1] == "2"
+    assert f"val={authors / 'MAWPS/mawps_val.jsonl'}" in command[command.index("--test") + 1]
+
+
+def fake_run(run: Path, alpha: float, correct: list[bool], revision: str | None, val: float) -> None:
+    run.mkdir(parents=True)
+    n = len(correct)
+    acc = {"val": {"accuracy": val, "majority": 0.5}, "test": {"accuracy": sum(correct) / n, "majority": 0.25}}
+    (run / "results.json").write_text(json.dumps({"mawps_train": acc}))
+    (run / "outcomes.json").write_text(json.dumps({"test": {"answer": ["1"] * n, "correct": correct}}))
+    (run / "train_config.json").write_text(json.dumps({"alpha": alpha, "dtype": "bfloat16",
+                                                       "extra": {"cn_ratio_at_start": {"median": 0.4}}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "cn_ratio": 0.5 + e, "l_attn": 0.1,
+                                                           "tokens_per_s": 100.0}) + "\n" for e in (0, 1)))
+    attempt = {"seconds": 60.0, **({"revision": revision, "threads": 1} if revision else {})}
+    (run / "wall_time.json").write_text(json.dumps({"seconds": 60.0, "attempts": [attempt]}))
+
+
+def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp_path):
+    study = alpha_study()
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "study_config.json").write_text(json.dumps({"revision": "old"}))
+    fake_run(out / "mawps-vanilla-s42", 0.0, [True, False, False, False], None, val=0.5)      # recorded no revision
+    fake_run(out / "mawps-k2-s42", 0.8, [True, True, False, False], "new", val=0.6)
+    fake_run(out / "mawps-gpt4o-k2-s42", 0.9, [True, True, True, False], "new", val=0.7)
+    cfg = study.StudyConfig(model="m", data="mawps,mawps-gpt4o", settings="vanilla,k2", seeds="42", out=str(out))
+    summary = study.summarize(cfg, out)
+    gpt4o = summary["data"]["mawps-gpt4o"]
+    assert gpt4o["rows"]["vanilla"]["test"]["mean"] == pytest.approx(0.25)     # mawps's vanilla run
+    assert gpt4o["paired"]["k2"]["mean"] == pytest.approx(0.5)                 # 3 of 4 against 1 of 4
+    assert summary["data"]["mawps"]["paired"]["k2"]["mean"] == pytest.approx(0.25)
+    assert gpt4o["chosen"] == "k2" and gpt4o["main_split"] == "test"
+    assert gpt4o["rows"]["k2"]["cn_end"]["mean"] == pytest.approx(1.5)           # the last epoch's mean C/N
+    assert summary["revisions"] == {"old": ["mawps-vanilla-s42"], "new": ["mawps-k2-s42", "mawps-gpt4o-k2-s42"]}
+    text = study.markdown(summary)
+    assert "Revision old (1 run); new (2 runs)" in text and "torch threads per run: 1, not recorded" in text
+
+
+def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
+    study = alpha_study()
+    import tables
+    results = tmp_path / "results"
+    for stem, data in (("svamp", "svamp"), ("mawps", "mawps,mawps-gpt4o")):
+        folder = results / f"{stem}-smollm2"
+        folder.mkdir(parents=True)
+        config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data=data, settings="vanilla,k2",
+                                                              seeds="42,1", out=str(folder))), "revision": "abc"}
+        (folder / "study_config.json").write_text(json.dumps(config))
+    svamp = results / "svamp-smollm2"
+    fake_run(svamp / "svamp-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)   # 25 %
+    fake_run(svamp / "svamp-vanilla-s1", 0.0, [True, True, False, False], "abc", val=0.5)     # 50 %
+    fake_run(svamp / "svamp-k2-s42", 0.8, [True, True, False, False], "abc", val=0.6)         # 50 %
+    fake_run(svamp / "svamp-k2-s1", 0.8, [True, True, True, True], "abc", val=0.6)            # 100 %
+    mawps = results / "mawps-smollm2"
+    fake_run(mawps / "mawps-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)
+    fake_run(mawps / "mawps-gpt4o-k2-s42", 0.9, [True, True, True, False], "abc", val=0.7)    # seed 1 not yet run
+    text = tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md")])
+    row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if "|" in line}
+    assert row["ours, SmolLM2-135M, Vanilla"][1] == "37.50 ± 17.68 (2)"      # SVAMP: mean and sample std of 25, 50
+    assert row["ours, SmolLM2-135M, CAT"][1] == "75.00 ± 35.36 (2)"
+    assert row["ours: CAT − Vanilla, paired (95 % CI)"][1].startswith("+37.50 (")
+    assert row["ours, SmolLM2-135M, Vanilla"][0] == "25.00 (1)" and row["ours, SmolLM2-135M, CAT"][0] == "—"
+    assert row["ours, SmolLM2-135M, CAT"][2] == "—"                           # ARC-E: no study folder
+    assert row["GPT-4o"][1] == "75.00 (1)*" and row["GLM-4-air"][1] == "—"     # * : seed 1 not finished
+    assert row["GPT-4o"][2].startswith("+50.00 (")
+    assert (tmp_path / "tables.md").read_text() == text and "revision abc" in text

@@ -1,0 +1,133 @@
+"""Table 2 and Table 5 of the paper in their layout, from the downstream studies' committed run folders.
+
+    python experiments/tables.py                       # results/tables.md, and printed
+    python experiments/tables.py --results results --out results/tables.md
+
+Each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full fine-tuning, the authors'
+annotated files, the task's val file choosing the setting):
+    <task>-smollm2    mawps (with mawps-gpt4o, Table 5), svamp, arc_e, gsm8k-val (the cross-task † columns)
+The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
+A cell is the mean ± std over seeds of test accuracy in %, "(n)" the number of seeds; CAT is the setting chosen on
+val, or, before every seed of a setting has finished, the CAT setting with runs, marked "*". "—": not run yet.
+"""
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import stg  # noqa: E402
+import alpha_study  # noqa: E402
+
+# Table 2's columns: (header, study folder stem, data set of that study, split)
+COLUMNS = [("MAWPS", "mawps", "mawps", "test"), ("SVAMP", "svamp", "svamp", "test"),
+           ("ARC-E", "arc_e", "arc_e", "test"),
+           ("GSM8K", "gsm8k-val", "gsm8k-val", "test"), ("ASDiv†", "gsm8k-val", "gsm8k-val", "asdiv"),
+           ("MAWPS†", "gsm8k-val", "gsm8k-val", "mawps_ood"), ("SVAMP†", "gsm8k-val", "gsm8k-val", "svamp_ood")]
+# The paper's TinyLlama-1.1B full fine-tuning rows of Table 2, accuracy in %
+PAPER_TABLE2 = {"Vanilla": [38.98, 17.50, 25.38, 13.04, 13.14, 20.68, 11.00],
+                "CAT": [41.16, 20.00, 26.01, 14.18, 14.04, 23.15, 11.40]}
+# Table 5 (MAWPS, TinyLlama-1.1B, CAT): mean ± std over α 0.05-0.3, in %
+PAPER_TABLE5 = {"GPT-4o": (41.65, 1.43), "GLM-4-air": (41.85, 2.16)}
+
+
+@dataclass
+class TablesConfig:
+    results: str = "results"            # the folder holding the <task>-smollm2 study folders
+    out: str = "results/tables.md"      # where the tables are written (markdown)
+
+
+def summaries(results: Path) -> dict:
+    """{study stem: its summary}, for every study folder that exists, made again from its run folders."""
+    found = {}
+    for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS):
+        folder = results / f"{stem}-smollm2"
+        if (folder / "study_config.json").exists():
+            summary = alpha_study.summarize(alpha_study.saved_config(folder), folder)
+            stg.write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+            stg.write_text(folder / "summary.md", alpha_study.markdown(summary))
+            found[stem] = summary
+    return found
+
+
+def cat_setting(d: dict) -> tuple[str | None, str]:
+    """The CAT setting a table shows for a data set, and "*" when it is not (yet) chosen on val."""
+    if d["chosen"]:
+        return d["chosen"], ""
+    ran = [st for st in d["rows"] if st != "vanilla"]
+    return (ran[0], "*") if ran else (None, "")
+
+
+def cell(row: dict | None, split: str, mark: str = "") -> str:
+    if not row or split not in row:
+        return "—"
+    stat = row[split]
+    spread = f" ± {100 * stat['std']:.2f}" if stat["std"] is not None else ""
+    return f"{100 * stat['mean']:.2f}{spread} ({stat['n']}){mark}"
+
+
+def table2(found: dict) -> list[str]:
+    header = "| | " + " | ".join(h for h, *_ in COLUMNS) + " |"
+    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, values in PAPER_TABLE2.items():
+        lines.append(f"| paper, TinyLlama-1.1B, {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    vanilla, cat, diff, alpha, minutes = [], [], [], [], []
+    for _, stem, data, split in COLUMNS:
+        d = found.get(stem, {}).get("data", {}).get(data)
+        if not d or not d["rows"]:
+            vanilla.append("—"), cat.append("—"), diff.append("—"), alpha.append("—"), minutes.append("—")
+            continue
+        setting, mark = cat_setting(d)
+        vanilla.append(cell(d["rows"].get("vanilla"), split))
+        cat.append(cell(d["rows"].get(setting), split, mark))
+        paired = d["paired_by_split"].get(setting, {}).get(split)
+        diff.append(f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
+                    if paired else "—")
+        row = d["rows"].get(setting)
+        alpha.append(f"{setting}: α {row['alpha']['mean']:.3f}" if row else "—")
+        timed = d["rows"].get("vanilla") or row
+        minutes.append(alpha_study.number(timed["minutes"], 0) if timed else "—")
+    lines += ["| ours, SmolLM2-135M, Vanilla | " + " | ".join(vanilla) + " |",
+              "| ours, SmolLM2-135M, CAT | " + " | ".join(cat) + " |",
+              "| ours: CAT − Vanilla, paired (95 % CI) | " + " | ".join(diff) + " |",
+              "| ours: CAT setting | " + " | ".join(alpha) + " |",
+              "| ours: minutes per run | " + " | ".join(minutes) + " |"]
+    return lines
+
+
+def table5(found: dict) -> list[str]:
+    lines = ["| annotations | paper, TinyLlama-1.1B, CAT (mean ± std over α 0.05–0.3) | ours, SmolLM2-135M, CAT | "
+             "CAT − Vanilla, paired (95 % CI) | C/N at the end |", "|---|---|---|---|---|"]
+    data_of = {"GPT-4o": "mawps-gpt4o", "GLM-4-air": "mawps"}
+    summary = found.get("mawps", {})
+    for name, (mean, std) in PAPER_TABLE5.items():
+        d = summary.get("data", {}).get(data_of[name])
+        setting, mark = cat_setting(d) if d and d["rows"] else (None, "")
+        row = d["rows"].get(setting) if setting else None
+        paired = d["paired_by_split"].get(setting, {}).get("test") if row else {}
+        diff = (f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
+                if paired else "—")
+        lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {cell(row, 'test', mark)} | {diff} | "
+                     f"{alpha_study.number(row['cn_end']) if row else '—'} |")
+    d = summary.get("data", {}).get("mawps")
+    lines.append(f"| none (Vanilla) | — | {cell(d['rows'].get('vanilla') if d else None, 'test')} | | |")
+    return lines
+
+
+def main(argv=None) -> str:
+    cfg = TablesConfig(**vars(stg.config_parser(TablesConfig, __doc__).parse_args(argv)))
+    found = summaries(Path(cfg.results))
+    revisions = sorted({rev for s in found.values() for rev in s.get("revisions", {})})
+    text = "\n".join(["# Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, full fine-tuning)", "",
+                      "Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice "
+                      "on val yet. Runs from revision " + (", ".join(revisions) or "—") + ".", "",
+                      "## Table 2", "", *table2(found), "", "## Table 5 (MAWPS)", "", *table5(found), ""])
+    stg.write_text(Path(cfg.out), text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    stg.run_cli(main)
