@@ -12,8 +12,11 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
   div-a<α>     the authors' published loss (train.py --attn-loss div) at that α
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
 STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
-data source matters. The queue runs vanilla and the second setting seed by seed first, so that every finished
-prefix compares something; a finished run (results.json) is skipped, an interrupted one resumed.
+data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e (each with its own
+val file, which then chooses), mawps-gpt4o (Table 5: the same records with GPT-4o's annotations; its vanilla runs
+are mawps's) and gsm8k-val (the stand-in for the unpublished GSM8K training annotations; experiments/tables.py
+puts them in Table 2's and Table 5's layout). The queue runs vanilla and the second setting seed by seed first, so
+that every finished prefix compares something; a finished run (results.json) is skipped, an interrupted one resumed.
 Each run folder keeps train_config.json, metrics.jsonl, results.json, wall_time.json and outcomes.json (each test
 record's answer and whether it was right, for the paired test); weights are not saved (train.py --no-save), and
 the files that copy the data (predictions, val.jsonl) are ignored by the .gitignore the study writes.
