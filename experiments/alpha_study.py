@@ -17,6 +17,8 @@ val file, which then chooses), mawps-gpt4o (Table 5: the same records with GPT-4
 are mawps's) and gsm8k-val (the stand-in for the unpublished GSM8K training annotations; experiments/tables.py
 puts them in Table 2's and Table 5's layout). The queue runs vanilla and the second setting seed by seed first, so
 that every finished prefix compares something; a finished run (results.json) is skipped, an interrupted one resumed.
+The same command started twice shares the queue (each worker takes the next run no live worker holds): on a 2-core
+CPU, two workers with OMP_NUM_THREADS=1 each.
 Each run folder keeps train_config.json, metrics.jsonl, results.json, wall_time.json and outcomes.json (each test
 record's answer and whether it was right, for the paired test); weights are not saved (train.py --no-save), and
 the files that copy the data (predictions, val.jsonl) are ignored by the .gitignore the study writes.
@@ -24,6 +26,7 @@ the files that copy the data (predictions, val.jsonl) are ignored by the .gitign
 layout for the chosen setting, the paired per-seed OOD difference with a 95 % bootstrap interval over test records
 and McNemar's exact test per seed, wall times, the machine and the revision; <out>/figure4_<data>.png.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -136,6 +139,40 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
                         "--seed", str(seed), "--device", cfg.device, "--out", str(out), "--name", name,
                         "--no-save", "--save-every", "-1", *setting_flags(setting), *cfg.train_args]]))
     return queue
+
+
+@contextlib.contextmanager
+def claim(run: Path):
+    """Hold <out>/.claims/<run> while this process runs `run`, so that several workers of one study (the same command
+    started twice, e.g. with OMP_NUM_THREADS=1 each on two cores) share its queue: yields False when a live process
+    holds the run already. A claim whose process is gone (a killed worker) is taken over."""
+    path = run.parent / ".claims" / run.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text() or 0)
+                os.kill(holder, 0)          # raises when no such process
+                alive = holder != os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                alive = False
+            except PermissionError:         # a process of another user
+                alive = True
+            if alive:
+                yield False
+                return
+            path.unlink(missing_ok=True)    # a stale claim: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def collect_outcomes(run: Path) -> None:
@@ -381,12 +418,16 @@ def main(argv=None) -> Path:
         stg.write_text(config_path, json.dumps(config, indent=2) + "\n")
         stg.write_text(out / ".gitignore", "# written by alpha_study.py: only the small files of each run\n*/*\n"
                        + "".join(f"!*/{name}\n" for name in KEEP))
-        env = child_env(jobs=1)   # one run at a time, with every core
+        env = child_env(jobs=1)   # one run at a time, with every core (OMP_NUM_THREADS, when set, wins)
         for job in jobs(cfg, out):
-            outcome = run_job(job, env, record={"revision": config["revision"],
-                                                "threads": int(env["OMP_NUM_THREADS"])})
-            if outcome["status"] == "done":
-                collect_outcomes(job.run)
+            with claim(job.run) as mine:
+                if not mine:
+                    print(f"{job.run.name}: taken by another worker of this study", flush=True)
+                    continue
+                outcome = run_job(job, env, record={"revision": config["revision"],
+                                                    "threads": int(env["OMP_NUM_THREADS"])})
+                if outcome["status"] == "done":
+                    collect_outcomes(job.run)
             print(f"{job.run.name}: {outcome['status']}" + (f" in {outcome['seconds']:.0f} s"
                                                             if outcome.get("seconds") else ""), flush=True)
             summary = summarize(cfg, out)    # after every run, so that the summary is never behind the runs

@@ -3,6 +3,7 @@
 the summary's rows and majority baseline, and that a second run skips every finished run."""
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -291,3 +292,21 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert row["GPT-4o"][1] == "75.00 (1)*" and row["GLM-4-air"][1] == "—"     # * : seed 1 not finished
     assert row["GPT-4o"][2].startswith("+50.00 (")
     assert (tmp_path / "tables.md").read_text() == text and "revision abc" in text
+
+
+def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
+    study = alpha_study()
+    run = tmp_path / "out" / "stg_s-k2-s42"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # a live worker
+    try:
+        (tmp_path / "out" / ".claims").mkdir(parents=True)
+        (tmp_path / "out" / ".claims" / run.name).write_text(str(other.pid))
+        with study.claim(run) as mine:
+            assert mine is False                          # held by a live process
+    finally:
+        other.kill()
+        other.wait()
+    with study.claim(run) as mine:                        # its process is gone: the claim is taken over
+        assert mine is True
+        assert (tmp_path / "out" / ".claims" / run.name).read_text() == str(os.getpid())
+    assert not (tmp_path / "out" / ".claims" / run.name).exists()      # released when the run ends
