@@ -206,6 +206,7 @@ def read_run(run: Path) -> dict | None:
             "seconds": json.loads(wall.read_text())["seconds"] if wall.exists() else None,
             "revision": json.loads(wall.read_text())["attempts"][-1].get("revision") if wall.exists() else None,
             "threads": json.loads(wall.read_text())["attempts"][-1].get("threads") if wall.exists() else None,
+            "machine": json.loads(wall.read_text())["attempts"][-1].get("machine") if wall.exists() else None,
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics), "dtype": config["dtype"]}
 
 
@@ -231,6 +232,16 @@ def paired_difference(cat: dict, vanilla: dict, split: str, resamples: int = 200
             "mean": float(diffs.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
             "mcnemar_p": {str(s): mcnemar_p(cat[s]["outcomes"][split]["correct"],
                                             vanilla[s]["outcomes"][split]["correct"]) for s in seeds}}
+
+
+def machine() -> str:
+    """The CPU's model name and core count (what a wall time depends on)."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def git_revision() -> str:
@@ -273,10 +284,11 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
             if "vanilla" in runs else {},
             "paired_by_split": {st: {s: paired_difference(runs[st], runs["vanilla"], s) for s in splits if s != "val"}
                                 for st in rows if st != "vanilla"} if "vanilla" in runs else {}}
-    summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    summary["machine"] = machine()
     saved = out / "study_config.json"
     summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
-    revisions, threads = {}, set()   # revision -> its runs (a run that recorded none: the study's revision)
+    # revision / machine -> its runs (a run that recorded no revision: the study's)
+    revisions, threads, machines = {}, set(), {}
     for data in items(cfg.data):
         for st in settings:
             for s in seeds:
@@ -284,7 +296,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                 if (run := read_run(out / name)) is not None:
                     revisions.setdefault(run["revision"] or summary["revision"], []).append(name)
                     threads.add(run["threads"] or "not recorded")
-    summary["revisions"], summary["threads"] = revisions, sorted(map(str, threads))
+                    machines.setdefault(run["machine"] or "not recorded", []).append(name)
+    summary["revisions"], summary["threads"], summary["machines"] = revisions, sorted(map(str, threads)), machines
     return summary
 
 
@@ -306,7 +319,9 @@ def markdown(summary: dict) -> str:
     lines = [f"# α study: {Path(cfg['model']).name}, full fine-tuning", "",
              "Revision " + "; ".join(f"{rev} ({len(names)} run{'s' * (len(names) != 1)})" if len(revisions) > 1
                                      else str(rev) for rev, names in revisions.items())
-             + f"; {summary['machine']}, torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
+             + "; runs on " + ("; ".join(f"{m} ({len(n)} run{'s' * (len(n) != 1)})"
+                                         for m, n in summary.get("machines", {}).items()) or summary["machine"])
+             + f", torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
              + ". Command: `python experiments/alpha_study.py "
              f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
@@ -424,7 +439,7 @@ def main(argv=None) -> Path:
                 if not mine:
                     print(f"{job.run.name}: taken by another worker of this study", flush=True)
                     continue
-                outcome = run_job(job, env, record={"revision": config["revision"],
+                outcome = run_job(job, env, record={"revision": config["revision"], "machine": machine(),
                                                     "threads": int(env["OMP_NUM_THREADS"])})
                 if outcome["status"] == "done":
                     collect_outcomes(job.run)

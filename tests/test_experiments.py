@@ -262,6 +262,7 @@ def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp
     assert summary["revisions"] == {"old": ["mawps-vanilla-s42"], "new": ["mawps-k2-s42", "mawps-gpt4o-k2-s42"]}
     text = study.markdown(summary)
     assert "Revision old (1 run); new (2 runs)" in text and "torch threads per run: 1, not recorded" in text
+    assert "runs on not recorded (3 runs)" in text
 
 
 def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
