@@ -93,7 +93,7 @@ def table2(found: dict) -> list[str]:
               "| ours, SmolLM2-135M, CAT | " + " | ".join(cat) + " |",
               "| ours: CAT − Vanilla, paired (95 % CI) | " + " | ".join(diff) + " |",
               "| ours: CAT setting | " + " | ".join(alpha) + " |",
-              "| ours: minutes per run | " + " | ".join(minutes) + " |"]
+              "| ours: minutes per run (vanilla) | " + " | ".join(minutes) + " |"]
     return lines
 
 
@@ -120,9 +120,14 @@ def main(argv=None) -> str:
     cfg = TablesConfig(**vars(stg.config_parser(TablesConfig, __doc__).parse_args(argv)))
     found = summaries(Path(cfg.results))
     revisions = sorted({rev for s in found.values() for rev in s.get("revisions", {})})
+    machines = sorted({m for s in found.values() for m in s.get("machines", {})})
+    threads = sorted({t for s in found.values() for t in s.get("threads", [])})
     text = "\n".join(["# Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, full fine-tuning)", "",
                       "Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice "
-                      "on val yet. Runs from revision " + (", ".join(revisions) or "—") + ".", "",
+                      "on val yet. Runs from revision " + (", ".join(revisions) or "—") + " on "
+                      + ("; ".join(machines) or "—") + ", torch threads per run: " + (", ".join(threads) or "—")
+                      + "; the minutes are vanilla's.",
+                      "",
                       "## Table 2", "", *table2(found), "", "## Table 5 (MAWPS)", "", *table5(found), ""])
     stg.write_text(Path(cfg.out), text)
     print(text)
