@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+import model  # noqa: E402
 import stg  # noqa: E402
 from stg_grid import Job, child_env, items, mean_std, run_job  # noqa: E402
 
@@ -235,13 +236,14 @@ def paired_difference(cat: dict, vanilla: dict, split: str, resamples: int = 200
 
 
 def machine() -> str:
-    """The CPU's model name and core count (what a wall time depends on)."""
+    """The CPU's model name, core count and whether it multiplies bf16 natively (what a wall time depends on: two
+    CPUs of one model name can differ there, and --dtype auto picks bf16 or float32 by it)."""
     try:
         name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{name}, {os.cpu_count()} cores, {'native' if model.native_bf16_cpu() else 'no native'} bf16"
 
 
 def git_revision() -> str:
@@ -288,7 +290,7 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     saved = out / "study_config.json"
     summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
     # revision / machine -> its runs (a run that recorded no revision: the study's)
-    revisions, threads, machines = {}, set(), {}
+    revisions, threads, machines, precisions = {}, set(), {}, {}
     for data in items(cfg.data):
         for st in settings:
             for s in seeds:
@@ -297,7 +299,9 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                     revisions.setdefault(run["revision"] or summary["revision"], []).append(name)
                     threads.add(run["threads"] or "not recorded")
                     machines.setdefault(run["machine"] or "not recorded", []).append(name)
+                    precisions.setdefault(run["dtype"] or "not recorded", []).append(name)
     summary["revisions"], summary["threads"], summary["machines"] = revisions, sorted(map(str, threads)), machines
+    summary["precisions"] = precisions
     return summary
 
 
@@ -322,6 +326,8 @@ def markdown(summary: dict) -> str:
              + "; runs on " + ("; ".join(f"{m} ({len(n)} run{'s' * (len(n) != 1)})"
                                          for m, n in summary.get("machines", {}).items()) or summary["machine"])
              + f", torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
+             + ", precision: " + (", ".join(f"{dtype} ({len(n)} run{'s' * (len(n) != 1)})"
+                                            for dtype, n in summary.get("precisions", {}).items()) or "—")
              + ". Command: `python experiments/alpha_study.py "
              f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]

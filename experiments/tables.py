@@ -122,10 +122,12 @@ def main(argv=None) -> str:
     revisions = sorted({rev for s in found.values() for rev in s.get("revisions", {})})
     machines = sorted({m for s in found.values() for m in s.get("machines", {})})
     threads = sorted({t for s in found.values() for t in s.get("threads", [])})
+    precisions = sorted({p for s in found.values() for p in s.get("precisions", {})})
     text = "\n".join(["# Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, full fine-tuning)", "",
                       "Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice "
                       "on val yet. Runs from revision " + (", ".join(revisions) or "—") + " on "
                       + ("; ".join(machines) or "—") + ", torch threads per run: " + (", ".join(threads) or "—")
+                      + ", precision: " + (", ".join(precisions) or "—")
                       + "; the minutes are vanilla's.",
                       "",
                       "## Table 2", "", *table2(found), "", "## Table 5 (MAWPS)", "", *table5(found), ""])

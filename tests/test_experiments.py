@@ -262,7 +262,7 @@ def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp
     assert summary["revisions"] == {"old": ["mawps-vanilla-s42"], "new": ["mawps-k2-s42", "mawps-gpt4o-k2-s42"]}
     text = study.markdown(summary)
     assert "Revision old (1 run); new (2 runs)" in text and "torch threads per run: 1, not recorded" in text
-    assert "runs on not recorded (3 runs)" in text
+    assert "runs on not recorded (3 runs)" in text and "precision: bfloat16 (3 runs)" in text and "precision: bfloat16 (3 runs)" in text
 
 
 def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
@@ -292,7 +292,7 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert row["ours, SmolLM2-135M, CAT"][2] == "—"                           # ARC-E: no study folder
     assert row["GPT-4o"][1] == "75.00 (1)*" and row["GLM-4-air"][1] == "—"     # * : seed 1 not finished
     assert row["GPT-4o"][2].startswith("+50.00 (")
-    assert (tmp_path / "tables.md").read_text() == text and "revision abc" in text
+    assert (tmp_path / "tables.md").read_text() == text and "revision abc" in text and "precision: bfloat16" in text
 
 
 def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
@@ -311,3 +311,11 @@ def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
         assert mine is True
         assert (tmp_path / "out" / ".claims" / run.name).read_text() == str(os.getpid())
     assert not (tmp_path / "out" / ".claims" / run.name).exists()      # released when the run ends
+
+
+def test_the_machine_names_whether_it_multiplies_bf16_natively(monkeypatch):
+    study = alpha_study()            # two CPUs of one model name can differ there, and --dtype auto follows it
+    monkeypatch.setattr(study.model, "native_bf16_cpu", lambda: True)
+    assert study.machine().endswith(f", {os.cpu_count()} cores, native bf16")
+    monkeypatch.setattr(study.model, "native_bf16_cpu", lambda: False)
+    assert study.machine().endswith(f", {os.cpu_count()} cores, no native bf16")
