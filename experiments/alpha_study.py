@@ -10,6 +10,7 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
   k<K>         α = K × the median C/N of the causal rows before the first step (train.py --alpha-scale K)
   a<α>         an absolute α (a0.6: the α of the paper's Appendix F for TinyLlama full fine-tuning)
   div-a<α>     the authors' published loss (train.py --attn-loss div) at that α
+  div-k<K>     the authors' loss at α = K × the starting median C/N (beside k<K>: the loss alone differs)
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
 STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
 data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e (each with its own
@@ -83,7 +84,7 @@ class StudyConfig:
 
 
 def setting_flags(setting: str) -> list[str]:
-    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>."""
+    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>."""
     if setting == "vanilla":
         return ["--alpha", "0"]
     kind, _, value = setting.partition("-") if setting.startswith("div-") else ("hinge", "", setting)
@@ -92,7 +93,7 @@ def setting_flags(setting: str) -> list[str]:
     except ValueError:
         number = -1.0
     if value[:1] not in ("k", "a") or number <= 0:
-        raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α> or div-a<α> (K, α > 0)")
+        raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0)")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
     return flags + (["--attn-loss", "div"] if kind == "div" else [])
 

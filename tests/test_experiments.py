@@ -319,3 +319,38 @@ def test_the_machine_names_whether_it_multiplies_bf16_natively(monkeypatch):
     assert study.machine().endswith(f", {os.cpu_count()} cores, native bf16")
     monkeypatch.setattr(study.model, "native_bf16_cpu", lambda: False)
     assert study.machine().endswith(f", {os.cpu_count()} cores, no native bf16")
+
+
+def test_row_counts_reads_each_data_set_through_the_training_encoder(tmp_path):
+    import row_counts
+    import train
+    authors = fake_authors_data(tmp_path / "authors")
+    records = [{"input": "Tom has 3 apples and buys 4 more. How many apples now?", "target": "Answer: 7.0",
+                "important": [{"4 more": ["3 apples"]}, {"7.0": ["3 apples", "4 more"]}]},
+               {"input": "Ann has 2 pears.", "target": "Answer: 2.0", "important": [{"2.0": ["2 pears"]}]},
+               {"input": "Ann has 5 figs.", "target": "Answer: 5.0", "important": [{"5.0": ["5 figs"]}]}]
+    stg.write_jsonl(authors / "MAWPS/mawps_train.jsonl", records)
+    cfg = train.TrainConfig(model="scratch", data="x", scratch_dim=32, scratch_layers=2, scratch_heads=2,
+                            scratch_vocab=300)
+    _, tok, _ = train.build_model(cfg, records, "cpu", None)
+    tok.save(tmp_path / "tok")
+    text = row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "mawps",
+                            "--limit", "2"])
+    row = next(line for line in text.splitlines() if line.startswith("| mawps |")).strip("| ").split(" | ")
+    expected = train.row_counts([train.encode(r, tok)[0] for r in records[:2]])      # the first two records only
+    assert row[1] == "2" and row[4] == f"{expected['rows']:.1f}" and row[5] == f"{expected['answer_rows']:.1f}"
+    assert float(row[4]) > float(row[5]) > 0          # rows inside the prompt, and rows predicting the answer
+    with pytest.raises(stg.InputError, match="--data nope"):
+        row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "nope"])
+
+
+def test_setting_names_give_their_train_flags():
+    study = alpha_study()
+    assert study.setting_flags("vanilla") == ["--alpha", "0"]
+    assert study.setting_flags("k2") == ["--alpha-scale", "2"]
+    assert study.setting_flags("a0.6") == ["--alpha", "0.6"]
+    assert study.setting_flags("div-a0.6") == ["--alpha", "0.6", "--attn-loss", "div"]
+    assert study.setting_flags("div-k2") == ["--alpha-scale", "2", "--attn-loss", "div"]
+    for bad in ("k0", "b2", "div-x1", "k"):
+        with pytest.raises(SystemExit, match="is not vanilla"):
+            study.setting_flags(bad)

@@ -252,3 +252,33 @@ def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16_and_is_recorded(st
     assert M.precision("cuda", "auto") == "bfloat16" and M.precision("cpu", "float32") == "float32"
     run = train.train(tiny_config(stg_file, tmp_path, epochs=1))
     assert json.loads((run / "train_config.json").read_text())["dtype"] == M.precision("cpu", "auto")
+
+
+def test_row_counts_match_a_loop_over_the_shifted_adjacency(tmp_path):
+    """Eq. 10 sums one hinge term per counted row: the rows inside the prompt and those predicting the answer,
+    counted against a plain loop over the shifted adjacency (a row counts when it sees a causal and another token)."""
+    records = [{"input": "Tom has 3 apples and buys 4 more. How many apples now?", "target": "Answer: 7.0",
+                "important": [{"4 more": ["3 apples"]}, {"7.0": ["3 apples", "4 more"]}]},
+               {"input": "Tom has 3 apples.", "target": "Answer: 3.0", "important": [{"3.0": ["3 apples"]}]},
+               {"input": "No annotation here.", "target": "Answer: 1.0"}]
+    cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "x.jsonl"), scratch_dim=32, scratch_layers=2,
+                            scratch_heads=2, scratch_vocab=300)
+    _, tok, _ = train.build_model(cfg, records, "cpu", None)
+    examples = train.encode_all(records, tok, cfg)
+    expected = []
+    for ex in examples[:2]:
+        adj, rows, answer = cat.shift_up(ex.adj), 0, 0
+        for i in range(len(ex.ids)):
+            causal = sum(bool(adj[i, j]) for j in range(i + 1))
+            if causal and causal < i + 1:
+                rows += 1
+                answer += i >= ex.n_prompt - 1           # row i predicts token i + 1, a target token from n_prompt on
+        expected.append((rows, answer))
+    assert [(ex.n_cat_rows, ex.n_cat_answer_rows) for ex in examples[:2]] == expected
+    target = tok.backend.encode("Answer: 7.0", add_special_tokens=False)
+    ids_7 = sum(end > len("Answer: ") for _, end in target.offsets)     # the tokens of "7.0" in the target
+    assert expected[0][1] == ids_7 and expected[0][0] > ids_7     # the answer's rows, and more inside the prompt
+    counts = train.row_counts(examples)
+    assert counts["annotated"] == 2                                  # the record without annotation is not averaged
+    assert counts["rows"] == pytest.approx((expected[0][0] + expected[1][0]) / 2)
+    assert counts["answer_rows"] == pytest.approx((expected[0][1] + expected[1][1]) / 2)
