@@ -611,8 +611,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     autocast = M.autocast(device, cfg.dtype)
     if not cfg.resume and rank == 0 and (counts := row_counts(examples))["annotated"]:
         cfg.extra["cat_rows"] = counts
-        print(f"L_attn sums over {counts['rows']:.1f} causal rows per annotated record, {counts['answer_rows']:.1f} "
-              "of them predicting the answer (Eq. 10: one hinge term each)")
+        if method(cfg) == "cat":
+            print(f"L_attn sums over {counts['rows']:.1f} causal rows per annotated record, "
+                  f"{counts['answer_rows']:.1f} of them predicting the answer (Eq. 10: one hinge term each)")
     if not cfg.resume and (rank == 0 or cfg.alpha_scale > 0):   # every rank places the same α from the same data
         place_alpha(cfg, starting_ratios(model, examples, tok.pad_id, device, autocast))
     if rank == 0 and not cfg.resume:   # a resumed run keeps the configuration it was started with

@@ -74,12 +74,14 @@ def test_every_numeric_and_choice_flag_is_checked_before_any_work(stg_file, tmp_
     assert not any(tmp_path.iterdir()), "a command that fails validation leaves no run folder"
 
 
-def test_a_run_with_alpha_scale_resumes_with_the_alpha_it_placed(stg_file, tmp_path):
+def test_a_run_with_alpha_scale_resumes_with_the_alpha_it_placed(stg_file, tmp_path, capsys):
     argv = [*TINY, "--data", str(stg_file), "--out", str(tmp_path), "--name", "run", "--epochs", "2",
             "--alpha-scale", "2"]
     run = train.train(train.parse_args([*argv, "--stop-after", "1", "--save-every", "1"]))
     placed = json.loads((run / "train_config.json").read_text())["alpha"]
     assert placed > 0
+    rows = json.loads((run / "train_config.json").read_text())["extra"]["cat_rows"]   # recorded, and printed
+    assert rows["rows"] >= rows["answer_rows"] > 0 and f"L_attn sums over {rows['rows']:.1f}" in capsys.readouterr().out
     train.train(train.parse_args(["--resume", str(run)]))
     assert json.loads((run / "train_config.json").read_text())["alpha"] == placed
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
