@@ -107,6 +107,14 @@ def check_numeric(prediction: str, target: str, question: str = "") -> tuple[str
     return match.group(), _close(match.group(), wanted)
 
 
+def repeats_a_number(question: str, answer: str | None) -> bool:
+    """Whether a numeric answer (a checker's "5.0", or a target such as "Answer: 5.0") equals a number written in
+    the question: what a model answers when it copies an operand instead of computing."""
+    match = NUMBER.search(_answer_text(answer or ""))
+    return match is not None and any(_close(match.group().replace(",", ""), number.replace(",", ""))
+                                     for number in NUMBER.findall(question))
+
+
 def check_gsm8k(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """GSM8K: the number right after the first "#### " of the output; an output without "#### " has no answer
     (a number elsewhere in the reasoning does not count). The target is the bare number or a solution ending in

@@ -102,6 +102,14 @@ def test_checker_edges():
         ev.is_correct("gsm8k", "#### 3", "three")
 
 
+@pytest.mark.parametrize("answer,repeats", [
+    ("5.0", True), ("5", True), ("Answer: 89.0", True), ("84.0", False), ("1,093", True), ("0.5", True),
+    (".5", True), ("-5", False), (None, False), ("no number", False), ("50", False)])
+def test_repeats_a_number_of_the_question(answer, repeats):
+    question = "Ruth starts with 89 apples. She shares 5 with Peter, then 1,093 more and 0.5 of a pie."
+    assert ev.repeats_a_number(question, answer) is repeats
+
+
 def test_score_hand_worked():
     rows = [{"target": "50", "answer": "50", "correct": True}, {"target": "50", "answer": "47", "correct": False},
             {"target": "60", "answer": None, "correct": False}, {"target": "40", "answer": "41", "correct": False}]

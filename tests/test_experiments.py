@@ -354,3 +354,28 @@ def test_setting_names_give_their_train_flags():
     for bad in ("k0", "b2", "div-x1", "k"):
         with pytest.raises(SystemExit, match="is not vanilla"):
             study.setting_flags(bad)
+
+
+def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path):
+    import copies
+    study = alpha_study()
+    authors = fake_authors_data(tmp_path / "authors")
+    questions = ["Ann has 3 pears and buys 4 more. How many?", "Tom has 10 figs and eats 2. How many are left?"]
+    stg.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": questions[0], "target": "Answer: 7.0"},
+                                                          {"input": questions[1], "target": "Answer: 10.0"}])
+    folder = tmp_path / "mawps-smollm2"
+    folder.mkdir()
+    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="mawps", settings="vanilla,k2",
+                                                          seeds="42", out=str(folder))), "revision": "abc"}
+    (folder / "study_config.json").write_text(json.dumps(config))
+    for setting, answers in (("vanilla", ["7.0", "8.0"]), ("k2", ["3.0", "2"])):
+        run = folder / f"mawps-{setting}-s42"
+        fake_run(run, 0.0, [True, False], "abc", val=0.5)
+        (run / "outcomes.json").write_text(json.dumps({"test": {"answer": answers, "correct": [True, False]}}))
+    text = copies.main(["--studies", str(folder), "--authors-data", str(authors)])
+    rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in text.splitlines()[2:]}
+    assert rows["vanilla"][3:] == ["50.0 %", "0.0 %", "50.0 %"]     # gold: the second target 10.0 is in its question
+    assert rows["k2"][3:] == ["50.0 %", "100.0 %", "50.0 %"]        # 3 and 2 are both the question's numbers
+    (authors / "MAWPS/mawps_test.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
+    with pytest.raises(stg.InputError, match="another number of records"):
+        copies.main(["--studies", str(folder), "--authors-data", str(authors)])

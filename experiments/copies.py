@@ -1,0 +1,79 @@
+"""Do a downstream study's answers repeat a number of the question? Per data set and setting: test accuracy, the
+share of test answers that equal a number written in the question (an operand copied instead of a result
+computed), and that share for the gold answers.
+
+    python experiments/copies.py --authors-data <CAT repo folder>
+    python experiments/copies.py --studies results/mawps-smollm2 --authors-data <CAT repo folder>
+
+CAT's causes in the authors' math annotations are mostly the question's numbers ({"84.0": ["89 apples", "5"]}),
+so a model pushed to attend to them may answer with one of them. Reads each study's run folders (outcomes.json
+holds every test answer) and the test files of the authors' repository; writes a Markdown table to standard output.
+"""
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import eval as evaluation  # noqa: E402
+import stg  # noqa: E402
+from alpha_study import SAME_RECORDS, data_files, read_run, run_name, saved_config  # noqa: E402
+from stg_grid import items  # noqa: E402
+
+
+@dataclass
+class CopiesConfig:
+    studies: str = "results/mawps-smollm2,results/svamp-smollm2"   # comma-separated alpha_study.py folders
+    authors_data: str = ""           # folder with the authors' MAWPS/, SVAMP/, ... folders (their repository)
+    split: str = "test"              # the test split to read
+
+
+def share(flags: list[bool]) -> str:
+    return f"{100 * statistics.fmean(flags):.1f} %" if flags else "—"
+
+
+def table(cfg: CopiesConfig) -> str:
+    lines = ["| data set | setting | seeds | accuracy | answers that repeat a number of the question | "
+             "gold answers that do |", "|---|---|---|---|---|---|"]
+    for folder in map(Path, items(cfg.studies)):
+        if not (folder / "study_config.json").exists():
+            raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
+        study = saved_config(folder)
+        study.authors_data = cfg.authors_data
+        for data in items(study.data):
+            tests = data_files(study, data)[1]
+            if cfg.split not in tests:
+                raise stg.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
+            records = stg.read_records(tests[cfg.split])
+            gold = [evaluation.repeats_a_number(r["input"], str(r["target"])) for r in records]
+            for setting in items(study.settings):
+                source = SAME_RECORDS.get(data, data) if setting == "vanilla" else data
+                runs = [r for seed in items(study.seeds, int)
+                        if (r := read_run(folder / run_name(source, setting, seed)))]
+                if not runs:
+                    continue
+                outcomes = [run["outcomes"][cfg.split] for run in runs]
+                if any(len(o["answer"]) != len(records) for o in outcomes):
+                    raise stg.InputError(f"{folder}: the runs of {setting} answered another number of records than "
+                                         f"{tests[cfg.split]} holds; is --authors-data the folder they were run on?")
+                copies = [evaluation.repeats_a_number(r["input"], a)
+                          for o in outcomes for r, a in zip(records, o["answer"])]
+                accuracy = [c for o in outcomes for c in o["correct"]]
+                lines.append(f"| {data} | {setting} | {len(runs)} | {share(accuracy)} | {share(copies)} | "
+                             f"{share(gold)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    cfg = CopiesConfig(**vars(stg.config_parser(CopiesConfig, __doc__).parse_args(argv)))
+    if not cfg.authors_data:
+        raise stg.InputError("--authors-data: the folder of the authors' repository (their test files)")
+    text = table(cfg)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    stg.run_cli(main)
