@@ -198,10 +198,12 @@ def read_run(run: Path) -> dict | None:
     results = next(iter(json.loads((run / "results.json").read_text()).values()))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last_epoch = [m for m in metrics if m["epoch"] == metrics[-1]["epoch"] and m["cn_ratio"] is not None]
+    first_epoch = [m for m in metrics if m["epoch"] == metrics[0]["epoch"]]
     wall = run / "wall_time.json"
     return {"alpha": config["alpha"], "cn_start": config["extra"].get("cn_ratio_at_start", {}).get("median"),
             "cn_end": statistics.fmean(m["cn_ratio"] for m in last_epoch) if last_epoch else None,
-            "l_attn_mean": statistics.fmean(m["l_attn"] for m in metrics),
+            "l_attn_first": statistics.fmean(m["l_attn"] for m in first_epoch),    # where γ = 1: the hinge's
+            "l_next_first": statistics.fmean(m["l_next"] for m in first_epoch),    # weight beside the task's loss
             "accuracy": {s: r["accuracy"] for s, r in results.items()},
             "majority": {s: r["majority"] for s, r in results.items()},
             "outcomes": json.loads((run / "outcomes.json").read_text()),
@@ -273,7 +275,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                             **{s: mean_std([r["accuracy"][s] for r in by_seed.values()]) for s in splits},
                             "cn_end": mean_std([r["cn_end"] for r in by_seed.values() if r["cn_end"] is not None]
                                                or [float("nan")]),
-                            "l_attn_mean": mean_std([r["l_attn_mean"] for r in by_seed.values()]),
+                            "l_attn_first": mean_std([r["l_attn_first"] for r in by_seed.values()]),
+                            "l_next_first": mean_std([r["l_next_first"] for r in by_seed.values()]),
                             "minutes": mean_std([r["seconds"] / 60 for r in by_seed.values() if r["seconds"]]
                                                 or [float("nan")])}
         cats = [st for st in rows if st != "vanilla" and len(rows[st]["seeds"]) == len(seeds)]
@@ -333,6 +336,11 @@ def markdown(summary: dict) -> str:
              f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
                                                               else "") + "`.", ""]
+    if len(summary.get("precisions", {})) > 1:
+        lines += ["**These runs differ in precision**: a paired difference between runs of different precision mixes "
+                  "the precision's effect with the setting's (on STG_S, bf16 autocast learned the first epoch more "
+                  "slowly than float32 did with the same seed: L_next 2.8 against 1.7). Pin it with "
+                  "`-- --dtype float32` or `-- --dtype bfloat16`, one study folder per precision.", ""]
     for data, d in summary["data"].items():
         if not d["rows"]:
             lines += [f"## {data}", "", "No run has finished yet.", ""]
@@ -341,7 +349,7 @@ def markdown(summary: dict) -> str:
         lines += [f"## {data}", "",
                   f"C/N of the causal rows before training: median {number(d['cn_start'], 3)} (over runs). "
                   "Majority baseline: " + ", ".join(f"{s} {100 * d['majority'][s]:.2f} %" for s in splits) + ".", "",
-                  "| setting | seeds | α | " + " | ".join(splits) + " | C/N at the end | mean L_attn | "
+                  "| setting | seeds | α | " + " | ".join(splits) + " | C/N at the end | L_attn / L_next, first epoch | "
                   f"{main} − vanilla (95 % CI) | minutes per run |", "|---" * (len(splits) + 7) + "|"]
         for st, row in d["rows"].items():
             paired = d["paired"].get(st, {})
@@ -350,7 +358,8 @@ def markdown(summary: dict) -> str:
             mark = " (chosen on val)" if st == d["chosen"] else ""
             lines.append(f"| {st}{mark} | {len(row['seeds'])} | {number(row['alpha'], 3)} | "
                          + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
-                         f"{number(row['l_attn_mean'], 3)} | {diff} | {number(row['minutes'], 1)} |")
+                         f"{row['l_attn_first']['mean']:.2f} / {row['l_next_first']['mean']:.2f} | {diff} | "
+                         f"{number(row['minutes'], 1)} |")
         if d["chosen"]:
             paired = d["paired"][d["chosen"]]
             lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "

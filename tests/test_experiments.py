@@ -237,8 +237,9 @@ def fake_run(run: Path, alpha: float, correct: list[bool], revision: str | None,
     (run / "outcomes.json").write_text(json.dumps({"test": {"answer": ["1"] * n, "correct": correct}}))
     (run / "train_config.json").write_text(json.dumps({"alpha": alpha, "dtype": "bfloat16",
                                                        "extra": {"cn_ratio_at_start": {"median": 0.4}}}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "cn_ratio": 0.5 + e, "l_attn": 0.1,
-                                                           "tokens_per_s": 100.0}) + "\n" for e in (0, 1)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "cn_ratio": 0.5 + e, "l_attn": 0.3 - 0.2 * e,
+                                                           "l_next": 2.0 - e, "tokens_per_s": 100.0}) + "\n"
+                                               for e in (0, 0, 1)))
     attempt = {"seconds": 60.0, **({"revision": revision, "threads": 1} if revision else {})}
     (run / "wall_time.json").write_text(json.dumps({"seconds": 60.0, "attempts": [attempt]}))
 
@@ -259,10 +260,18 @@ def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp
     assert summary["data"]["mawps"]["paired"]["k2"]["mean"] == pytest.approx(0.25)
     assert gpt4o["chosen"] == "k2" and gpt4o["main_split"] == "test"
     assert gpt4o["rows"]["k2"]["cn_end"]["mean"] == pytest.approx(1.5)           # the last epoch's mean C/N
+    assert gpt4o["rows"]["k2"]["l_attn_first"]["mean"] == pytest.approx(0.3)     # the first epoch's, beside L_next
+    assert gpt4o["rows"]["k2"]["l_next_first"]["mean"] == pytest.approx(2.0)
     assert summary["revisions"] == {"old": ["mawps-vanilla-s42"], "new": ["mawps-k2-s42", "mawps-gpt4o-k2-s42"]}
     text = study.markdown(summary)
     assert "Revision old (1 run); new (2 runs)" in text and "torch threads per run: 1, not recorded" in text
-    assert "runs on not recorded (3 runs)" in text and "precision: bfloat16 (3 runs)" in text and "precision: bfloat16 (3 runs)" in text
+    assert "runs on not recorded (3 runs)" in text and "precision: bfloat16 (3 runs)" in text
+    assert "| 1.50 | 0.30 / 2.00 |" in text                 # k2's C/N at the end, then the first epoch's losses
+    assert "differ in precision" not in text
+    config = json.loads((out / "mawps-k2-s42" / "train_config.json").read_text())
+    (out / "mawps-k2-s42" / "train_config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    mixed = study.markdown(study.summarize(cfg, out))
+    assert "precision: bfloat16 (2 runs), float32 (1 run)" in mixed and "**These runs differ in precision**" in mixed
 
 
 def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
