@@ -385,7 +385,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         colors = dict(zip([s for s in d["splits"] if s != "val"], ("tab:blue", "tab:red", "tab:purple", "tab:orange",
                                                                     "tab:brown", "tab:olive")))
-        for st, row in d["rows"].items():
+        for n, (st, row) in enumerate(d["rows"].items()):
             x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
             marker = "s" if st.startswith("div") else "o"
             for split, color in colors.items():
@@ -393,8 +393,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
                               color=color, capsize=3)
             right.errorbar(x, row["cn_end"]["mean"], yerr=row["cn_end"]["std"] or 0, fmt=marker, color="tab:green",
                            capsize=3)
-            left.annotate(st, (x, 100 * row[d["main_split"]]["mean"]), fontsize=7, xytext=(3, -10),
-                          textcoords="offset points")
+            left.annotate(st, (x, 100 * row[d["main_split"]]["mean"]), fontsize=7, xytext=(3, -10 - 8 * (n % 3)),
+                          textcoords="offset points")     # staggered: settings with close α do not overprint
         for split, color in colors.items():
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
