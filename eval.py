@@ -109,10 +109,11 @@ def check_numeric(prediction: str, target: str, question: str = "") -> tuple[str
 
 def repeats_a_number(question: str, answer: str | None) -> bool:
     """Whether a numeric answer (a checker's "5.0", or a target such as "Answer: 5.0") equals a number written in
-    the question: what a model answers when it copies an operand instead of computing."""
-    match = NUMBER.search(_answer_text(answer or ""))
-    return match is not None and any(_close(match.group().replace(",", ""), number.replace(",", ""))
-                                     for number in NUMBER.findall(question))
+    the question, sign aside ("10-2" holds 2): what a model answers when it copies an operand instead of computing.
+    An answer that is not one number ("2:13") repeats nothing."""
+    answer = _answer_text(answer or "")
+    return NUMBER.fullmatch(answer) is not None and any(
+        _close(answer.lstrip("-"), number.replace(",", "").lstrip("-")) for number in NUMBER.findall(question))
 
 
 def check_gsm8k(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:

@@ -503,6 +503,11 @@ def _read_weights(folder: Path, device) -> dict:
     return tensors
 
 
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """The tokenizer of an alias, a local folder or a hub id, without its weights."""
+    return Tokenizer.from_dir(_resolve(name_or_path))
+
+
 def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     """An alias, a local folder or a hub id; a folder with adapter_config.json is its base model plus the adapter,
     merged."""

@@ -93,14 +93,14 @@ class Example:
     labels: list[int]                # labels[t] = ids[t + 1] where that token is in L_next (target + eos), else -100
     adj: torch.Tensor | None         # (T, T) bool causal adjacency, unshifted; None = no annotation
     n_cat_rows: int = field(default=0, init=False)   # rows of the shifted adjacency that L_attn counts
-    n_cat_answer_rows: int = field(default=0, init=False)   # those of them that predict a target token
+    n_cat_target_rows: int = field(default=0, init=False)   # those of them that predict a target token
 
     def __post_init__(self):
         if self.adj is not None:   # counted once here, so that a step knows its global row count without collating it
             rows = cat.causal_rows(cat.shift_up(self.adj)[None])
             counted = cat.counted_rows(rows.n_causal, rows.n_other)[0]                      # (R,)
             self.n_cat_rows = int(counted.sum())
-            self.n_cat_answer_rows = int((counted & (rows.rows[0] >= self.n_prompt - 1)).sum())
+            self.n_cat_target_rows = int((counted & (rows.rows[0] >= self.n_prompt - 1)).sum())
 
     @property
     def n_prompt(self) -> int:
@@ -548,13 +548,14 @@ class Run:
 
 
 def row_counts(examples: list[Example]) -> dict:
-    """How many rows Eq. 10's sum runs over: per annotated record, the rows L_attn counts and those of them that
-    predict a target token (the others sit inside the prompt). The hinge's size beside L_next grows with them."""
+    """How many rows L_attn runs over: per annotated record, the rows it counts (those that see a causal and another
+    token) and those of them that predict a target token (the others sit inside the prompt). Eq. 10 sums over them,
+    so the hinge's size beside L_next grows with their number; the authors' div loss averages over them."""
     annotated = [ex for ex in examples if ex.n_cat_rows]
     if not annotated:
-        return {"annotated": 0, "rows": 0.0, "answer_rows": 0.0}
+        return {"annotated": 0, "rows": 0.0, "target_rows": 0.0}
     return {"annotated": len(annotated), "rows": sum(ex.n_cat_rows for ex in annotated) / len(annotated),
-            "answer_rows": sum(ex.n_cat_answer_rows for ex in annotated) / len(annotated)}
+            "target_rows": sum(ex.n_cat_target_rows for ex in annotated) / len(annotated)}
 
 
 def place_alpha(cfg: TrainConfig, ratios: torch.Tensor) -> None:
@@ -612,8 +613,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     if not cfg.resume and rank == 0 and (counts := row_counts(examples))["annotated"]:
         cfg.extra["cat_rows"] = counts
         if method(cfg) == "cat":
-            print(f"L_attn sums over {counts['rows']:.1f} causal rows per annotated record, "
-                  f"{counts['answer_rows']:.1f} of them predicting the answer (Eq. 10: one hinge term each)")
+            how = "Eq. 10: one hinge term each" if cfg.attn_loss == "hinge" else "the div loss averages over them"
+            print(f"L_attn runs over {counts['rows']:.1f} causal rows per annotated record, "
+                  f"{counts['target_rows']:.1f} of them predicting target tokens ({how})")
     if not cfg.resume and (rank == 0 or cfg.alpha_scale > 0):   # every rank places the same α from the same data
         place_alpha(cfg, starting_ratios(model, examples, tok.pad_id, device, autocast))
     if rank == 0 and not cfg.resume:   # a resumed run keeps the configuration it was started with

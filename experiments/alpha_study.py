@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-import model  # noqa: E402
+import model as M  # noqa: E402
 import stg  # noqa: E402
 from stg_grid import Job, child_env, items, mean_std, run_job  # noqa: E402
 
@@ -123,6 +123,13 @@ def run_name(data: str, setting: str, seed: int) -> str:
     return f"{data}-{setting}-s{seed}"
 
 
+def run_source(cfg: StudyConfig, data: str, setting: str) -> str:
+    """The data set whose run folders hold `setting`'s runs for `data`: vanilla reads no annotation, so a data set
+    that differs from another of the study by its annotations alone (SAME_RECORDS) shares that one's vanilla runs."""
+    shared = SAME_RECORDS.get(data)
+    return shared if setting == "vanilla" and shared in items(cfg.data) else data
+
+
 def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
     """The queue: per data set, the first two settings seed by seed, then the rest seed by seed."""
     settings, seeds, queue = items(cfg.settings), items(cfg.seeds, int), []
@@ -131,7 +138,7 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
         for group in (settings[:2], settings[2:]):
             for seed in seeds:
                 for setting in group:
-                    if setting == "vanilla" and SAME_RECORDS.get(data) in items(cfg.data):
+                    if run_source(cfg, data, setting) != data:
                         continue
                     name = run_name(data, setting, seed)
                     val_frac = 0.0 if "val" in tests else cfg.val_frac   # the task's own val file, else a share
@@ -240,13 +247,13 @@ def paired_difference(cat: dict, vanilla: dict, split: str, resamples: int = 200
 
 def machine() -> str:
     """The CPU's model name, core count and whether it multiplies bf16 natively (what a wall time depends on: two
-    CPUs of one model name can differ there, and --dtype auto picks bf16 or float32 by it)."""
+    CPUs of one model name can differ there, and on a CPU --dtype auto picks bf16 or float32 by it)."""
     try:
         name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, {'native' if model.native_bf16_cpu() else 'no native'} bf16"
+    return f"{name}, {os.cpu_count()} cores, {'native' if M.native_bf16_cpu() else 'no native'} bf16"
 
 
 def git_revision() -> str:
@@ -263,8 +270,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     settings, seeds = items(cfg.settings), items(cfg.seeds, int)
     summary = {"config": dataclasses.asdict(cfg), "data": {}}
     for data in items(cfg.data):
-        source = {st: SAME_RECORDS.get(data, data) if st == "vanilla" else data for st in settings}
-        runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(source[st], st, s)))} for st in settings}
+        runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(run_source(cfg, data, st), st, s)))}
+                for st in settings}
         any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
         splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
         main = main_split(splits) if splits else None
@@ -338,8 +345,8 @@ def markdown(summary: dict) -> str:
                                                               else "") + "`.", ""]
     if len(summary.get("precisions", {})) > 1:
         lines += ["**These runs differ in precision**: a paired difference between runs of different precision mixes "
-                  "the precision's effect with the setting's (on STG_S, bf16 autocast learned the first epoch more "
-                  "slowly than float32 did with the same seed: L_next 2.8 against 1.7). Pin it with "
+                  "the precision's effect with the setting's (bf16 autocast and float32 learn the first epoch at "
+                  "different speeds: README, Results). Pin it with "
                   "`-- --dtype float32` or `-- --dtype bfloat16`, one study folder per precision.", ""]
     for data, d in summary["data"].items():
         if not d["rows"]:
@@ -349,8 +356,8 @@ def markdown(summary: dict) -> str:
         lines += [f"## {data}", "",
                   f"C/N of the causal rows before training: median {number(d['cn_start'], 3)} (over runs). "
                   "Majority baseline: " + ", ".join(f"{s} {100 * d['majority'][s]:.2f} %" for s in splits) + ".", "",
-                  "| setting | seeds | α | " + " | ".join(splits) + " | C/N at the end | L_attn / L_next, first epoch | "
-                  f"{main} − vanilla (95 % CI) | minutes per run |", "|---" * (len(splits) + 7) + "|"]
+                  "| setting | seeds | α | " + " | ".join(splits) + " | C/N at the end | L_attn / L_next, first epoch "
+                  f"| {main} − vanilla (95 % CI) | minutes per run |", "|---" * (len(splits) + 7) + "|"]
         for st, row in d["rows"].items():
             paired = d["paired"].get(st, {})
             diff = (f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
@@ -358,7 +365,7 @@ def markdown(summary: dict) -> str:
             mark = " (chosen on val)" if st == d["chosen"] else ""
             lines.append(f"| {st}{mark} | {len(row['seeds'])} | {number(row['alpha'], 3)} | "
                          + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
-                         f"{row['l_attn_first']['mean']:.2f} / {row['l_next_first']['mean']:.2f} | {diff} | "
+                         f"{number(row['l_attn_first'])} / {number(row['l_next_first'])} | {diff} | "
                          f"{number(row['minutes'], 1)} |")
         if d["chosen"]:
             paired = d["paired"][d["chosen"]]

@@ -2,7 +2,7 @@
 share of test answers that equal a number written in the question (an operand copied instead of a result
 computed), and that share for the gold answers.
 
-    python experiments/copies.py --authors-data <CAT repo folder>
+    python experiments/copies.py                      # the studies' own --authors-data folder
     python experiments/copies.py --studies results/mawps-smollm2 --authors-data <CAT repo folder>
 
 CAT's causes in the authors' math annotations are mostly the question's numbers ({"84.0": ["89 apples", "5"]}),
@@ -19,15 +19,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import eval as evaluation  # noqa: E402
 import stg  # noqa: E402
-from alpha_study import SAME_RECORDS, data_files, read_run, run_name, saved_config  # noqa: E402
+from alpha_study import data_files, read_run, run_name, run_source, saved_config  # noqa: E402
 from stg_grid import items  # noqa: E402
 
 
 @dataclass
 class CopiesConfig:
     studies: str = "results/mawps-smollm2,results/svamp-smollm2"   # comma-separated alpha_study.py folders
-    authors_data: str = ""           # folder with the authors' MAWPS/, SVAMP/, ... folders (their repository)
-    split: str = "test"              # the test split to read
+    authors_data: str = ""           # the authors' repository folder; default: the one each study was run with
+    split: str = "test"              # the test split of each data set to read (test; gsm8k-val also asdiv, ...)
 
 
 def share(flags: list[bool]) -> str:
@@ -41,7 +41,7 @@ def table(cfg: CopiesConfig) -> str:
         if not (folder / "study_config.json").exists():
             raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
         study = saved_config(folder)
-        study.authors_data = cfg.authors_data
+        study.authors_data = cfg.authors_data or study.authors_data
         for data in items(study.data):
             tests = data_files(study, data)[1]
             if cfg.split not in tests:
@@ -49,9 +49,8 @@ def table(cfg: CopiesConfig) -> str:
             records = stg.read_records(tests[cfg.split])
             gold = [evaluation.repeats_a_number(r["input"], str(r["target"])) for r in records]
             for setting in items(study.settings):
-                source = SAME_RECORDS.get(data, data) if setting == "vanilla" else data
                 runs = [r for seed in items(study.seeds, int)
-                        if (r := read_run(folder / run_name(source, setting, seed)))]
+                        if (r := read_run(folder / run_name(run_source(study, data, setting), setting, seed)))]
                 if not runs:
                     continue
                 outcomes = [run["outcomes"][cfg.split] for run in runs]
@@ -68,8 +67,6 @@ def table(cfg: CopiesConfig) -> str:
 
 def main(argv=None) -> str:
     cfg = CopiesConfig(**vars(stg.config_parser(CopiesConfig, __doc__).parse_args(argv)))
-    if not cfg.authors_data:
-        raise stg.InputError("--authors-data: the folder of the authors' repository (their test files)")
     text = table(cfg)
     print(text)
     return text

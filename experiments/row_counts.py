@@ -1,13 +1,14 @@
-"""How many terms Eq. 10's sum has on each data set: the causal rows of a record, and how many predict the answer.
+"""How many terms Eq. 10's sum has on each data set: the causal rows of a record, and how many predict its target.
 
     python experiments/row_counts.py --model <SmolLM2 folder> --authors-data <CAT repo folder>
     python experiments/row_counts.py --model <folder> --authors-data <folder> --data stg_s,mawps --limit 0
 
-L_attn = sum_i max(0, α − C_i/N_i) has one term per row that sees a causal and another token (train.row_counts,
-which train.py also prints before training). On STG_E those are the few rows that predict the answer; the authors'
-downstream annotations also link phrases inside the question, so most of their rows sit in the prompt, and the
-same α gives a sum several times larger beside the same L_next. The authors' published loss (train.py --attn-loss
-div) averages over the rows instead. Writes a Markdown table to standard output; reads the tokenizer only.
+L_attn = sum_i max(0, α − C_i/N_i) has one term per row that sees a causal and another token (train.row_counts;
+train.py records the counts in train_config.json, extra.cat_rows, and prints them for CAT runs). On STG_E those are
+the few rows that predict the answer; the authors' downstream annotations also link phrases inside the question, so
+most of their rows sit in the prompt, and the same α gives a sum several times larger beside the same L_next. The
+authors' published loss (train.py --attn-loss div) averages over the rows instead. Records longer than train.py's
+--max-len are left out, as in training. Writes a Markdown table to standard output; reads the tokenizer only.
 """
 import statistics
 import sys
@@ -33,19 +34,21 @@ class RowsConfig:
 
 
 def table(cfg: RowsConfig) -> str:
-    tok = M.Tokenizer.from_dir(M._resolve(cfg.model))
-    study = StudyConfig(authors_data=cfg.authors_data)
-    lines = ["| data set | records read | tokens per record | target tokens (with EOS) | causal rows per annotated record | "
-             "of them predicting the answer |", "|---|---|---|---|---|---|"]
+    tok = M.load_tokenizer(cfg.model)
+    study, max_len = StudyConfig(authors_data=cfg.authors_data), train.TrainConfig().max_len
+    lines = ["| data set | records read | tokens per record | target tokens (with EOS) | causal rows per annotated "
+             "record | of them predicting target tokens |", "|---|---|---|---|---|---|"]
     for data in items(cfg.data):
         train_file, _ = data_files(study, data)
         records = stg.read_records(train_file)
         records = records[:cfg.limit] if cfg.limit > 0 else records
-        examples = [train.encode(record, tok)[0] for record in records]
+        examples = [ex for ex in (train.encode(record, tok)[0] for record in records) if len(ex.ids) <= max_len]
+        if not examples:   # as training: records over --max-len are left out
+            raise stg.InputError(f"{train_file}: no record of at most {max_len} tokens to count")
         counts = train.row_counts(examples)
         lines.append(f"| {data} | {len(examples)} | {statistics.fmean(len(ex.ids) for ex in examples):.0f} | "
                      f"{statistics.fmean(ex.n_targets for ex in examples):.1f} | {counts['rows']:.1f} | "
-                     f"{counts['answer_rows']:.1f} |")
+                     f"{counts['target_rows']:.1f} |")
     return "\n".join(lines)
 
 

@@ -104,9 +104,10 @@ def test_checker_edges():
 
 @pytest.mark.parametrize("answer,repeats", [
     ("5.0", True), ("5", True), ("Answer: 89.0", True), ("84.0", False), ("1,093", True), ("0.5", True),
-    (".5", True), ("-5", False), (None, False), ("no number", False), ("50", False)])
+    (".5", True), ("-5", True), ("2", True), ("2:13", False), ("6 (bags)", False), ("7 (bags)", True), (None, False),
+    ("no number", False), ("50", False)])
 def test_repeats_a_number_of_the_question(answer, repeats):
-    question = "Ruth starts with 89 apples. She shares 5 with Peter, then 1,093 more and 0.5 of a pie."
+    question = "Ruth starts with 89 apples. She shares 5 with Peter, then 1,093 more, 0.5 of a pie and 10-2 = 7 bags."
     assert ev.repeats_a_number(question, answer) is repeats
 
 

@@ -324,9 +324,9 @@ def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
 
 def test_the_machine_names_whether_it_multiplies_bf16_natively(monkeypatch):
     study = alpha_study()            # two CPUs of one model name can differ there, and --dtype auto follows it
-    monkeypatch.setattr(study.model, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(study.M, "native_bf16_cpu", lambda: True)
     assert study.machine().endswith(f", {os.cpu_count()} cores, native bf16")
-    monkeypatch.setattr(study.model, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(study.M, "native_bf16_cpu", lambda: False)
     assert study.machine().endswith(f", {os.cpu_count()} cores, no native bf16")
 
 
@@ -347,7 +347,7 @@ def test_row_counts_reads_each_data_set_through_the_training_encoder(tmp_path):
                             "--limit", "2"])
     row = next(line for line in text.splitlines() if line.startswith("| mawps |")).strip("| ").split(" | ")
     expected = train.row_counts([train.encode(r, tok)[0] for r in records[:2]])      # the first two records only
-    assert row[1] == "2" and row[4] == f"{expected['rows']:.1f}" and row[5] == f"{expected['answer_rows']:.1f}"
+    assert row[1] == "2" and row[4] == f"{expected['rows']:.1f}" and row[5] == f"{expected['target_rows']:.1f}"
     assert float(row[4]) > float(row[5]) > 0          # rows inside the prompt, and rows predicting the answer
     with pytest.raises(stg.InputError, match="--data nope"):
         row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "nope"])
@@ -388,3 +388,18 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path):
     (authors / "MAWPS/mawps_test.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
     with pytest.raises(stg.InputError, match="another number of records"):
         copies.main(["--studies", str(folder), "--authors-data", str(authors)])
+
+
+def test_a_study_of_gpt4o_alone_reads_its_own_vanilla_runs(tmp_path):
+    study = alpha_study()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study_config.json").write_text(json.dumps({"revision": "abc"}))
+    fake_run(out / "mawps-gpt4o-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)   # run by jobs()
+    fake_run(out / "mawps-gpt4o-k2-s42", 0.9, [True, True, True, False], "abc", val=0.7)
+    cfg = study.StudyConfig(model="m", data="mawps-gpt4o", settings="vanilla,k2", seeds="42", out=str(out))
+    assert study.run_source(cfg, "mawps-gpt4o", "vanilla") == "mawps-gpt4o"
+    assert study.summarize(cfg, out)["data"]["mawps-gpt4o"]["paired"]["k2"]["mean"] == pytest.approx(0.5)
+    both = study.StudyConfig(model="m", data="mawps,mawps-gpt4o", settings="vanilla,k2", seeds="42", out=str(out))
+    assert study.run_source(both, "mawps-gpt4o", "vanilla") == "mawps"
+    assert study.run_source(both, "mawps-gpt4o", "k2") == "mawps-gpt4o"

@@ -81,7 +81,7 @@ def test_a_run_with_alpha_scale_resumes_with_the_alpha_it_placed(stg_file, tmp_p
     placed = json.loads((run / "train_config.json").read_text())["alpha"]
     assert placed > 0
     rows = json.loads((run / "train_config.json").read_text())["extra"]["cat_rows"]   # recorded, and printed
-    assert rows["rows"] >= rows["answer_rows"] > 0 and f"L_attn sums over {rows['rows']:.1f}" in capsys.readouterr().out
+    assert rows["rows"] >= rows["target_rows"] > 0 and f"L_attn runs over {rows['rows']:.1f}" in capsys.readouterr().out
     train.train(train.parse_args(["--resume", str(run)]))
     assert json.loads((run / "train_config.json").read_text())["alpha"] == placed
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4

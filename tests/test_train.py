@@ -274,11 +274,11 @@ def test_row_counts_match_a_loop_over_the_shifted_adjacency(tmp_path):
                 rows += 1
                 answer += i >= ex.n_prompt - 1           # row i predicts token i + 1, a target token from n_prompt on
         expected.append((rows, answer))
-    assert [(ex.n_cat_rows, ex.n_cat_answer_rows) for ex in examples[:2]] == expected
+    assert [(ex.n_cat_rows, ex.n_cat_target_rows) for ex in examples[:2]] == expected
     target = tok.backend.encode("Answer: 7.0", add_special_tokens=False)
     ids_7 = sum(end > len("Answer: ") for _, end in target.offsets)     # the tokens of "7.0" in the target
     assert expected[0][1] == ids_7 and expected[0][0] > ids_7     # the answer's rows, and more inside the prompt
     counts = train.row_counts(examples)
     assert counts["annotated"] == 2                                  # the record without annotation is not averaged
     assert counts["rows"] == pytest.approx((expected[0][0] + expected[1][0]) / 2)
-    assert counts["answer_rows"] == pytest.approx((expected[0][1] + expected[1][1]) / 2)
+    assert counts["target_rows"] == pytest.approx((expected[0][1] + expected[1][1]) / 2)
