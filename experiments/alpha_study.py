@@ -269,9 +269,16 @@ def git_revision() -> str:
 def summarize(cfg: StudyConfig, out: Path) -> dict:
     settings, seeds = items(cfg.settings), items(cfg.seeds, int)
     summary = {"config": dataclasses.asdict(cfg), "data": {}}
+    finished = {}    # run name -> its run, each read once (a shared vanilla run serves two data sets)
     for data in items(cfg.data):
-        runs = {st: {s: r for s in seeds if (r := read_run(out / run_name(run_source(cfg, data, st), st, s)))}
-                for st in settings}
+        runs = {st: {} for st in settings}
+        for st in settings:
+            for s in seeds:
+                name = run_name(run_source(cfg, data, st), st, s)
+                if name not in finished and (run := read_run(out / name)) is not None:
+                    finished[name] = run
+                if name in finished:
+                    runs[st][s] = finished[name]
         any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
         splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
         main = main_split(splits) if splits else None
@@ -302,15 +309,11 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
     # revision / machine -> its runs (a run that recorded no revision: the study's)
     revisions, threads, machines, precisions = {}, set(), {}, {}
-    for data in items(cfg.data):
-        for st in settings:
-            for s in seeds:
-                name = run_name(data, st, s)
-                if (run := read_run(out / name)) is not None:
-                    revisions.setdefault(run["revision"] or summary["revision"], []).append(name)
-                    threads.add(run["threads"] or "not recorded")
-                    machines.setdefault(run["machine"] or "not recorded", []).append(name)
-                    precisions.setdefault(run["dtype"] or "not recorded", []).append(name)
+    for name, run in finished.items():
+        revisions.setdefault(run["revision"] or summary["revision"], []).append(name)
+        threads.add(run["threads"] or "not recorded")
+        machines.setdefault(run["machine"] or "not recorded", []).append(name)
+        precisions.setdefault(run["dtype"] or "not recorded", []).append(name)
     summary["revisions"], summary["threads"], summary["machines"] = revisions, sorted(map(str, threads)), machines
     summary["precisions"] = precisions
     return summary
