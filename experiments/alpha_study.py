@@ -331,17 +331,22 @@ def number(stat: dict | None, digits: int = 2) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
 
 
+def with_runs(value, names: list[str]) -> str:
+    """"value (3 runs)": a revision, machine or precision and how many runs had it."""
+    return f"{value} ({len(names)} run{'s' * (len(names) != 1)})"
+
+
 def markdown(summary: dict) -> str:
     cfg = summary["config"]
     revisions = summary.get("revisions") or {summary["revision"]: []}
     lines = [f"# α study: {Path(cfg['model']).name}, full fine-tuning", "",
-             "Revision " + "; ".join(f"{rev} ({len(names)} run{'s' * (len(names) != 1)})" if len(revisions) > 1
-                                     else str(rev) for rev, names in revisions.items())
-             + "; runs on " + ("; ".join(f"{m} ({len(n)} run{'s' * (len(n) != 1)})"
-                                         for m, n in summary.get("machines", {}).items()) or summary["machine"])
+             "Revision " + "; ".join(with_runs(rev, names) if len(revisions) > 1 else str(rev)
+                                     for rev, names in revisions.items())
+             + "; runs on " + ("; ".join(with_runs(m, n) for m, n in summary.get("machines", {}).items())
+                               or summary["machine"])
              + f", torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
-             + ", precision: " + (", ".join(f"{dtype} ({len(n)} run{'s' * (len(n) != 1)})"
-                                            for dtype, n in summary.get("precisions", {}).items()) or "—")
+             + ", precision: " + (", ".join(with_runs(dtype, n) for dtype, n in summary.get("precisions", {}).items())
+                                  or "—")
              + ". Command: `python experiments/alpha_study.py "
              f"--model {cfg['model']} --authors-data <folder> --data {cfg['data']} --settings {cfg['settings']} "
              f"--seeds {cfg['seeds']} --out {cfg['out']}" + (" -- " + " ".join(cfg["train_args"]) if cfg["train_args"]
