@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -403,3 +404,33 @@ def test_a_study_of_gpt4o_alone_reads_its_own_vanilla_runs(tmp_path):
     both = study.StudyConfig(model="m", data="mawps,mawps-gpt4o", settings="vanilla,k2", seeds="42", out=str(out))
     assert study.run_source(both, "mawps-gpt4o", "vanilla") == "mawps"
     assert study.run_source(both, "mawps-gpt4o", "k2") == "mawps-gpt4o"
+
+
+def test_bf16_updates_counts_the_entries_whose_bf16_copy_moves(tmp_path):
+    import bf16_updates
+    import model as M
+    import train
+    # by hand, bf16 steps (8 significant bits): 2^-7 at 1.0, 2^-6 at 3.0, 2^-8 at 0.5, 2^-14 at 2^-7; +0.003 is under
+    # half a step at 1.0 (0.0039) and 3.0 (0.0078), so they round back; over it at 0.5 (0.00195) and 2^-7, so they move
+    w = torch.tensor([[1.0, 2.0 ** -7, 0.5, 3.0]])
+    assert bf16_updates.moved_share([w], 0.003) == 0.5        # 1.0 and 3.0 stay, 2^-7 and 0.5 move
+    assert bf16_updates.moved_share([w], 0.0) == 0.0
+
+    records = [{"input": "Smoking: 8 Answer: ", "target": "High Risk"}]
+    cfg = train.TrainConfig(model="scratch", data="x", scratch_dim=32, scratch_layers=2, scratch_heads=2,
+                            scratch_vocab=300)
+    model, tok, _ = train.build_model(cfg, records, "cpu", None)
+    with torch.no_grad():                      # a bf16 checkpoint: every weight on the bf16 grid
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    M.save_model(model, tok, tmp_path / "m")
+    text = bf16_updates.main(["--model", str(tmp_path / "m"), "--lr", "1e-3", "--total-steps", "100",
+                              "--show", "1,3"])
+    assert "all on the bf16 grid" in text
+    matrices = [p.detach().flatten().tolist() for p in model.parameters() if p.ndim == 2]
+    entries = [x for m in matrices for x in m]
+    for step, shift in ((1, 1e-3 / 10), (3, 1e-3 * (1 + 2 + 3) / 10)):   # warm-up: 10 steps, lr × k / 10
+        bf16 = lambda x: torch.tensor(x).bfloat16().item()                  # noqa: E731
+        expected = sum(bf16(x + shift) != bf16(x) for x in entries) / len(entries)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {step} |")).strip("| ").split(" | ")
+        assert row[2] == f"{shift:.2e}" and row[3] == f"{100 * expected:.2f} %"
