@@ -66,6 +66,7 @@ AUTHORS_FILES = {  # data set -> (training file, {split: test file}) in the auth
 # a data set whose records equal another's but for their annotations: vanilla reads no annotation, so its vanilla
 # runs are the other's (the same records, seed and code give the same run) and are not run twice
 SAME_RECORDS = {"mawps-gpt4o": "mawps"}
+MAX_LABELS = 4     # a test file with at most this many distinct answers is a label task: recall per label
 KEEP = ("train_config.json", "metrics.jsonl", "results.json", "wall_time.json", "outcomes.json")
 
 
@@ -245,6 +246,28 @@ def paired_difference(cat: dict, vanilla: dict, split: str, resamples: int = 200
                                             vanilla[s]["outcomes"][split]["correct"]) for s in seeds}}
 
 
+def recall_by_label(cfg: StudyConfig, data: str, split: str, runs: dict) -> dict:
+    """What the accuracy on `split` is made of, for a label task (STG_E: "High Risk" / "Low Risk"): per gold answer,
+    the share of its test records each setting got right, mean ± std over seeds. Reads the test file for the gold
+    answers (they are not committed with the runs), so {} when it is not readable here (--authors-data), when the
+    task has more than MAX_LABELS distinct answers, or when the runs answered another number of records."""
+    try:
+        gold = [str(r["target"]).strip() for r in stg.read_records(data_files(cfg, data)[1][split])]
+    except (stg.InputError, KeyError):
+        return {}
+    labels = sorted(set(gold), key=lambda label: (-gold.count(label), label))      # the majority answer first
+    if len(labels) > MAX_LABELS:
+        return {}
+    rows = {}
+    for st, by_seed in runs.items():
+        outcomes = [run["outcomes"][split]["correct"] for run in by_seed.values()]
+        if not outcomes or any(len(correct) != len(gold) for correct in outcomes):
+            continue
+        rows[st] = {label: mean_std([statistics.fmean(c for c, g in zip(correct, gold) if g == label)
+                                     for correct in outcomes]) for label in labels}
+    return {"labels": {label: gold.count(label) for label in labels}, "rows": rows} if rows else {}
+
+
 def machine() -> str:
     """The CPU's model name, core count and whether it multiplies bf16 natively (what a wall time depends on: two
     CPUs of one model name can differ there, and on a CPU --dtype auto picks bf16 or float32 by it)."""
@@ -302,6 +325,7 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                                  or [float("nan")]),
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {},
+            "recall": recall_by_label(cfg, data, main, runs) if main else {},
             "paired_by_split": {st: {s: paired_difference(runs[st], runs["vanilla"], s) for s in splits if s != "val"}
                                 for st in rows if st != "vanilla"} if "vanilla" in runs else {}}
     summary["machine"] = machine()
@@ -380,6 +404,13 @@ def markdown(summary: dict) -> str:
             lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "
                       + ", ".join(f"seed {s}: {100 * v:+.2f} (McNemar p = {paired['mcnemar_p'][s]:.3f})"
                                   for s, v in paired["per_seed"].items()) + "."]
+        if d.get("recall"):
+            labels = d["recall"]["labels"]
+            lines += ["", f"What the {main} accuracy is made of: per gold answer, the share of its records answered "
+                      "right.", "", "| setting | " + " | ".join(f"{label} ({n} records)" for label, n in labels.items())
+                      + " |", "|---" * (len(labels) + 1) + "|"]
+            lines += [f"| {st} | " + " | ".join(pct(row[label]) for label in labels) + " |"
+                      for st, row in d["recall"]["rows"].items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -434,3 +434,27 @@ def test_bf16_updates_counts_the_entries_whose_bf16_copy_moves(tmp_path):
         expected = sum(bf16(x + shift) != bf16(x) for x in entries) / len(entries)
         row = next(line for line in text.splitlines() if line.startswith(f"| {step} |")).strip("| ").split(" | ")
         assert row[2] == f"{shift:.2e}" and row[3] == f"{100 * expected:.2f} %"
+
+
+def test_the_summary_splits_a_label_tasks_accuracy_by_gold_answer(tmp_path):
+    study = alpha_study()
+    authors = fake_authors_data(tmp_path / "authors")
+    stg.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": "q", "target": t} for t in "AABBB"])
+    out = tmp_path / "out"
+    fake_run(out / "mawps-vanilla-s42", 0.0, [True, True, False, False, True], "r", val=0.5)
+    fake_run(out / "mawps-vanilla-s1", 0.0, [True, False, False, False, False], "r", val=0.5)
+    fake_run(out / "mawps-k2-s42", 0.8, [False, False, True, True, True], "r", val=0.6)
+    cfg = study.StudyConfig(model="m", authors_data=str(authors), data="mawps", settings="vanilla,k2",
+                            seeds="42,1", out=str(out))
+    recall = study.summarize(cfg, out)["data"]["mawps"]["recall"]
+    assert recall["labels"] == {"B": 3, "A": 2}                          # the majority answer first
+    vanilla, k2 = recall["rows"]["vanilla"], recall["rows"]["k2"]
+    assert vanilla["A"]["mean"] == pytest.approx((2 / 2 + 1 / 2) / 2)   # seed 42: both A right; seed 1: one of two
+    assert vanilla["B"]["mean"] == pytest.approx((1 / 3 + 0 / 3) / 2)
+    assert k2["A"]["mean"] == 0.0 and k2["B"]["mean"] == 1.0 and k2["B"]["std"] is None      # one seed
+    text = study.markdown(study.summarize(cfg, out))
+    assert "| setting | B (3 records) | A (2 records) |" in text and "| k2 | 100.00 | 0.00 |" in text
+    stg.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": "q", "target": t} for t in "ABCDE"])
+    assert study.summarize(cfg, out)["data"]["mawps"]["recall"] == {}      # five answers: not a label task
+    cfg.authors_data = str(tmp_path / "elsewhere")                         # the test file not readable here
+    assert study.summarize(cfg, out)["data"]["mawps"]["recall"] == {}
