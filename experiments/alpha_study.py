@@ -27,6 +27,7 @@ the files that copy the data (predictions, val.jsonl) are ignored by the .gitign
 layout for the chosen setting, the paired per-seed OOD difference with a 95 % bootstrap interval over test records
 and McNemar's exact test per seed, wall times, the machine and the revision; <out>/figure4_<data>.png.
 """
+import collections
 import contextlib
 import dataclasses
 import json
@@ -255,7 +256,8 @@ def recall_by_label(cfg: StudyConfig, data: str, split: str, runs: dict) -> dict
         gold = [str(r["target"]).strip() for r in stg.read_records(data_files(cfg, data)[1][split])]
     except (stg.InputError, KeyError):
         return {}
-    labels = sorted(set(gold), key=lambda label: (-gold.count(label), label))      # the majority answer first
+    counts = collections.Counter(gold)
+    labels = sorted(counts, key=lambda label: (-counts[label], label))      # the majority answer first
     if len(labels) > MAX_LABELS:
         return {}
     rows = {}
@@ -265,7 +267,7 @@ def recall_by_label(cfg: StudyConfig, data: str, split: str, runs: dict) -> dict
             continue
         rows[st] = {label: mean_std([statistics.fmean(c for c, g in zip(correct, gold) if g == label)
                                      for correct in outcomes]) for label in labels}
-    return {"labels": {label: gold.count(label) for label in labels}, "rows": rows} if rows else {}
+    return {"labels": {label: counts[label] for label in labels}, "rows": rows} if rows else {}
 
 
 def machine() -> str:

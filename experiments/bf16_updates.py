@@ -52,11 +52,11 @@ def table(cfg: UpdatesConfig) -> str:
              + ("all on the bf16 grid (a bf16 checkpoint)" if on_grid else "not all on the bf16 grid"), "",
              "| steps | learning rate of the last step | sum of the learning rates | entries whose bf16 copy moved |",
              "|---|---|---|---|"]
-    moved = 0.0
-    for step in range(max(items(cfg.show, int))):
+    moved, show = 0.0, set(items(cfg.show, int))
+    for step in range(max(show)):
         lr = train.lr_at(step, cfg.total_steps, schedule)
         moved += lr
-        if step + 1 in items(cfg.show, int):
+        if step + 1 in show:
             lines.append(f"| {step + 1} | {lr:.2e} | {moved:.2e} | {100 * moved_share(matrices, moved):.2f} % |")
     return "\n".join(lines)
 

@@ -429,8 +429,8 @@ def test_bf16_updates_counts_the_entries_whose_bf16_copy_moves(tmp_path):
     assert "all on the bf16 grid" in text
     matrices = [p.detach().flatten().tolist() for p in model.parameters() if p.ndim == 2]
     entries = [x for m in matrices for x in m]
+    bf16 = lambda x: torch.tensor(x).bfloat16().item()                      # noqa: E731
     for step, shift in ((1, 1e-3 / 10), (3, 1e-3 * (1 + 2 + 3) / 10)):   # warm-up: 10 steps, lr × k / 10
-        bf16 = lambda x: torch.tensor(x).bfloat16().item()                  # noqa: E731
         expected = sum(bf16(x + shift) != bf16(x) for x in entries) / len(entries)
         row = next(line for line in text.splitlines() if line.startswith(f"| {step} |")).strip("| ").split(" | ")
         assert row[2] == f"{shift:.2e}" and row[3] == f"{100 * expected:.2f} %"
