@@ -458,3 +458,62 @@ def test_the_summary_splits_a_label_tasks_accuracy_by_gold_answer(tmp_path):
     assert study.summarize(cfg, out)["data"]["mawps"]["recall"] == {}      # five answers: not a label task
     cfg.authors_data = str(tmp_path / "elsewhere")                         # the test file not readable here
     assert study.summarize(cfg, out)["data"]["mawps"]["recall"] == {}
+
+
+def test_attributes_measures_how_the_answers_depend_on_each_attribute(tmp_path):
+    import attributes
+    study = alpha_study()
+    authors = fake_authors_data(tmp_path / "authors")
+    names = attributes.ATTRIBUTES                                          # Smoking first, the rest held constant
+
+    def record(smoking: int, target: str) -> dict:
+        text = ", ".join(f"{n}: {smoking if n == 'Smoking' else 5}" for n in names)
+        return {"input": f"{stg.QUESTION_E}{text} Answer: ", "target": target}
+    test = [record(1, "Low Risk"), record(1, "High Risk"), record(2, "High Risk"), record(2, "High Risk")]
+    stg.write_jsonl(authors / "STG/spurious_token_game_ood3_2.jsonl", test)
+    stg.write_jsonl(authors / "STG/spurious_token_game_train3_S.jsonl", [record(1, "Low Risk")])
+    folder = tmp_path / "alpha-study"
+    folder.mkdir()
+    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="stg_s", settings="vanilla,k2",
+                                                          seeds="42,1", out=str(folder))), "revision": "abc"}
+    (folder / "study_config.json").write_text(json.dumps(config))
+    answers = {("vanilla", 42): ["High Risk", "Low Risk", "Low Risk", "High Risk"],   # independent of Smoking
+               ("vanilla", 1): ["Low Risk"] * 4,                                      # constant: depends on nothing
+               ("k2", 42): ["Low Risk", "Low Risk", "High Risk", "High Risk"]}        # a function of Smoking
+    for (setting, seed), given in answers.items():
+        run = folder / f"stg_s-{setting}-s{seed}"
+        fake_run(run, 0.0, [True] * 4, "abc", val=0.5)
+        correct = [a == r["target"] for a, r in zip(given, test)]
+        (run / "outcomes.json").write_text(json.dumps({"ood": {"answer": given, "correct": correct}}))
+
+    def eta(values, answers):                      # the definition, written out: between-value over total spread
+        mean = sum(answers) / len(answers)
+        total = sum((a - mean) ** 2 for a in answers)
+        between = 0.0
+        for v in set(values):
+            group = [a for x, a in zip(values, answers) if x == v]
+            between += len(group) * (sum(group) / len(group) - mean) ** 2
+        return (between / total) ** 0.5
+    smoking = [1, 1, 2, 2]
+    assert attributes.dependence(smoking, [0, 1, 1, 1]) == pytest.approx(eta(smoking, [0, 1, 1, 1]))
+    assert attributes.dependence(smoking, [0, 1, 1, 1]) == pytest.approx(3 ** -0.5)     # by hand: 0.25 / 0.75
+    assert attributes.dependence(smoking, [1, 0, 0, 1]) == 0.0
+    assert attributes.dependence([5] * 4, [0, 1, 1, 1]) == 0.0 and attributes.dependence(smoking, [0] * 4) is None
+    assert attributes.floor(smoking) == pytest.approx((1 / 3) ** 0.5) and attributes.floor([5] * 4) == 0.0
+    assert attributes.share_by_value(smoking, [0, 1, 1, 1]) == {1: 0.5, 2: 1.0}
+
+    text = attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure"])
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()[2:]]
+    rows = {row[2]: row for row in cells}
+    assert rows["gold"][5:] == ["75.0 %", "0.58"] + ["0.00"] * 7
+    assert rows["vanilla"][3:7] == ["2", "25.00", "25.0 %", "0.00"]       # seed 1's constant answers: no η
+    assert rows["k2"][3:7] == ["1", "75.00", "50.0 %", "1.00"]
+    assert rows["none (independent of the attribute)"][-8:] == ["0.58"] + ["0.00"] * 7
+    found = attributes.study_rows(folder, attributes.AttributesConfig(authors_data=str(authors)))
+    assert found[0]["trained"]["Smoking"] == [1]           # the shaded values of the figure: Smoking 2 is unseen
+    if importlib.util.find_spec("matplotlib"):               # the figure is drawn only with matplotlib
+        attributes.main(["--studies", str(folder), "--authors-data", str(authors)])
+        assert (folder / "attributes_stg_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (authors / "STG/spurious_token_game_ood3_2.jsonl").write_text(json.dumps(test[0]) + "\n")
+    with pytest.raises(stg.InputError, match="another number of records"):
+        attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure"])
