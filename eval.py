@@ -193,18 +193,19 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], *, batch_size: 
 # ---------------------------------------------------------------------------------------------
 # Attention analysis (Figures 3 and 5)
 
-def prompt_kinds(tokenizer, text: str, task: str) -> tuple[list[int], list[str], list[str | None]]:
-    """Prompt ids ([bos?] + ids(text)), each token's text, and each token's factor kind (None outside the
-    "Name: value" phrases stg.attribute_spans finds; a token overlapping two phrases takes the later's kind)."""
+def prompt_kinds(tokenizer, text: str, task: str) -> tuple[list[int], list[str], list[str | None], list[str | None]]:
+    """Prompt ids ([bos?] + ids(text)), each token's text, each token's factor kind and attribute name (None
+    outside the "Name: value" phrases stg.attribute_spans finds; a token overlapping two phrases takes the later's)."""
     ids, offsets = cat.token_offsets(text, tokenizer.backend)
     labels = [text[start:end].strip() or "␣" for start, end in offsets]  # ␣: a token that is only a space
     kinds: list[str | None] = [None] * len(ids)
-    for _name, kind, start, end in stg.attribute_spans(text, task):
+    names: list[str | None] = [None] * len(ids)
+    for name, kind, start, end in stg.attribute_spans(text, task):
         for t in cat.tokens_in_span(offsets, start, end):
-            kinds[t] = kind
+            kinds[t], names[t] = kind, name
     if tokenizer.bos_id is not None:
-        return [tokenizer.bos_id] + ids, ["<bos>"] + labels, [None] + kinds
-    return ids, labels, kinds
+        return [tokenizer.bos_id] + ids, ["<bos>"] + labels, [None] + kinds, [None] + names
+    return ids, labels, kinds, names
 
 
 def kind_numbers(row: torch.Tensor, kinds: list[str | None]) -> dict:
@@ -222,28 +223,38 @@ def kind_numbers(row: torch.Tensor, kinds: list[str | None]) -> dict:
     return {"mean": mean, "share": {kind: mass[kind] / total for kind in KINDS}}
 
 
+def attribute_numbers(row: torch.Tensor, names: list[str | None]) -> dict[str, float]:
+    """From one row of Ā (T,): mean attention per token of each attribute's "Name: value" phrase."""
+    index = {}
+    for j, name in enumerate(names):
+        if name is not None:
+            index.setdefault(name, []).append(j)
+    return {name: float(row[js].sum()) / len(js) for name, js in index.items()}
+
+
 def attention_by_kind(model, tokenizer, records: list[dict], task: str) -> tuple[list[dict], dict]:
     """CAT Figure 3: for each record, the attention that the answer row (the last prompt position, which
     predicts the first answer token, §4.2) puts on causal, spurious and irrelevant tokens in the average map
-    Ā = 1/(L·H) Σ_l Σ_h softmax(Q Kᵀ/√d_k). Returns kind_numbers per record, and the first record's Ā (T, T)
-    with its token labels and kinds for Figure 5."""
+    Ā = 1/(L·H) Σ_l Σ_h softmax(Q Kᵀ/√d_k). Returns kind_numbers per record (attribute_numbers under
+    "attribute"), and the first record's Ā (T, T) with its token labels and kinds for Figure 5."""
     device = next(model.parameters()).device
     prompts = [prompt_kinds(tokenizer, r["input"], task) for r in records]
     numbers, example = [], None
     for start in tqdm(range(0, len(prompts), ATTENTION_BATCH), desc="attention", unit="batch"):
         batch = prompts[start:start + ATTENTION_BATCH]
-        lengths = [len(ids) for ids, _, _ in batch]
+        lengths = [len(ids) for ids, *_ in batch]
         ids = torch.full((len(batch), max(lengths)), tokenizer.pad_id, dtype=torch.long)  # (B, T), right-padded
         pad_mask = torch.zeros_like(ids)                                          # (B, T), 1 = real token
-        for b, (prompt, _, _) in enumerate(batch):
+        for b, (prompt, *_) in enumerate(batch):
             ids[b, :len(prompt)] = torch.tensor(prompt)
             pad_mask[b, :len(prompt)] = 1
         out = model(ids.to(device), attention_mask=pad_mask.to(device), return_attn=True)
         avg = cat.average_attention(out.attentions).float().cpu()  # (B, T, T)
-        for b, (_, _, kinds) in enumerate(batch):
-            numbers.append(kind_numbers(avg[b, lengths[b] - 1], kinds))  # row T-1 predicts the answer
+        for b, (_, _, kinds, names) in enumerate(batch):
+            row = avg[b, lengths[b] - 1]                              # row T-1 predicts the answer
+            numbers.append({**kind_numbers(row, kinds), "attribute": attribute_numbers(row, names)})
         if example is None:
-            _, labels, kinds = batch[0]
+            _, labels, kinds, _ = batch[0]
             example = {"map": avg[0, :lengths[0], :lengths[0]], "labels": labels, "kinds": kinds}
     return numbers, example
 
@@ -253,6 +264,15 @@ def summarize_attention(numbers: list[dict]) -> dict:
     return {kind: {"mean": statistics.fmean(n["mean"][kind] for n in numbers),
                    "median": statistics.median(n["mean"][kind] for n in numbers),
                    "share": statistics.fmean(n["share"][kind] for n in numbers)} for kind in KINDS}
+
+
+def summarize_attribute_attention(numbers: list[dict]) -> dict[str, float]:
+    """Per attribute, over the records that name it: the mean per-token attention from the answer row."""
+    per_name = {}
+    for n in numbers:
+        for name, value in n["attribute"].items():
+            per_name.setdefault(name, []).append(value)
+    return {name: statistics.fmean(values) for name, values in per_name.items()}
 
 
 def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path, name: str) -> list[Path]:
@@ -378,6 +398,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
             if attention:  # the example drawn is the last split's first record: OOD for STG, where the trap shows
                 numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
                 results[split]["attention"] = summarize_attention(numbers[split])
+                results[split]["attention_by_attribute"] = summarize_attribute_attention(numbers[split])
                 for row, n in zip(rows, numbers[split]):
                     row["attention"] = n["mean"]
             if out_dir is not None:
