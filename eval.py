@@ -209,8 +209,8 @@ def prompt_kinds(tokenizer, text: str, task: str) -> tuple[list[int], list[str],
 
 
 def kind_numbers(row: torch.Tensor, kinds: list[str | None]) -> dict:
-    """From one row of Ā (T,): mean attention per token of each kind, and each kind's share of the attention
-    on all attribute tokens."""
+    """From one row of Ā (T,): mean attention per token of each kind, each kind's share of the attention on all
+    attribute tokens, and the row's attention on the first token (the attention sink) and on all attribute tokens."""
     mass = {}
     mean = {}
     for kind in KINDS:
@@ -220,7 +220,8 @@ def kind_numbers(row: torch.Tensor, kinds: list[str | None]) -> dict:
         mass[kind] = float(row[index].sum())
         mean[kind] = mass[kind] / len(index)
     total = sum(mass.values())
-    return {"mean": mean, "share": {kind: mass[kind] / total for kind in KINDS}}
+    return {"mean": mean, "share": {kind: mass[kind] / total for kind in KINDS},
+            "mass": {"first token": float(row[0]), "attributes": total}}
 
 
 def attribute_numbers(row: torch.Tensor, names: list[str | None]) -> dict[str, float]:
@@ -264,6 +265,13 @@ def summarize_attention(numbers: list[dict]) -> dict:
     return {kind: {"mean": statistics.fmean(n["mean"][kind] for n in numbers),
                    "median": statistics.median(n["mean"][kind] for n in numbers),
                    "share": statistics.fmean(n["share"][kind] for n in numbers)} for kind in KINDS}
+
+
+def summarize_attention_mass(numbers: list[dict]) -> dict[str, float]:
+    """Where the answer row's attention goes, mean over records: the first token, the attribute tokens, the rest."""
+    first = statistics.fmean(n["mass"]["first token"] for n in numbers)
+    attributes = statistics.fmean(n["mass"]["attributes"] for n in numbers)
+    return {"first token": first, "attributes": attributes, "rest": 1.0 - first - attributes}
 
 
 def summarize_attribute_attention(numbers: list[dict]) -> dict[str, float]:
@@ -399,6 +407,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
                 numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
                 results[split]["attention"] = summarize_attention(numbers[split])
                 results[split]["attention_by_attribute"] = summarize_attribute_attention(numbers[split])
+                results[split]["attention_mass"] = summarize_attention_mass(numbers[split])
                 for row, n in zip(rows, numbers[split]):
                     row["attention"] = n["mean"]
             if out_dir is not None:

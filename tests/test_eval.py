@@ -233,7 +233,7 @@ def plain_attention_numbers(model, tokenizer, text):
     count = {k: sum(kt == k for kt in kind_of.values()) for k in ev.KINDS}
     by_name = {n: [float(row[t]) for t, nt in name_of.items() if nt == n] for n in set(name_of.values())}
     return ({k: mass[k] / count[k] for k in ev.KINDS}, {k: mass[k] / sum(mass.values()) for k in ev.KINDS},
-            {n: sum(v) / len(v) for n, v in by_name.items()})
+            {n: sum(v) / len(v) for n, v in by_name.items()}, (float(row[0]), sum(mass.values())))
 
 
 def test_attention_numbers_equal_plain_loop(tiny, stg_data, tmp_path):
@@ -245,19 +245,22 @@ def test_attention_numbers_equal_plain_loop(tiny, stg_data, tmp_path):
         records = stg.read_records(stg_data.tests[split])
         reference = [plain_attention_numbers(model, tokenizer, r["input"]) for r in records]
         rows = read_jsonl(tmp_path / f"predictions_stg_tiny_{split}.jsonl")
-        for row, (mean, _share, _by_name) in zip(rows, reference):
+        for row, (mean, *_) in zip(rows, reference):
             assert row["attention"] == pytest.approx(mean, rel=1e-5)
         summary = results[split]["attention"]
         for kind in ev.KINDS:
-            per_token = sorted(mean[kind] for mean, _, _ in reference)
+            per_token = sorted(mean[kind] for mean, *_ in reference)
             assert summary[kind]["mean"] == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
             assert summary[kind]["median"] == pytest.approx(per_token[len(per_token) // 2], rel=1e-5)
             assert summary[kind]["share"] == pytest.approx(
-                sum(share[kind] for _, share, _ in reference) / len(reference), rel=1e-5)
+                sum(share[kind] for _, share, *_ in reference) / len(reference), rel=1e-5)
         by_attribute = results[split]["attention_by_attribute"]
         assert set(by_attribute) == set(stg.E_CAUSAL) | set(stg.E_SPURIOUS) | set(stg.E_IRRELEVANT)
         for name, value in by_attribute.items():
             assert value == pytest.approx(sum(r[2][name] for r in reference) / len(reference), rel=1e-5)
+        first, attributes = (sum(r[3][i] for r in reference) / len(reference) for i in (0, 1))
+        assert results[split]["attention_mass"] == pytest.approx(
+            {"first token": first, "attributes": attributes, "rest": 1 - first - attributes}, rel=1e-5)
     assert (tmp_path / "attention_density_stg_tiny.png").stat().st_size > 0
     assert (tmp_path / "attention_map_stg_tiny.png").stat().st_size > 0
 
