@@ -223,6 +223,19 @@ def read_run(run: Path) -> dict | None:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics), "dtype": config["dtype"]}
 
 
+def split_outcomes(folder: Path, study: StudyConfig, data: str, setting: str, split: str, test_file: Path,
+                   records: int) -> list[dict]:
+    """outcomes[split] ({"answer", "correct"} per test record) of each finished seed of `setting` on `data`, in seed
+    order; InputError when a run answered another number of records than `test_file` holds (another data folder)."""
+    runs = [r for seed in items(study.seeds, int)
+            if (r := read_run(folder / run_name(run_source(study, data, setting), setting, seed)))]
+    outcomes = [run["outcomes"][split] for run in runs]
+    if any(len(o["answer"]) != records for o in outcomes):
+        raise stg.InputError(f"{folder}: the runs of {setting} answered another number of records than {test_file} "
+                             "holds; is --authors-data the folder they were run on?")
+    return outcomes
+
+
 def mcnemar_p(a: list[bool], b: list[bool]) -> float:
     """Exact two-sided McNemar test of paired outcomes: the records that only one of the two got right."""
     only_a, only_b = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))

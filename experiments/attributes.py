@@ -32,11 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import stg  # noqa: E402
-from alpha_study import data_files, read_run, run_name, run_source, saved_config  # noqa: E402
-from stg_grid import items  # noqa: E402
+from alpha_study import data_files, number, saved_config, split_outcomes  # noqa: E402
+from stg_grid import items, mean_std  # noqa: E402
 
 # the columns: causal, then each spurious attribute (beside the cause it copies in training), then irrelevant
 ATTRIBUTES = stg.E_CAUSAL + list(stg.E_SPURIOUS) + stg.E_IRRELEVANT
+ROLE = {**{n: "causal" for n in stg.E_CAUSAL}, **{n: f"copies {parent}" for n, (parent, _) in stg.E_SPURIOUS.items()},
+        **{n: "irrelevant" for n in stg.E_IRRELEVANT}}
 POSITIVE = "High Risk"
 
 
@@ -55,10 +57,7 @@ def dependence(values: list, answers: list[bool]) -> float | None:
     y = np.asarray(answers, float)
     if y.std() == 0:
         return None
-    groups = collections.defaultdict(list)
-    for value, answer in zip(values, y):
-        groups[value].append(answer)
-    between = sum(len(g) * (statistics.fmean(g) - y.mean()) ** 2 for g in groups.values())
+    between = sum(len(g) * (statistics.fmean(g) - y.mean()) ** 2 for g in by_value(values, answers).values())
     return math.sqrt(between / ((y - y.mean()) ** 2).sum())
 
 
@@ -67,21 +66,24 @@ def floor(values: list) -> float:
     return math.sqrt((len(set(values)) - 1) / (len(values) - 1))
 
 
-def share_by_value(values: list, answers: list[bool]) -> dict:
-    """{value: the share of "High Risk" answers among the records with that value}."""
+def by_value(values: list, answers: list[bool]) -> dict:
+    """{value: the answers of the records with that value}."""
     groups = collections.defaultdict(list)
     for value, answer in zip(values, answers):
         groups[value].append(answer)
+    return groups
+
+
+def share_by_value(values: list, answers: list[bool]) -> dict:
+    """{value: the share of "High Risk" answers among the records with that value}."""
+    groups = by_value(values, answers)
     return {value: statistics.fmean(groups[value]) for value in sorted(groups)}
 
 
-def mean_std(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+def cell(values: list) -> str:
+    """Mean ± std over seeds of the η that are defined; "—" when none is."""
+    defined = [v for v in values if v is not None]
+    return number(mean_std(defined) if defined else None)
 
 
 def study_rows(folder: Path, cfg: AttributesConfig) -> list[dict]:
@@ -101,12 +103,7 @@ def study_rows(folder: Path, cfg: AttributesConfig) -> list[dict]:
             continue
         settings = {}
         for setting in items(study.settings):
-            runs = [r for seed in items(study.seeds, int)
-                    if (r := read_run(folder / run_name(run_source(study, data, setting), setting, seed)))]
-            outcomes = [run["outcomes"][cfg.split] for run in runs]
-            if any(len(o["answer"]) != len(records) for o in outcomes):
-                raise stg.InputError(f"{folder}: the runs of {setting} answered another number of records than "
-                                     f"{tests[cfg.split]} holds; is --authors-data the folder they were run on?")
+            outcomes = split_outcomes(folder, study, data, setting, cfg.split, tests[cfg.split], len(records))
             if outcomes:
                 settings[setting] = {"accuracy": [statistics.fmean(o["correct"]) for o in outcomes],
                                      "answers": [[a.strip() == POSITIVE for a in o["answer"]] for o in outcomes]}
@@ -121,17 +118,15 @@ def study_rows(folder: Path, cfg: AttributesConfig) -> list[dict]:
 
 
 def markdown(found: list[dict]) -> str:
-    kinds = ["causal"] * len(stg.E_CAUSAL) + [f"copies {stg.E_SPURIOUS[n][0]}" for n in stg.E_SPURIOUS] + \
-        ["irrelevant"] * len(stg.E_IRRELEVANT)
-    head = " | ".join(f"{name} ({kind})" for name, kind in zip(ATTRIBUTES, kinds))
+    head = " | ".join(f"{name} ({ROLE[name]})" for name in ATTRIBUTES)
     lines = [f"| study | data | answers | seeds | accuracy | \"{POSITIVE}\" share | {head} |",
              "|" + "---|" * (6 + len(ATTRIBUTES))]
     for d in found:
         where, values = f"| {d['folder'].name} | {d['data']} ({d['split']}) ", d["values"]
         lines.append(where + f"| gold | | | {100 * statistics.fmean(d['gold']):.1f} % | "
-                     + " | ".join(mean_std([dependence(values[n], d["gold"])]) for n in ATTRIBUTES) + " |")
+                     + " | ".join(cell([dependence(values[n], d["gold"])]) for n in ATTRIBUTES) + " |")
         for setting, s in d["settings"].items():
-            cells = [mean_std([dependence(values[n], answers) for answers in s["answers"]]) for n in ATTRIBUTES]
+            cells = [cell([dependence(values[n], answers) for answers in s["answers"]]) for n in ATTRIBUTES]
             positive = statistics.fmean(statistics.fmean(answers) for answers in s["answers"])
             lines.append(where + f"| {setting} | {len(s['answers'])} | {100 * statistics.fmean(s['accuracy']):.2f} "
                          f"| {100 * positive:.1f} % | " + " | ".join(cells) + " |")
@@ -165,9 +160,7 @@ def figure(d: dict) -> Path | None:
         unseen = [x for x in sorted(set(values)) if x not in d["trained"][name]]
         for x in unseen:
             ax.axvspan(x - 0.5, x + 0.5, color="gray", alpha=0.15, lw=0)
-        kind = "causal" if name in stg.E_CAUSAL else \
-            f"copies {stg.E_SPURIOUS[name][0]} in training" if name in stg.E_SPURIOUS else "irrelevant"
-        ax.set_title(f"{name} ({kind})", fontsize=9)
+        ax.set_title(f"{name} ({ROLE[name]}{' in training' if name in stg.E_SPURIOUS else ''})", fontsize=9)
         ax.set_xlabel("value", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(f"answers \"{POSITIVE}\" (%)", fontsize=8)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import eval as evaluation  # noqa: E402
 import stg  # noqa: E402
-from alpha_study import data_files, read_run, run_name, run_source, saved_config  # noqa: E402
+from alpha_study import data_files, saved_config, split_outcomes  # noqa: E402
 from stg_grid import items  # noqa: E402
 
 
@@ -49,18 +49,13 @@ def table(cfg: CopiesConfig) -> str:
             records = stg.read_records(tests[cfg.split])
             gold = [evaluation.repeats_a_number(r["input"], str(r["target"])) for r in records]
             for setting in items(study.settings):
-                runs = [r for seed in items(study.seeds, int)
-                        if (r := read_run(folder / run_name(run_source(study, data, setting), setting, seed)))]
-                if not runs:
+                outcomes = split_outcomes(folder, study, data, setting, cfg.split, tests[cfg.split], len(records))
+                if not outcomes:
                     continue
-                outcomes = [run["outcomes"][cfg.split] for run in runs]
-                if any(len(o["answer"]) != len(records) for o in outcomes):
-                    raise stg.InputError(f"{folder}: the runs of {setting} answered another number of records than "
-                                         f"{tests[cfg.split]} holds; is --authors-data the folder they were run on?")
                 copies = [evaluation.repeats_a_number(r["input"], a)
                           for o in outcomes for r, a in zip(records, o["answer"])]
                 accuracy = [c for o in outcomes for c in o["correct"]]
-                lines.append(f"| {data} | {setting} | {len(runs)} | {share(accuracy)} | {share(copies)} | "
+                lines.append(f"| {data} | {setting} | {len(outcomes)} | {share(accuracy)} | {share(copies)} | "
                              f"{share(gold)} |")
     return "\n".join(lines)
 
