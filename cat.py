@@ -101,7 +101,7 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> 
     return [k for k, (s, e) in enumerate(offsets) if s < end and e > start]
 
 
-def _relations(important) -> list[tuple[str, list[str]]]:
+def relations(important) -> list[tuple[str, list[str]]]:
     """(effect, [causes]) pairs from the record field `important`: a list of {effect: [causes]} dicts."""
     entries = [important] if isinstance(important, dict) else list(important or [])
     relations = []
@@ -127,7 +127,7 @@ def adjacency(pieces: Sequence[str], offsets: Sequence[tuple[int, int]], importa
     adj = np.zeros((len(offsets), len(offsets)), dtype=bool)
     spans: dict[str, list[tuple[int, int]]] = {}        # phrase -> its character spans, found once
     found, missing = 0, []
-    for key, values in _relations(important):
+    for key, values in relations(important):
         for phrase in (key, *values):
             if phrase not in spans:
                 spans[phrase] = find_phrase(full, phrase) if phrase else []
@@ -165,15 +165,17 @@ def average_attention(probs: list[Tensor]) -> Tensor:
     return sum(p.mean(dim=1) for p in probs) / len(probs)
 
 
-def _visible(cat_mask: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(B, T, T) CAT mask -> causal and other positions of each row among the real tokens j <= i."""
+def visible(cat_mask: Tensor, pad_mask: Tensor | None, contrast: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(B, T, T) CAT mask -> causal and other positions of each row among the real tokens j <= i; with a contrast
+    mask (B, T, T), the other positions are only those it marks."""
     T = cat_mask.shape[-1]
     seen = torch.ones(T, T, dtype=torch.bool, device=cat_mask.device).tril()   # (T, T) j <= i
     if pad_mask is not None:                                                     # (B, T) True = real token
         real = pad_mask.bool()
         seen = seen & real[..., :, None] & real[..., None, :]                    # (B, T, T) real rows and columns
     causal = cat_mask.bool() & seen
-    return causal, seen & ~causal
+    other = seen & ~causal
+    return causal, other if contrast is None else other & contrast.bool()
 
 
 class CausalRatio(NamedTuple):
@@ -201,9 +203,13 @@ def _c_and_n(causal_sum: Tensor, n_causal: Tensor, other_sum: Tensor, n_other: T
                        counted_rows(n_causal, n_other))
 
 
-def causal_ratio(avg_attn: Tensor, cat_mask: Tensor, pad_mask: Tensor | None = None) -> CausalRatio:
-    """CAT §4.2 Eq. 8, 9: the average map avg_attn (B, T, T) and the shifted CAT mask (B, T, T) -> C, N (B, T)."""
-    causal, other = _visible(cat_mask, pad_mask)
+def causal_ratio(avg_attn: Tensor, cat_mask: Tensor, pad_mask: Tensor | None = None,
+                 contrast: Tensor | None = None) -> CausalRatio:
+    """CAT §4.2 Eq. 8, 9: the average map avg_attn (B, T, T) and the shifted CAT mask (B, T, T) -> C, N (B, T).
+    Not in the paper: a shifted contrast mask (B, T, T) narrows Eq. 9's "other tokens" to the ones it marks (the
+    other attributes of an STG record, train.py --contrast attributes), so that C/N compares the causes with the
+    alternatives to them, not with every token of the row."""
+    causal, other = visible(cat_mask, pad_mask, contrast)
     return _c_and_n((avg_attn * causal).sum(-1), causal.sum(-1), (avg_attn * other).sum(-1), other.sum(-1))
 
 

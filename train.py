@@ -45,6 +45,8 @@ class TrainConfig:
     alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured
                                      # before the first step (printed, written to train_config.json); 0 = --alpha
     attn_loss: str = "hinge"         # L_attn: "hinge", the paper's Eq. 10, or "div", the authors' code (myloss.py)
+    contrast: str = "all"            # Eq. 9's other tokens: "all" (the paper), or "attributes" (not in the paper; STG
+                                     # only, with --attn explicit): the record's other "Name: value" phrases
     gamma_schedule: str = "exp"      # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
     log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
@@ -92,15 +94,17 @@ class Example:
     ids: list[int]                   # [bos] + input + target + [eos]
     labels: list[int]                # labels[t] = ids[t + 1] where that token is in L_next (target + eos), else -100
     adj: torch.Tensor | None         # (T, T) bool causal adjacency, unshifted; None = no annotation
+    contrast: torch.Tensor | None = None   # (T, T) bool, unshifted: the tokens N_i averages over (--contrast); None: all
     n_cat_rows: int = field(default=0, init=False)   # rows of the shifted adjacency that L_attn counts
     n_cat_target_rows: int = field(default=0, init=False)   # those of them that predict a target token
 
     def __post_init__(self):
         if self.adj is not None:   # counted once here, so that a step knows its global row count without collating it
-            rows = cat.causal_rows(cat.shift_up(self.adj)[None])
-            counted = cat.counted_rows(rows.n_causal, rows.n_other)[0]                      # (R,)
+            contrast = None if self.contrast is None else cat.shift_up(self.contrast)[None]
+            causal, other = cat.visible(cat.shift_up(self.adj)[None], None, contrast)       # (1, T, T)
+            counted = cat.counted_rows(causal.sum(-1), other.sum(-1))[0]                   # (T,)
             self.n_cat_rows = int(counted.sum())
-            self.n_cat_target_rows = int((counted & (rows.rows[0] >= self.n_prompt - 1)).sum())
+            self.n_cat_target_rows = int(counted[self.n_prompt - 1:].sum())
 
     @property
     def n_prompt(self) -> int:
@@ -112,25 +116,38 @@ class Example:
         return sum(label != -100 for label in self.labels)
 
 
-def encode(record: dict, tok: M.Tokenizer) -> tuple[Example, dict]:
-    """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer")."""
+def attribute_contrast(record: dict, task: str) -> list[dict]:
+    """--contrast attributes (not in the paper): for each effect of the record's `important`, its input's other
+    "Name: value" phrases (stg.attribute_spans), in `important`'s own layout, so that cat.adjacency marks them."""
+    text, relations = record["input"], cat.relations(record.get("important"))
+    causes = {cause for _, values in relations for cause in values}
+    others = [text[start:end] for _, _, start, end in stg.attribute_spans(text, task) if text[start:end] not in causes]
+    return [{effect: others} for effect, _ in relations]
+
+
+def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | None = None) -> tuple[Example, dict]:
+    """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer").
+    contrast, in `important`'s layout: the phrases N_i averages over (--contrast); None: every other token."""
     bos = [] if tok.bos_id is None else [tok.bos_id]
     pieces = [record["input"], record["target"]]
     (prompt, prompt_offsets), (answer, answer_offsets) = cat.piece_offsets(pieces, tok.backend)
-    stats, adj = {}, None
+    stats, adj, contrast_adj = {}, None, None
     if record.get("important"):   # §4.1 Eq. 4 over the same tokens
         adj, stats = cat.adjacency(pieces, prompt_offsets + answer_offsets, record["important"])
         adj = F.pad(adj, (len(bos), 1, len(bos), 1))       # zero rows/columns for bos and eos
+        if contrast is not None:                           # the same construction, the contrast phrases as causes
+            contrast_adj, _ = cat.adjacency(pieces, prompt_offsets + answer_offsets, contrast)
+            contrast_adj = F.pad(contrast_adj, (len(bos), 1, len(bos), 1))
     ids, n_prompt = bos + prompt + answer + [tok.eos_ids[0]], len(bos) + len(prompt)
     labels = [-100] * (n_prompt - 1) + ids[n_prompt:] + [-100]   # position t predicts token t + 1
-    return Example(ids, labels, adj), stats
+    return Example(ids, labels, adj, contrast_adj), stats
 
 
-def encode_all(records, tok, cfg) -> list[Example]:
+def encode_all(records, tok, cfg, task: str = "generic") -> list[Example]:
     """Encode every record; report skipped ones and the annotation coverage with examples of missing phrases."""
     examples, found, missing, skipped = [], 0, [], 0
     for rec in records:
-        ex, stats = encode(rec, tok)
+        ex, stats = encode(rec, tok, attribute_contrast(rec, task) if cfg.contrast == "attributes" else None)
         if len(ex.ids) > cfg.max_len:
             skipped += 1
             continue
@@ -158,6 +175,7 @@ class Batch:
     target_pos: torch.Tensor         # (N,) flat positions b·T + t whose next token is in L_next
     targets: torch.Tensor            # (N,) those next tokens
     cat_mask: torch.Tensor           # (B, T, T) bool, the shifted adjacency (§4.2): row i attends for token i+1; CPU
+    contrast_mask: torch.Tensor | None   # (B, T, T) bool, shifted: the tokens N_i averages over (--contrast); CPU
     rows: cat.CausalRows             # the rows of cat_mask that hold causal tokens, with their counts (fast path)
     annotated: bool                  # whether any row holds a causal token
     n_rows: int                      # rows that L_attn counts
@@ -179,15 +197,18 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
     cat_mask = torch.zeros(B, T, T, dtype=torch.bool)
+    contrast_mask = torch.zeros(B, T, T, dtype=torch.bool) if any(ex.contrast is not None for ex in examples) else None
     for b, ex in enumerate(examples):
         n = len(ex.ids)
         ids[b, :n], labels[b, :n] = torch.tensor(ex.ids), torch.tensor(ex.labels)
         if ex.adj is not None:
             cat_mask[b, :n, :n] = cat.shift_up(ex.adj)              # §4.2: row i attends for token i+1
+        if ex.contrast is not None:
+            contrast_mask[b, :n, :n] = cat.shift_up(ex.contrast)
     pad_mask = torch.arange(T)[None, :] < torch.tensor([len(ex.ids) for ex in examples])[:, None]
     target_pos = (labels.flatten() != -100).nonzero().flatten()
-    return Batch(ids, pad_mask, target_pos, labels.flatten()[target_pos], cat_mask, cat.causal_rows(cat_mask, pad_mask),
-                 bool(cat_mask.any()), sum(ex.n_cat_rows for ex in examples))
+    return Batch(ids, pad_mask, target_pos, labels.flatten()[target_pos], cat_mask, contrast_mask,
+                 cat.causal_rows(cat_mask, pad_mask), bool(cat_mask.any()), sum(ex.n_cat_rows for ex in examples))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -263,10 +284,13 @@ def losses(model, batch: Batch, alpha: float, *, attn: str = "fast", measure: bo
     l_next = F.cross_entropy(out.logits.float(), batch.targets, reduction="sum") / n_tokens
     zero = l_next.new_zeros(())
     if fast:
+        if batch.contrast_mask is not None:
+            raise ValueError("a contrast mask (--contrast) is read from the attention maps: use attn='explicit'")
         cn = cat.ratio_from_mass(out.causal_mass.float(), batch.rows.n_causal, batch.rows.n_other)
     elif explicit:
+        contrast = None if batch.contrast_mask is None else batch.contrast_mask.to(batch.ids.device)
         cn = cat.causal_ratio(cat.average_attention(out.attentions), batch.cat_mask.to(batch.ids.device),
-                              batch.pad_mask)
+                              batch.pad_mask, contrast)
     else:
         return Losses(l_next, zero, None)
     if alpha <= 0:
@@ -278,7 +302,8 @@ def losses(model, batch: Batch, alpha: float, *, attn: str = "fast", measure: bo
 
 
 @torch.no_grad()
-def starting_ratios(model, examples: list[Example], pad_id: int, device, autocast, n: int = 64) -> torch.Tensor:
+def starting_ratios(model, examples: list[Example], pad_id: int, device, autocast, n: int = 64,
+                    attn: str = "fast") -> torch.Tensor:
     """C_i/N_i on the causal rows of up to n annotated records before training: α acts on the rows below it."""
     annotated = [ex for ex in examples if ex.n_cat_rows][:n]
     ratios = []
@@ -286,7 +311,7 @@ def starting_ratios(model, examples: list[Example], pad_id: int, device, autocas
     model.eval()
     for i in range(0, len(annotated), 8):
         with autocast:
-            cn = losses(model, collate(annotated[i:i + 8], pad_id).to(device), alpha=0.0, measure=True).cn
+            cn = losses(model, collate(annotated[i:i + 8], pad_id).to(device), alpha=0.0, measure=True, attn=attn).cn
         ratios.append(cn.ratio[cn.counted].float().cpu())
     model.train(was_training)
     return torch.cat(ratios) if ratios else torch.zeros(0)
@@ -454,7 +479,7 @@ AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratc
 POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
 FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
 CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),
-           "dtype": ("auto", "float32", "bfloat16")}
+           "contrast": ("all", "attributes"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -476,6 +501,8 @@ def validate(cfg: TrainConfig) -> None:
             raise stg.InputError(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     if cfg.alpha > 0 and cfg.alpha_scale > 0 and not cfg.resume:   # a resumed run holds the α its scale gave
         raise stg.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
+    if cfg.contrast != "all" and cfg.attn != "explicit":
+        raise stg.InputError(f"--contrast {cfg.contrast}: N_i is then read from the attention maps; add --attn explicit")
     if cfg.scratch_dim % cfg.scratch_heads:
         raise stg.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
                              f"{cfg.scratch_heads}")
@@ -588,6 +615,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if data.train is None:
         raise stg.InputError(f"--data {cfg.data}: no training file")
+    if cfg.contrast == "attributes" and data.task not in stg.FACTORS:
+        raise stg.InputError(f"--contrast attributes: {data.train} is not STG data (task {data.task!r}); its records "
+                             "have no known \"Name: value\" attributes to contrast the causes with")
     resolve(cfg, data, device)
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
     if not cfg.resume:
@@ -604,7 +634,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     torch.manual_seed(cfg.seed)
     weights = torch.bfloat16 if (cfg.lora and on_cuda and cfg.dtype == "bfloat16") else torch.float32
     model, tok, lora_cfg = build_model(cfg, records, device, weights)   # LoRA on CUDA: frozen base weights in bf16
-    examples = encode_all(records, tok, cfg)
+    examples = encode_all(records, tok, cfg, data.task)
     if method(cfg) == "cat" and not any(ex.n_cat_rows for ex in examples):
         raise stg.InputError(f"--alpha {cfg.alpha or cfg.alpha_scale}: no record of {data.train} carries an "
                              "`important` annotation that was found in its text; annotate the data (annotate.py) "
@@ -617,7 +647,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
             print(f"L_attn runs over {counts['rows']:.1f} causal rows per annotated record, "
                   f"{counts['target_rows']:.1f} of them predicting target tokens ({how})")
     if not cfg.resume and (rank == 0 or cfg.alpha_scale > 0):   # every rank places the same α from the same data
-        place_alpha(cfg, starting_ratios(model, examples, tok.pad_id, device, autocast))
+        place_alpha(cfg, starting_ratios(model, examples, tok.pad_id, device, autocast, attn=cfg.attn))
     if rank == 0 and not cfg.resume:   # a resumed run keeps the configuration it was started with
         if cfg.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)

@@ -11,6 +11,10 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
   a<α>         an absolute α (a0.6: the α of the paper's Appendix F for TinyLlama full fine-tuning)
   div-a<α>     the authors' published loss (train.py --attn-loss div) at that α
   div-k<K>     the authors' loss at α = K × the starting median C/N (beside k<K>: the loss alone differs)
+  attr-<any>   not in the paper: one of the above with N_i of Eq. 9 over the record's other "Name: value" attributes
+               instead of every other token (train.py --contrast attributes --attn explicit), so that C/N compares
+               the causes with the alternatives to them; α and C/N are on that scale. Never the chosen setting, which
+               answers for CAT as published.
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
 STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
 data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e (each with its own
@@ -85,17 +89,24 @@ class StudyConfig:
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
 
 
+ATTR = "attr-"   # the prefix of the settings whose N_i runs over the other attributes only
+
+
 def setting_flags(setting: str) -> list[str]:
-    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>."""
+    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>, attr-<one of those but vanilla>."""
     if setting == "vanilla":
         return ["--alpha", "0"]
+    rest = setting[len(ATTR):]
+    if setting.startswith(ATTR) and rest != "vanilla" and not rest.startswith(ATTR):
+        return setting_flags(rest) + ["--contrast", "attributes", "--attn", "explicit"]
     kind, _, value = setting.partition("-") if setting.startswith("div-") else ("hinge", "", setting)
     try:
         number = float(value[1:])
     except ValueError:
         number = -1.0
     if value[:1] not in ("k", "a") or number <= 0:
-        raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0)")
+        raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
+                         "nor one of these but vanilla after attr-")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
     return flags + (["--attn-loss", "div"] if kind == "div" else [])
 
@@ -331,13 +342,15 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                             "l_next_first": mean_std([r["l_next_first"] for r in by_seed.values()]),
                             "minutes": mean_std([r["seconds"] / 60 for r in by_seed.values() if r["seconds"]]
                                                 or [float("nan")])}
-        cats = [st for st in rows if st != "vanilla" and len(rows[st]["seeds"]) == len(seeds)]
+        cats = [st for st in rows if st != "vanilla" and not st.startswith(ATTR) and len(rows[st]["seeds"]) == len(seeds)]
         chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
         summary["data"][data] = {
             "rows": rows, "chosen": chosen, "splits": splits, "main_split": main,
             "majority": any_run["majority"] if any_run else {},
-            "cn_start": mean_std([r["cn_start"] for by in runs.values() for r in by.values() if r["cn_start"]]
-                                 or [float("nan")]),
+            "cn_start": mean_std([r["cn_start"] for st, by in runs.items() if not st.startswith(ATTR)
+                                  for r in by.values() if r["cn_start"]] or [float("nan")]),
+            "cn_start_attr": mean_std([r["cn_start"] for st, by in runs.items() if st.startswith(ATTR)
+                                       for r in by.values() if r["cn_start"]] or [float("nan")]),
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {},
             "recall": recall_by_label(cfg, data, main, runs) if main else {},
@@ -414,6 +427,10 @@ def markdown(summary: dict) -> str:
                          + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
                          f"{number(row['l_attn_first'])} / {number(row['l_next_first'])} | {diff} | "
                          f"{number(row['minutes'], 1)} |")
+        if any(st.startswith(ATTR) for st in d["rows"]):
+            lines += ["", f"{ATTR}…: not in the paper; N_i of Eq. 9 over the record's other attributes only "
+                      "(train.py --contrast attributes), so their α and C/N are on that scale: C/N before training "
+                      f"median {number(d['cn_start_attr'], 3)}. Never the chosen setting."]
         if d["chosen"]:
             paired = d["paired"][d["chosen"]]
             lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "
@@ -448,7 +465,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
                                                                     "tab:brown", "tab:olive")))
         for n, (st, row) in enumerate(d["rows"].items()):
             x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
-            marker = "s" if st.startswith("div") else "o"
+            marker = "^" if st.startswith(ATTR) else "s" if st.startswith("div") else "o"
             for split, color in colors.items():
                 left.errorbar(x, 100 * row[split]["mean"], yerr=100 * (row[split]["std"] or 0), fmt=marker,
                               color=color, capsize=3)
@@ -460,7 +477,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss)", ylabel="accuracy (%)",
+        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss; triangles: C/N against the other "
+                        "attributes)", ylabel="accuracy (%)",
                  title=f"{data}: accuracy, mean ± std over seeds")
         left.legend(fontsize=8)
         if d["cn_start"]["mean"] == d["cn_start"]["mean"]:

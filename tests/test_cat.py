@@ -52,23 +52,23 @@ def mass_path(attn, mask, pad_mask=None) -> cat.CausalRatio:
     return cat.ratio_from_mass(mass, rows.n_causal, rows.n_other)
 
 
-def loop_rows(attn, mask, pad_mask):
+def loop_rows(attn, mask, pad_mask, contrast=None):
     """C_i and N_i written straight from CAT §4.2 Eq. 8, 9, one row at a time: (C, N) of every real row that sees
-    causal and other real tokens j <= i."""
+    causal and other real tokens j <= i (with a contrast mask: other tokens it marks)."""
     for b in range(len(attn)):
         for i in range(len(attn[0])):
             if not pad_mask[b][i]:
                 continue
             js = [j for j in range(i + 1) if pad_mask[b][j]]
             causal = [attn[b][i][j] for j in js if mask[b][i][j]]
-            other = [attn[b][i][j] for j in js if not mask[b][i][j]]
+            other = [attn[b][i][j] for j in js if not mask[b][i][j] and (contrast is None or contrast[b][i][j])]
             if causal and other:
                 yield sum(causal) / len(causal), sum(other) / len(other)
 
 
-def loop_loss(attn, mask, alpha, pad_mask):
+def loop_loss(attn, mask, alpha, pad_mask, contrast=None):
     """L_attn of Eq. 10, a plain sum over the rows of loop_rows; mean over the batch."""
-    return sum(max(0.0, alpha - C / N) for C, N in loop_rows(attn, mask, pad_mask)) / len(attn)
+    return sum(max(0.0, alpha - C / N) for C, N in loop_rows(attn, mask, pad_mask, contrast)) / len(attn)
 
 
 def random_batch(B=3, T=7, seed=0, dtype=torch.float64):
@@ -93,10 +93,10 @@ def test_loss_equals_double_loop(seed):
     assert explicit_loss(attn, mask, 3.0).item() == pytest.approx(expected, rel=1e-12)
 
 
-def loop_div(attn, mask, alpha, pad_mask):
+def loop_div(attn, mask, alpha, pad_mask, contrast=None):
     """The authors' loss (myloss.py, loss_type="div"), one row at a time: on each row that sees causal and other
     tokens, -log(1 + C_i) / log(1 + N_i) where C_i/N_i < alpha, else 0; the sum divided by the count of such rows."""
-    rows = list(loop_rows(attn, mask, pad_mask))
+    rows = list(loop_rows(attn, mask, pad_mask, contrast))
     total = sum(-math.log(1 + C) / math.log(1 + N) for C, N in rows if C / N < alpha)
     return total / len(rows) if rows else 0.0
 
@@ -109,6 +109,24 @@ def test_div_loss_equals_the_authors_loop(seed):
         got = cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask), alpha, "div")
         assert got.item() == pytest.approx(expected, rel=1e-12), f"alpha={alpha}"
     assert expected < 0, "alpha 3 puts rows below it: the test compares non-zero losses"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_contrast_mask_narrows_the_other_tokens_as_the_loop_does(seed):
+    """Not in the paper (train.py --contrast): N_i averages over the other tokens the contrast mask marks only."""
+    attn, mask, pad_mask = random_batch(seed=seed)
+    contrast = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed + 10)) < 0.5
+    for kind, loop in (("hinge", loop_loss), ("div", loop_div)):
+        for alpha in (0.3, 1.0, 3.0):
+            expected = loop(attn.tolist(), mask.tolist(), alpha, pad_mask.tolist(), contrast.tolist())
+            got = cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask, contrast), alpha, kind)
+            assert got.item() == pytest.approx(expected, rel=1e-12), f"{kind}, alpha={alpha}"
+        narrowed = loop(attn.tolist(), mask.tolist(), 3.0, pad_mask.tolist(), contrast.tolist())
+        assert narrowed != pytest.approx(loop(attn.tolist(), mask.tolist(), 3.0, pad_mask.tolist()), rel=1e-6)
+    # marking every token is Eq. 9 itself
+    everything = torch.ones_like(mask)
+    torch.testing.assert_close(cat.causal_ratio(attn, mask, pad_mask, everything).ratio,
+                               cat.causal_ratio(attn, mask, pad_mask).ratio, rtol=0, atol=0)
 
 
 def test_loss_is_zero_with_graph_when_no_row_qualifies():

@@ -275,6 +275,23 @@ def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp
     assert "precision: bfloat16 (2 runs), float32 (1 run)" in mixed and "**These runs differ in precision**" in mixed
 
 
+def test_a_setting_against_the_other_attributes_is_shown_but_never_chosen(tmp_path):
+    study = alpha_study()
+    out = tmp_path / "out"
+    fake_run(out / "stg_s-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)
+    fake_run(out / "stg_s-k2-s42", 0.8, [True, True, False, False], "abc", val=0.6)
+    fake_run(out / "stg_s-attr-k2-s42", 1.8, [True, True, True, False], "abc", val=0.9)    # the best on val
+    config = json.loads((out / "stg_s-attr-k2-s42" / "train_config.json").read_text())
+    config["extra"]["cn_ratio_at_start"]["median"] = 0.9
+    (out / "stg_s-attr-k2-s42" / "train_config.json").write_text(json.dumps(config))
+    cfg = study.StudyConfig(model="m", data="stg_s", settings="vanilla,k2,attr-k2", seeds="42", out=str(out))
+    d = study.summarize(cfg, out)["data"]["stg_s"]
+    assert d["chosen"] == "k2"                                          # attr-k2 is better on val, and not chosen
+    assert d["paired"]["attr-k2"]["mean"] == pytest.approx(0.5)         # its paired difference is still reported
+    assert d["cn_start"]["mean"] == pytest.approx(0.4) and d["cn_start_attr"]["mean"] == pytest.approx(0.9)
+    assert "C/N before training median 0.900" in study.markdown(study.summarize(cfg, out))
+
+
 def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     study = alpha_study()
     import tables
@@ -361,7 +378,10 @@ def test_setting_names_give_their_train_flags():
     assert study.setting_flags("a0.6") == ["--alpha", "0.6"]
     assert study.setting_flags("div-a0.6") == ["--alpha", "0.6", "--attn-loss", "div"]
     assert study.setting_flags("div-k2") == ["--alpha-scale", "2", "--attn-loss", "div"]
-    for bad in ("k0", "b2", "div-x1", "k"):
+    assert study.setting_flags("attr-k2") == ["--alpha-scale", "2", "--contrast", "attributes", "--attn", "explicit"]
+    assert study.setting_flags("attr-div-a1") == ["--alpha", "1", "--attn-loss", "div", "--contrast", "attributes",
+                                                  "--attn", "explicit"]
+    for bad in ("k0", "b2", "div-x1", "k", "attr-vanilla", "attr-", "attr-attr-k2"):
         with pytest.raises(SystemExit, match="is not vanilla"):
             study.setting_flags(bad)
 

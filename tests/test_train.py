@@ -282,3 +282,69 @@ def test_row_counts_match_a_loop_over_the_shifted_adjacency(tmp_path):
     assert counts["annotated"] == 2                                  # the record without annotation is not averaged
     assert counts["rows"] == pytest.approx((expected[0][0] + expected[1][0]) / 2)
     assert counts["target_rows"] == pytest.approx((expected[0][1] + expected[1][1]) / 2)
+
+
+# --contrast attributes (not in the paper): N_i over the record's other attributes instead of every other token
+
+CONTRAST_RECORD = {"input": "Here is the statistical data for a person. Please predict the probability of cancer. "
+                            "Room size: 3, Smoking: 7, Hormones: 7, Weight: 2, Yellow fingers: 9, Exercise: 4, "
+                            "Certain gene: 1, Clothing size: 5 Answer: ",
+                   "target": "High Risk", "important": [{"High Risk": ["Smoking: 7", "Weight: 2", "Exercise: 4"]}]}
+OTHER_ATTRIBUTES = ["Room size: 3", "Hormones: 7", "Yellow fingers: 9", "Certain gene: 1", "Clothing size: 5"]
+
+
+def test_attribute_contrast_lists_the_other_attributes_in_the_layout_of_important():
+    assert train.attribute_contrast(CONTRAST_RECORD, "stg_e") == [{"High Risk": OTHER_ATTRIBUTES}]
+    assert train.attribute_contrast(CONTRAST_RECORD, "mawps") == [{"High Risk": []}]   # no known attributes
+
+
+def test_the_contrast_mask_marks_the_other_attributes_on_the_causal_rows(tmp_path):
+    cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "stg_s.jsonl"), scratch_dim=32, scratch_layers=2,
+                            scratch_heads=2, scratch_vocab=300, contrast="attributes", attn="explicit")
+    _, tok, _ = train.build_model(cfg, [CONTRAST_RECORD], "cpu", None)
+    ex, = train.encode_all([CONTRAST_RECORD], tok, cfg, "stg_e")
+    plain, _ = train.encode(CONTRAST_RECORD, tok)
+    assert torch.equal(ex.adj, plain.adj)                                  # the causal adjacency is untouched
+    assert torch.equal(ex.contrast.any(-1), ex.adj.any(-1))                # the same rows: the answer's tokens
+    assert not (ex.contrast & ex.adj).any()
+    row = ex.contrast[ex.n_prompt]                                         # the first answer token's row
+    text = tok.decode([ex.ids[j] for j in row.nonzero().flatten().tolist()]).replace(" ", "")
+    assert text == "".join(OTHER_ATTRIBUTES).replace(" ", "")
+    # the rows L_attn counts, against a loop over the shifted masks: those seeing a cause and a contrast token
+    adj, contrast = cat.shift_up(ex.adj), cat.shift_up(ex.contrast)
+    rows = [i for i in range(len(ex.ids)) if adj[i, :i + 1].any() and (contrast[i, :i + 1] & ~adj[i, :i + 1]).any()]
+    assert ex.n_cat_rows == len(rows) == ex.n_cat_target_rows > 0
+
+
+def test_contrast_losses_equal_a_loop_over_the_models_attention(stg_file, tmp_path):
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, contrast="attributes", attn="explicit")
+    records = stg.read_records(stg_file)[:4]
+    train.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
+    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    model.eval()
+    batch = train.collate(train.encode_all(records, tok, cfg, "stg_e"), tok.pad_id)
+    out = train.losses(model, batch, cfg.alpha, attn="explicit")
+    with torch.no_grad():
+        probs = model(batch.ids, return_attn=True).attentions        # L x (B, H, T, T)
+    avg = sum(p.mean(1) for p in probs) / len(probs)
+    expected, ratios = 0.0, []
+    for b in range(len(records)):
+        for i in range(int(batch.pad_mask[b].sum())):
+            causal = [avg[b, i, j] for j in range(i + 1) if batch.cat_mask[b, i, j]]
+            other = [avg[b, i, j] for j in range(i + 1) if batch.contrast_mask[b, i, j] and not batch.cat_mask[b, i, j]]
+            if causal and other:
+                ratios.append(float(sum(causal) / len(causal) / (sum(other) / len(other))))
+                expected += max(0.0, cfg.alpha - ratios[-1])
+    assert out.l_attn.item() == pytest.approx(expected / len(records), rel=1e-5)
+    assert out.cn.ratio[out.cn.counted].tolist() == pytest.approx(ratios, rel=1e-5)
+    with pytest.raises(ValueError, match="explicit"):
+        train.losses(model, batch, cfg.alpha, attn="fast")
+
+
+def test_contrast_attributes_refuses_data_without_attributes(tmp_path, capsys):
+    path = tmp_path / "mawps_train.jsonl"
+    stg.write_jsonl(path, [{"input": "Tom has 3 apples.", "target": "Answer: 3.0", "important": [{"3.0": ["3 apples"]}]}])
+    cfg = train.TrainConfig(model="scratch", data=str(path), contrast="attributes", attn="explicit", alpha=1.0,
+                            out=str(tmp_path / "runs"))
+    with pytest.raises(stg.InputError, match="not STG data"):
+        train.setup(cfg)
