@@ -220,6 +220,8 @@ def read_run(run: Path) -> dict | None:
     last_epoch = [m for m in metrics if m["epoch"] == metrics[-1]["epoch"] and m["cn_ratio"] is not None]
     first_epoch = [m for m in metrics if m["epoch"] == metrics[0]["epoch"]]
     wall = run / "wall_time.json"
+    timing = json.loads(wall.read_text()) if wall.exists() else {"seconds": None, "attempts": [{}]}
+    last = timing["attempts"][-1]
     return {"alpha": config["alpha"], "cn_start": config["extra"].get("cn_ratio_at_start", {}).get("median"),
             "cn_end": statistics.fmean(m["cn_ratio"] for m in last_epoch) if last_epoch else None,
             "l_attn_first": statistics.fmean(m["l_attn"] for m in first_epoch),    # where γ = 1: the hinge's
@@ -227,10 +229,8 @@ def read_run(run: Path) -> dict | None:
             "accuracy": {s: r["accuracy"] for s, r in results.items()},
             "majority": {s: r["majority"] for s, r in results.items()},
             "outcomes": json.loads((run / "outcomes.json").read_text()),
-            "seconds": json.loads(wall.read_text())["seconds"] if wall.exists() else None,
-            "revision": json.loads(wall.read_text())["attempts"][-1].get("revision") if wall.exists() else None,
-            "threads": json.loads(wall.read_text())["attempts"][-1].get("threads") if wall.exists() else None,
-            "machine": json.loads(wall.read_text())["attempts"][-1].get("machine") if wall.exists() else None,
+            "seconds": timing["seconds"], "revision": last.get("revision"), "threads": last.get("threads"),
+            "machine": last.get("machine"),
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics), "dtype": config["dtype"]}
 
 
@@ -349,8 +349,9 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
             "majority": any_run["majority"] if any_run else {},
             "cn_start": mean_std([r["cn_start"] for st, by in runs.items() if not st.startswith(ATTR)
                                   for r in by.values() if r["cn_start"]] or [float("nan")]),
-            "cn_start_attr": mean_std([r["cn_start"] for st, by in runs.items() if st.startswith(ATTR)
-                                       for r in by.values() if r["cn_start"]] or [float("nan")]),
+            **({"cn_start_attr": mean_std([r["cn_start"] for st, by in runs.items() if st.startswith(ATTR)
+                                           for r in by.values() if r["cn_start"]] or [float("nan")])}
+               if any(st.startswith(ATTR) for st in rows) else {}),
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {},
             "recall": recall_by_label(cfg, data, main, runs) if main else {},
@@ -477,8 +478,9 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss; triangles: C/N against the other "
-                        "attributes)", ylabel="accuracy (%)",
+        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss" + ("; triangles: against the other attributes"
+                                                                            if "cn_start_attr" in d else "") + ")",
+                 ylabel="accuracy (%)",
                  title=f"{data}: accuracy, mean ± std over seeds")
         left.legend(fontsize=8)
         if d["cn_start"]["mean"] == d["cn_start"]["mean"]:
