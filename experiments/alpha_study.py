@@ -25,8 +25,9 @@ that every finished prefix compares something; a finished run (results.json) is 
 The same command started twice shares the queue (each worker takes the next run no live worker holds): on a 2-core
 CPU, two workers with OMP_NUM_THREADS=1 each.
 Each run folder keeps train_config.json, metrics.jsonl, results.json, wall_time.json and outcomes.json (each test
-record's answer and whether it was right, for the paired test); weights are not saved (train.py --no-save), and
-the files that copy the data (predictions, val.jsonl) are ignored by the .gitignore the study writes.
+record's answer and whether it was right, for the paired test); weights are not saved (train.py --no-save; with
+--keep-weights they are, git-ignored, for eval.py --attention), and the files that copy the data (predictions,
+val.jsonl) are ignored by the .gitignore the study writes.
 <out>/summary.md and summary.json: per setting α, accuracy and the C/N at the end (mean ± std over seeds), Table 1's
 layout for the chosen setting, the paired per-seed OOD difference with a 95 % bootstrap interval over test records
 and McNemar's exact test per seed, wall times, the machine and the revision; <out>/figure4_<data>.png.
@@ -86,6 +87,7 @@ class StudyConfig:
     device: str = "auto"             # train.py --device
     out: str = "results/alpha-study"  # the run folders, summary and figures
     summary_only: bool = False       # write the summary from the run folders that exist, run nothing
+    keep_weights: bool = False       # keep each run's model in its folder (git-ignored), for eval.py --attention
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
 
 
@@ -159,7 +161,7 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
                         sys.executable, str(ROOT / "train.py"), "--model", cfg.model, "--data", str(train_file),
                         "--test", ",".join(f"{s}={p}" for s, p in tests.items()), "--val-frac", str(val_frac),
                         "--seed", str(seed), "--device", cfg.device, "--out", str(out), "--name", name,
-                        "--no-save", "--save-every", "-1", *setting_flags(setting), *cfg.train_args]]))
+                        *([] if cfg.keep_weights else ["--no-save"]), "--save-every", "-1", *setting_flags(setting), *cfg.train_args]]))
     return queue
 
 

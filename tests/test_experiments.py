@@ -226,6 +226,9 @@ def test_the_queue_runs_a_shared_vanilla_once(tmp_path):
     job = study.jobs(cfg, tmp_path / "out")[1]            # mawps k2, seed 42: the task's own val file, no share
     command = job.commands[0]
     assert command[command.index("--val-frac") + 1] == "0.0"
+    assert "--no-save" in command
+    cfg.keep_weights = True                               # the model stays in the run folder, for eval.py --attention
+    assert "--no-save" not in study.jobs(cfg, tmp_path / "out")[1].commands[0]
     assert command[command.index("--alpha-scale") + 1] == "2"
     assert f"val={authors / 'MAWPS/mawps_val.jsonl'}" in command[command.index("--test") + 1]
 
