@@ -480,8 +480,9 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss" + ("; triangles: against the other attributes"
-                                                                            if "cn_start_attr" in d else "") + ")",
+        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss" + (";\ntriangles: N_i over the other "
+                                                                            "attributes" if "cn_start_attr" in d
+                                                                            else "") + ")",
                  ylabel="accuracy (%)",
                  title=f"{data}: accuracy, mean ± std over seeds")
         left.legend(fontsize=8)
