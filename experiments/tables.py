@@ -1,14 +1,20 @@
-"""Table 2 and Table 5 of the paper in their layout, from the downstream studies' committed run folders.
+"""The README's result tables, from the studies' committed run folders: the STG α studies in Table 1's columns,
+and Table 2 and Table 5 of the paper in their layout.
 
     python experiments/tables.py                       # results/tables.md, and printed
     python experiments/tables.py --results results --out results/tables.md
 
-Each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full fine-tuning, the authors'
-annotated files, the task's val file choosing the setting):
+STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
+data set: every setting's runs (the chosen one in bold, the attr- settings, which are not the paper's, in italics
+and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD difference against vanilla on the
+same records with its 95 % bootstrap interval.
+
+Table 2 / Table 5: each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full
+fine-tuning, the authors' annotated files, the task's val file choosing the setting):
     <task>-smollm2    mawps (with mawps-gpt4o, Table 5), svamp, arc_e, gsm8k-val (the cross-task † columns)
-The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
 A cell is the mean ± std over seeds of test accuracy in %, "(n)" the number of seeds; CAT is the setting chosen on
 val, or, before every seed of a setting has finished, the CAT setting with runs, marked "*". "—": not run yet.
+The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
 """
 import json
 import sys
@@ -39,17 +45,79 @@ class TablesConfig:
     out: str = "results/tables.md"      # where the tables are written (markdown)
 
 
+def summarize(folder: Path) -> dict:
+    """A study folder's summary, made again from its run folders (and written beside them)."""
+    summary = alpha_study.summarize(alpha_study.saved_config(folder), folder)
+    stg.write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    stg.write_text(folder / "summary.md", alpha_study.markdown(summary))
+    return summary
+
+
 def summaries(results: Path) -> dict:
-    """{study stem: its summary}, for every study folder that exists, made again from its run folders."""
-    found = {}
-    for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS):
-        folder = results / f"{stem}-smollm2"
-        if (folder / "study_config.json").exists():
-            summary = alpha_study.summarize(alpha_study.saved_config(folder), folder)
-            stg.write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-            stg.write_text(folder / "summary.md", alpha_study.markdown(summary))
-            found[stem] = summary
-    return found
+    """{study stem: its summary}, for every downstream study folder that exists."""
+    return {stem: summarize(results / f"{stem}-smollm2") for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS)
+            if (results / f"{stem}-smollm2" / "study_config.json").exists()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The STG α studies
+
+# what a setting is, beside its name (the others are named by alpha_study's setting names: k<K>, a<α>, div-...)
+NOTES = {"a0.6": "the paper's α", "div-a0.6": "the authors' loss",
+         "k6": "control: the paper's N_i, the loss as large as attr-k3's"}
+
+
+def signed(value: float) -> str:
+    return f"{100 * value:+.2f}".replace("-", "−")
+
+
+def spread(stat: dict, scale: float = 100, digits: int = 2) -> str:
+    """mean ± std (the std left out for one seed), minus signs typeset."""
+    text = f"{scale * stat['mean']:.{digits}f}" + (f" ± {scale * stat['std']:.{digits}f}" if stat["std"] is not None
+                                                    else "")
+    return text.replace("-", "−")
+
+
+def stg_table(d: dict) -> list[str]:
+    """One data set of an α study: a row per setting (the paper's and ours first, the attr- ones last), the setting
+    chosen on val in bold, the majority baseline last."""
+    attr = lambda st: st.startswith(alpha_study.ATTR)                                    # noqa: E731
+    rows = sorted(d["rows"], key=lambda st: (attr(st), d["rows"][st]["alpha"]["mean"] if attr(st) else 0))
+    lines = ["| setting | seeds | α | val | IID | OOD | C/N, last epoch | OOD − vanilla (95 % CI) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for st in rows:
+        r, paired = d["rows"][st], d["paired"].get(st)
+        name = st + (f" ({NOTES[st]})" if st in NOTES else "")
+        if attr(st):
+            name = f"*{st} (N_i over the other attributes)*"
+        cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else spread(r["alpha"], 1),
+                 spread(r["val"]), spread(r["iid"]), spread(r["ood"]), spread(r["cn_end"], 1),
+                 f"{signed(paired['mean'])} ({signed(paired['ci95'][0])}, {signed(paired['ci95'][1])})"
+                 if paired else "—"]
+        if st == d["chosen"]:
+            cells[0], cells[5], cells[7] = f"**{st} (chosen on val)**", f"**{cells[5]}**", f"**{cells[7]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    m = d["majority"]
+    lines.append(f"| majority baseline | | | {100 * m['val']:.2f} | {100 * m['iid']:.2f} | {100 * m['ood']:.2f} | | |")
+    return lines
+
+
+def stg_sections(results: Path) -> list[str]:
+    """A section per STG study folder and data set, headed by what the runs ran on."""
+    lines = []
+    for folder in sorted(results.glob("alpha-study-*")):
+        if not (folder / "study_config.json").exists():
+            continue
+        summary = summarize(folder)
+        for data, d in summary["data"].items():
+            if not d["rows"] or "ood" not in d["splits"]:
+                continue
+            lines += [f"## STG: {folder.name}, {data}", "",
+                      "Runs from revision " + ", ".join(rev[:7] for rev in summary.get("revisions", {})) + " on "
+                      + "; ".join(summary.get("machines", {})) + ", precision: "
+                      + ", ".join(summary.get("precisions", {})) + f". C/N before training: median "
+                      + alpha_study.number(d["cn_start"], 3) + ".", "", *stg_table(d), ""]
+    return lines
 
 
 def cat_setting(d: dict) -> tuple[str | None, str]:
@@ -123,14 +191,16 @@ def main(argv=None) -> str:
     machines = sorted({m for s in found.values() for m in s.get("machines", {})})
     threads = sorted({t for s in found.values() for t in s.get("threads", [])})
     precisions = sorted({p for s in found.values() for p in s.get("precisions", {})})
-    text = "\n".join(["# Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, full fine-tuning)", "",
+    stg_lines = stg_sections(Path(cfg.results))
+    text = "\n".join(["# The README's result tables (SmolLM2-135M-Instruct, full fine-tuning)", "", *stg_lines,
+                      "## Table 2 and Table 5 on the authors' annotations", "",
                       "Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice "
                       "on val yet. Runs from revision " + (", ".join(revisions) or "—") + " on "
                       + ("; ".join(machines) or "—") + ", torch threads per run: " + (", ".join(threads) or "—")
                       + ", precision: " + (", ".join(precisions) or "—")
                       + "; the minutes are vanilla's.",
                       "",
-                      "## Table 2", "", *table2(found), "", "## Table 5 (MAWPS)", "", *table5(found), ""])
+                      "### Table 2", "", *table2(found), "", "### Table 5 (MAWPS)", "", *table5(found), ""])
     stg.write_text(Path(cfg.out), text)
     print(text)
     return text

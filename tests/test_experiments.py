@@ -325,6 +325,54 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert (tmp_path / "tables.md").read_text() == text and "revision abc" in text and "precision: bfloat16" in text
 
 
+def fake_stg_run(run: Path, alpha: float, ood: list[bool], val: float, seconds: float = 60.0) -> None:
+    """A finished STG run: IID all right, OOD as given, val as given; C/N 0.5 at the end."""
+    run.mkdir(parents=True)
+    results = {"val": {"accuracy": val, "majority": 0.5}, "iid": {"accuracy": 1.0, "majority": 0.75},
+               "ood": {"accuracy": sum(ood) / len(ood), "majority": 0.25}}
+    (run / "results.json").write_text(json.dumps({"stg_s": results}))
+    (run / "outcomes.json").write_text(json.dumps({s: {"answer": ["Low Risk"] * len(c), "correct": c}
+                                                   for s, c in (("iid", [True] * len(ood)), ("ood", ood))}))
+    (run / "train_config.json").write_text(json.dumps({"alpha": alpha, "dtype": "float32",
+                                                       "extra": {"cn_ratio_at_start": {"median": 0.4}}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "cn_ratio": 0.5, "l_attn": 0.1, "l_next": 1.0,
+                                                   "tokens_per_s": 100.0}) + "\n")
+    attempt = {"seconds": seconds, "revision": "abcdef0123", "threads": 1, "machine": "cpu"}
+    (run / "wall_time.json").write_text(json.dumps({"seconds": seconds, "attempts": [attempt]}))
+
+
+def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
+    study = alpha_study()
+    import tables
+    folder = tmp_path / "results" / "alpha-study-tiny"
+    folder.mkdir(parents=True)
+    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="stg_s", settings="vanilla,attr-k3,k2,attr-k2",
+                                                          seeds="1,2", out=str(folder))), "revision": "abc"}
+    (folder / "study_config.json").write_text(json.dumps(config))
+    for seed, (v, k2, a2, a3) in {1: ([True, False, False, False], [True, True, False, False],
+                                      [True, True, True, False], [True, True, True, True]),
+                                  2: ([True, True, False, False], [True, True, False, False],
+                                      [True, True, True, True], [True, True, True, True])}.items():
+        fake_stg_run(folder / f"stg_s-vanilla-s{seed}", 0.0, v, val=0.5)          # OOD 25 %, 50 %
+        fake_stg_run(folder / f"stg_s-k2-s{seed}", 0.8, k2, val=0.75)             # 50 %, 50 %: the best on val
+        fake_stg_run(folder / f"stg_s-attr-k2-s{seed}", 1.8, a2, val=1.0)         # better on val, never chosen
+        fake_stg_run(folder / f"stg_s-attr-k3-s{seed}", 2.7, a3, val=1.0)
+    text = tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables.md")])
+    section = text.split("## STG: alpha-study-tiny, stg_s")[1].split("##")[0]
+    assert "Runs from revision abcdef0 on cpu, precision: float32." in section
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    names = [r[0] for r in rows]
+    assert names == ["vanilla", "**k2 (chosen on val)**", "*attr-k2 (N_i over the other attributes)*",
+                     "*attr-k3 (N_i over the other attributes)*", "majority baseline"]   # attr- last, by α
+    vanilla, k2, attr_k2 = rows[0], rows[1], rows[2]
+    assert vanilla[1:6] == ["2", "0", "50.00 ± 0.00", "100.00 ± 0.00", "37.50 ± 17.68"]
+    assert k2[2] == "0.80 ± 0.00" and k2[5] == "**50.00 ± 0.00**" and k2[6] == "0.50 ± 0.00"
+    assert k2[7].startswith("**+12.50 (")                                           # paired: +25, 0 points
+    assert attr_k2[5] == "87.50 ± 17.68" and attr_k2[7].startswith("+50.00 (")    # shown, with its difference
+    assert rows[4][3:6] == ["50.00", "75.00", "25.00"]                             # the majority answer's accuracy
+
+
 def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
     study = alpha_study()
     run = tmp_path / "out" / "stg_s-k2-s42"
