@@ -488,6 +488,10 @@ def figure(summary: dict, out: Path) -> list[Path]:
         left.legend(fontsize=8)
         if d["cn_start"]["mean"] == d["cn_start"]["mean"]:
             right.axhline(d["cn_start"]["mean"], color="gray", ls="--", lw=1, label="median C/N before training")
+        if "cn_start_attr" in d:      # the triangles' C/N is on another scale: N_i over the other attributes
+            right.axhline(d["cn_start_attr"]["mean"], color="gray", ls="-.", lw=1,
+                          label="the same, N_i over the other attributes")
+        if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=8)
         right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")
         fig.tight_layout()
