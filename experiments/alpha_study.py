@@ -161,7 +161,8 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
                         sys.executable, str(ROOT / "train.py"), "--model", cfg.model, "--data", str(train_file),
                         "--test", ",".join(f"{s}={p}" for s, p in tests.items()), "--val-frac", str(val_frac),
                         "--seed", str(seed), "--device", cfg.device, "--out", str(out), "--name", name,
-                        *([] if cfg.keep_weights else ["--no-save"]), "--save-every", "-1", *setting_flags(setting), *cfg.train_args]]))
+                        *([] if cfg.keep_weights else ["--no-save"]), "--save-every", "-1", *setting_flags(setting),
+                        *cfg.train_args]]))
     return queue
 
 
@@ -344,7 +345,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                             "l_next_first": mean_std([r["l_next_first"] for r in by_seed.values()]),
                             "minutes": mean_std([r["seconds"] / 60 for r in by_seed.values() if r["seconds"]]
                                                 or [float("nan")])}
-        cats = [st for st in rows if st != "vanilla" and not st.startswith(ATTR) and len(rows[st]["seeds"]) == len(seeds)]
+        cats = [st for st in rows
+                if st != "vanilla" and not st.startswith(ATTR) and len(rows[st]["seeds"]) == len(seeds)]
         chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
         summary["data"][data] = {
             "rows": rows, "chosen": chosen, "splits": splits, "main_split": main,

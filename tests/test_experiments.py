@@ -346,8 +346,9 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
     import tables
     folder = tmp_path / "results" / "alpha-study-tiny"
     folder.mkdir(parents=True)
-    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="stg_s", settings="vanilla,attr-k3,k2,attr-k2",
-                                                          seeds="1,2", out=str(folder))), "revision": "abc"}
+    cfg = study.StudyConfig(model="m", data="stg_s", settings="vanilla,attr-k3,k2,attr-k2", seeds="1,2",
+                            out=str(folder))
+    config = {**study.dataclasses.asdict(cfg), "revision": "abc"}
     (folder / "study_config.json").write_text(json.dumps(config))
     for seed, (v, k2, a2, a3) in {1: ([True, False, False, False], [True, True, False, False],
                                       [True, True, True, False], [True, True, True, True]),
@@ -371,6 +372,9 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
     assert k2[7].startswith("**+12.50 (")                                           # paired: +25, 0 points
     assert attr_k2[5] == "87.50 ± 17.68" and attr_k2[7].startswith("+50.00 (")    # shown, with its difference
     assert rows[4][3:6] == ["50.00", "75.00", "25.00"]                             # the majority answer's accuracy
+    if importlib.util.find_spec("matplotlib"):               # Figure 4, with the attr- rows' own C/N scale
+        paths = study.figure(study.summarize(study.saved_config(folder), folder), folder)
+        assert paths == [folder / "figure4_stg_s.png"] and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
