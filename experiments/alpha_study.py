@@ -332,6 +332,7 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                 if name in finished:
                     runs[st][s] = finished[name]
         any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
+        a_run_per_seed = {s: r for by_seed in runs.values() for s, r in by_seed.items()}   # a seed: one val split
         splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
         main = main_split(splits) if splits else None
         rows = {}
@@ -350,7 +351,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
         chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
         summary["data"][data] = {
             "rows": rows, "chosen": chosen, "splits": splits, "main_split": main,
-            "majority": any_run["majority"] if any_run else {},
+            # the val split is drawn per seed, so its majority answer's accuracy is averaged over the seeds' splits
+            "majority": {s: statistics.fmean(run["majority"][s] for run in a_run_per_seed.values()) for s in splits},
             "cn_start": mean_std([r["cn_start"] for st, by in runs.items() if not st.startswith(ATTR)
                                   for r in by.values() if r["cn_start"]] or [float("nan")]),
             **({"cn_start_attr": mean_std([r["cn_start"] for st, by in runs.items() if st.startswith(ATTR)
