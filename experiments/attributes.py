@@ -16,8 +16,8 @@ inside the range of values training showed it and another outside (Hormones only
 η = sqrt(Var(E[answer | value]) / Var(answer)) sees any shape. With k values and n records, an answer independent
 of the attribute has E[η²] = (k − 1)/(n − 1) (about 0.15² for 10 values and 400 records): the table's floor row.
 Reads each study's run folders (outcomes.json holds every test answer), the test file and the training file (the
-values each attribute took there); writes a Markdown table to standard output and <study>/attributes_<data>.png
-(matplotlib, optional).
+values each attribute took there); writes a Markdown table to standard output and --out (results/attributes.md), and
+<study>/attributes_<data>.png (matplotlib, optional).
 """
 import collections
 import math
@@ -48,6 +48,7 @@ class AttributesConfig:
     authors_data: str = ""           # the authors' repository folder; default: the one each study was run with
     split: str = "ood"               # the test split to read: ood, where the attributes are independent
     figure: bool = True              # write <study>/attributes_<data>.png (needs matplotlib)
+    out: str = "results/attributes.md"   # the table is also written here (Markdown), to be committed and cited
 
 
 def dependence(values: list, answers: list[bool]) -> float | None:
@@ -184,6 +185,7 @@ def main(argv=None) -> str:
             raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
         found += study_rows(folder, cfg)
     text = markdown(found)
+    stg.write_text(Path(cfg.out), text + "\n")
     print(text)
     if cfg.figure:
         for d in found:

@@ -7,7 +7,8 @@ computed), and that share for the gold answers.
 
 CAT's causes in the authors' math annotations are mostly the question's numbers ({"84.0": ["89 apples", "5"]}),
 so a model pushed to attend to them may answer with one of them. Reads each study's run folders (outcomes.json
-holds every test answer) and the test files of the authors' repository; writes a Markdown table to standard output.
+holds every test answer) and the test files of the authors' repository; writes a Markdown table to standard output
+and to --out (results/copies.md).
 """
 import statistics
 import sys
@@ -28,6 +29,7 @@ class CopiesConfig:
     studies: str = "results/mawps-smollm2,results/svamp-smollm2"   # comma-separated alpha_study.py folders
     authors_data: str = ""           # the authors' repository folder; default: the one each study was run with
     split: str = "test"              # the test split of each data set to read (test; gsm8k-val also asdiv, ...)
+    out: str = "results/copies.md"   # the table is also written here (Markdown), to be committed and cited
 
 
 def share(flags: list[bool]) -> str:
@@ -63,6 +65,7 @@ def table(cfg: CopiesConfig) -> str:
 def main(argv=None) -> str:
     cfg = CopiesConfig(**vars(stg.config_parser(CopiesConfig, __doc__).parse_args(argv)))
     text = table(cfg)
+    stg.write_text(Path(cfg.out), text + "\n")
     print(text)
     return text
 

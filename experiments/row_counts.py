@@ -8,7 +8,8 @@ train.py records the counts in train_config.json, extra.cat_rows, and prints the
 the few rows that predict the answer; the authors' downstream annotations also link phrases inside the question, so
 most of their rows sit in the prompt, and the same α gives a sum several times larger beside the same L_next. The
 authors' published loss (train.py --attn-loss div) averages over the rows instead. Records longer than train.py's
---max-len are left out, as in training. Writes a Markdown table to standard output; reads the tokenizer only.
+--max-len are left out, as in training. Writes a Markdown table to standard output and to --out
+(results/row_counts.md); reads the tokenizer only.
 """
 import statistics
 import sys
@@ -31,6 +32,7 @@ class RowsConfig:
     authors_data: str = ""           # folder with the authors' STG/, MAWPS/, ... folders (their repository)
     data: str = "stg_s,stg_h,mawps,mawps-gpt4o,svamp,arc_e,gsm8k-val"   # alpha_study.py's data set names
     limit: int = 300                 # records read from each training file (0 = all)
+    out: str = "results/row_counts.md"   # the table is also written here (Markdown), to be committed and cited
 
 
 def table(cfg: RowsConfig) -> str:
@@ -57,6 +59,7 @@ def main(argv=None) -> str:
     if not cfg.model:
         raise stg.InputError("--model: the model whose tokenizer splits the records (a folder, alias or hub id)")
     text = table(cfg)
+    stg.write_text(Path(cfg.out), text + "\n")
     print(text)
     return text
 

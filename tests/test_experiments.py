@@ -418,13 +418,15 @@ def test_row_counts_reads_each_data_set_through_the_training_encoder(tmp_path):
     _, tok, _ = train.build_model(cfg, records, "cpu", None)
     tok.save(tmp_path / "tok")
     text = row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "mawps",
-                            "--limit", "2"])
+                            "--limit", "2", "--out", str(tmp_path / "rows.md")])
+    assert (tmp_path / "rows.md").read_text() == text + "\n"
     row = next(line for line in text.splitlines() if line.startswith("| mawps |")).strip("| ").split(" | ")
     expected = train.row_counts([train.encode(r, tok)[0] for r in records[:2]])      # the first two records only
     assert row[1] == "2" and row[4] == f"{expected['rows']:.1f}" and row[5] == f"{expected['target_rows']:.1f}"
     assert float(row[4]) > float(row[5]) > 0          # rows inside the prompt, and rows predicting the answer
     with pytest.raises(stg.InputError, match="--data nope"):
-        row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "nope"])
+        row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "nope",
+                         "--out", str(tmp_path / "rows.md")])
 
 
 def test_setting_names_give_their_train_flags():
@@ -458,13 +460,14 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path):
         run = folder / f"mawps-{setting}-s42"
         fake_run(run, 0.0, [True, False], "abc", val=0.5)
         (run / "outcomes.json").write_text(json.dumps({"test": {"answer": answers, "correct": [True, False]}}))
-    text = copies.main(["--studies", str(folder), "--authors-data", str(authors)])
+    text = copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
+    assert (tmp_path / "c.md").read_text() == text + "\n"
     rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in text.splitlines()[2:]}
     assert rows["vanilla"][3:] == ["50.0 %", "0.0 %", "50.0 %"]     # gold: the second target 10.0 is in its question
     assert rows["k2"][3:] == ["50.0 %", "100.0 %", "50.0 %"]        # 3 and 2 are both the question's numbers
     (authors / "MAWPS/mawps_test.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
     with pytest.raises(stg.InputError, match="another number of records"):
-        copies.main(["--studies", str(folder), "--authors-data", str(authors)])
+        copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
 
 
 def test_a_study_of_gpt4o_alone_reads_its_own_vanilla_runs(tmp_path):
@@ -578,7 +581,9 @@ def test_attributes_measures_how_the_answers_depend_on_each_attribute(tmp_path):
     assert attributes.floor(smoking) == pytest.approx((1 / 3) ** 0.5) and attributes.floor([5] * 4) == 0.0
     assert attributes.share_by_value(smoking, [0, 1, 1, 1]) == {1: 0.5, 2: 1.0}
 
-    text = attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure"])
+    out = ["--out", str(tmp_path / "attributes.md")]
+    text = attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure", *out])
+    assert (tmp_path / "attributes.md").read_text() == text + "\n"
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()[2:]]
     rows = {row[2]: row for row in cells}
     assert rows["gold"][5:] == ["75.0 %", "0.58"] + ["0.00"] * 7
@@ -588,8 +593,8 @@ def test_attributes_measures_how_the_answers_depend_on_each_attribute(tmp_path):
     found = attributes.study_rows(folder, attributes.AttributesConfig(authors_data=str(authors)))
     assert found[0]["trained"]["Smoking"] == [1]           # the shaded values of the figure: Smoking 2 is unseen
     if importlib.util.find_spec("matplotlib"):               # the figure is drawn only with matplotlib
-        attributes.main(["--studies", str(folder), "--authors-data", str(authors)])
+        attributes.main(["--studies", str(folder), "--authors-data", str(authors), *out])
         assert (folder / "attributes_stg_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (authors / "STG/spurious_token_game_ood3_2.jsonl").write_text(json.dumps(test[0]) + "\n")
     with pytest.raises(stg.InputError, match="another number of records"):
-        attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure"])
+        attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure", *out])
