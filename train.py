@@ -45,8 +45,9 @@ class TrainConfig:
     alpha_scale: float = 0.0         # α relative to the model: α = K × the median C/N of the causal rows measured
                                      # before the first step (printed, written to train_config.json); 0 = --alpha
     attn_loss: str = "hinge"         # L_attn: "hinge", the paper's Eq. 10, or "div", the authors' code (myloss.py)
-    contrast: str = "all"            # Eq. 9's other tokens: "all" (the paper), or "attributes" (not in the paper; STG
-                                     # only, with --attn explicit): the record's other "Name: value" phrases
+    contrast: str = "all"            # Eq. 9's other tokens: "all" (the paper); not in the paper, with --attn
+                                     # explicit: "attributes" (STG only), the record's other "Name: value" phrases,
+                                     # or "input", the input's tokens but the first (the attention sink)
     gamma_schedule: str = "exp"      # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
     log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
@@ -125,6 +126,16 @@ def attribute_contrast(record: dict, task: str) -> list[dict]:
     return [{effect: others} for effect, _ in relations]
 
 
+def input_contrast(n_tokens: int, n_prompt: int) -> torch.Tensor:
+    """--contrast input (not in the paper): every row's N_i over the input's tokens but the sequence's first, where a
+    pretrained model parks the attention it does not need (the attention sink), and not over the answer; so C/N can
+    no longer rise by moving attention off the sink onto every input token. Needs no annotation beyond Eq. 4's.
+    (T, T) bool, unshifted, the same columns in every row."""
+    mask = torch.zeros(n_tokens, n_tokens, dtype=torch.bool)
+    mask[:, 1:n_prompt] = True
+    return mask
+
+
 def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | None = None) -> tuple[Example, dict]:
     """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer").
     contrast, in `important`'s layout: the phrases N_i averages over (--contrast); None: every other token."""
@@ -148,6 +159,8 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[Example]:
     examples, found, missing, skipped = [], 0, [], 0
     for rec in records:
         ex, stats = encode(rec, tok, attribute_contrast(rec, task) if cfg.contrast == "attributes" else None)
+        if cfg.contrast == "input" and ex.adj is not None:
+            ex = Example(ex.ids, ex.labels, ex.adj, input_contrast(len(ex.ids), ex.n_prompt))
         if len(ex.ids) > cfg.max_len:
             skipped += 1
             continue
@@ -479,7 +492,7 @@ AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratc
 POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
 FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
 CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),
-           "contrast": ("all", "attributes"), "dtype": ("auto", "float32", "bfloat16")}
+           "contrast": ("all", "attributes", "input"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def validate(cfg: TrainConfig) -> None:

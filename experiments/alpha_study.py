@@ -13,8 +13,10 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
   div-k<K>     the authors' loss at α = K × the starting median C/N (beside k<K>: the loss alone differs)
   attr-<any>   not in the paper: one of the above with N_i of Eq. 9 over the record's other "Name: value" attributes
                instead of every other token (train.py --contrast attributes --attn explicit), so that C/N compares
-               the causes with the alternatives to them; α and C/N are on that scale. Never the chosen setting, which
-               answers for CAT as published.
+               the causes with the alternatives to them; α and C/N are on that scale.
+  in-<any>     not in the paper: the same with N_i over the input's tokens but the first, the attention sink
+               (train.py --contrast input --attn explicit): any task, no annotation beyond CAT's.
+  The attr- and in- settings are never the chosen setting, which answers for CAT as published.
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
 STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
 data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e (each with its own
@@ -91,16 +93,28 @@ class StudyConfig:
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
 
 
-ATTR = "attr-"   # the prefix of the settings whose N_i runs over the other attributes only
+# not in the paper: the prefix of a setting whose N_i of Eq. 9 runs over other tokens than every other one
+CONTRASTS = {"attr-": "attributes", "in-": "input"}       # prefix -> train.py --contrast
+CONTRAST_NAMES = {"attr-": "the other attributes", "in-": "the input but its first token"}   # what N_i averages
+
+
+MARKERS, MARKER_NAMES = {"attr-": "^", "in-": "v"}, {"attr-": "triangles", "in-": "down-triangles"}   # Figure 4
+
+
+def contrast_prefix(setting: str) -> str:
+    """The setting's --contrast prefix (attr-, in-), "" for the paper's N_i."""
+    return next((prefix for prefix in CONTRASTS if setting.startswith(prefix)), "")
 
 
 def setting_flags(setting: str) -> list[str]:
-    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>, attr-<one of those but vanilla>."""
+    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>, and attr-/in-<one of those but
+    vanilla>."""
     if setting == "vanilla":
         return ["--alpha", "0"]
-    rest = setting[len(ATTR):]
-    if setting.startswith(ATTR) and rest != "vanilla" and not rest.startswith(ATTR):
-        return setting_flags(rest) + ["--contrast", "attributes", "--attn", "explicit"]
+    prefix = contrast_prefix(setting)
+    rest = setting[len(prefix):]
+    if prefix and rest != "vanilla" and not contrast_prefix(rest):
+        return setting_flags(rest) + ["--contrast", CONTRASTS[prefix], "--attn", "explicit"]
     kind, _, value = setting.partition("-") if setting.startswith("div-") else ("hinge", "", setting)
     try:
         number = float(value[1:])
@@ -108,7 +122,7 @@ def setting_flags(setting: str) -> list[str]:
         number = -1.0
     if value[:1] not in ("k", "a") or number <= 0:
         raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
-                         "nor one of these but vanilla after attr-")
+                         "nor one of these but vanilla after attr- or in-")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
     return flags + (["--attn-loss", "div"] if kind == "div" else [])
 
@@ -347,17 +361,17 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                             "minutes": mean_std([r["seconds"] / 60 for r in by_seed.values() if r["seconds"]]
                                                 or [float("nan")])}
         cats = [st for st in rows
-                if st != "vanilla" and not st.startswith(ATTR) and len(rows[st]["seeds"]) == len(seeds)]
+                if st != "vanilla" and not contrast_prefix(st) and len(rows[st]["seeds"]) == len(seeds)]
         chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
         summary["data"][data] = {
             "rows": rows, "chosen": chosen, "splits": splits, "main_split": main,
             # the val split is drawn per seed, so its majority answer's accuracy is averaged over the seeds' splits
             "majority": {s: statistics.fmean(run["majority"][s] for run in a_run_per_seed.values()) for s in splits},
-            "cn_start": mean_std([r["cn_start"] for st, by in runs.items() if not st.startswith(ATTR)
-                                  for r in by.values() if r["cn_start"]] or [float("nan")]),
-            **({"cn_start_attr": mean_std([r["cn_start"] for st, by in runs.items() if st.startswith(ATTR)
-                                           for r in by.values() if r["cn_start"]] or [float("nan")])}
-               if any(st.startswith(ATTR) for st in rows) else {}),
+            # the starting C/N of the paper's N_i, and of each other N_i on its own scale (cn_start_attr, cn_start_in)
+            **{"cn_start" + (f"_{prefix[:-1]}" if prefix else ""):
+               mean_std([r["cn_start"] for st, by in runs.items() if contrast_prefix(st) == prefix
+                         for r in by.values() if r["cn_start"]] or [float("nan")])
+               for prefix in ["", *CONTRASTS] if not prefix or any(contrast_prefix(st) == prefix for st in rows)},
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {},
             "recall": recall_by_label(cfg, data, main, runs) if main else {},
@@ -434,10 +448,11 @@ def markdown(summary: dict) -> str:
                          + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
                          f"{number(row['l_attn_first'])} / {number(row['l_next_first'])} | {diff} | "
                          f"{number(row['minutes'], 1)} |")
-        if any(st.startswith(ATTR) for st in d["rows"]):
-            lines += ["", f"{ATTR}…: not in the paper; N_i of Eq. 9 over the record's other attributes only "
-                      "(train.py --contrast attributes), so their α and C/N are on that scale: C/N before training "
-                      f"median {number(d['cn_start_attr'], 3)}. Never the chosen setting."]
+        for prefix, contrast in CONTRASTS.items():
+            if f"cn_start_{prefix[:-1]}" in d:
+                lines += ["", f"{prefix}…: not in the paper; N_i of Eq. 9 over {CONTRAST_NAMES[prefix]} only "
+                          f"(train.py --contrast {contrast}), so their α and C/N are on that scale: C/N before "
+                          f"training median {number(d[f'cn_start_{prefix[:-1]}'], 3)}. Never the chosen setting."]
         if d["chosen"]:
             paired = d["paired"][d["chosen"]]
             lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "
@@ -472,7 +487,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
                                                                     "tab:brown", "tab:olive")))
         for n, (st, row) in enumerate(d["rows"].items()):
             x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
-            marker = "^" if st.startswith(ATTR) else "s" if st.startswith("div") else "o"
+            marker = MARKERS.get(contrast_prefix(st)) or ("s" if st.startswith("div") else "o")
             for split, color in colors.items():
                 left.errorbar(x, 100 * row[split]["mean"], yerr=100 * (row[split]["std"] or 0), fmt=marker,
                               color=color, capsize=3)
@@ -484,17 +499,17 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss" + (";\ntriangles: N_i over the other "
-                                                                            "attributes" if "cn_start_attr" in d
-                                                                            else "") + ")",
+        shown = [prefix for prefix in CONTRASTS if f"cn_start_{prefix[:-1]}" in d]     # the N_i of the paper's, too
+        left.set(xlabel="α (vanilla at 0; squares: the authors' div loss"
+                 + "".join(f";\n{MARKER_NAMES[p]}: N_i over {CONTRAST_NAMES[p]}" for p in shown) + ")",
                  ylabel="accuracy (%)",
                  title=f"{data}: accuracy, mean ± std over seeds")
         left.legend(fontsize=8)
         if d["cn_start"]["mean"] == d["cn_start"]["mean"]:
             right.axhline(d["cn_start"]["mean"], color="gray", ls="--", lw=1, label="median C/N before training")
-        if "cn_start_attr" in d:      # the triangles' C/N is on another scale: N_i over the other attributes
-            right.axhline(d["cn_start_attr"]["mean"], color="gray", ls="-.", lw=1,
-                          label="the same, N_i over the other attributes")
+        for prefix, ls in zip(shown, ("-.", ":")):   # these markers' C/N is on the scale of their own N_i
+            right.axhline(d[f"cn_start_{prefix[:-1]}"]["mean"], color="gray", ls=ls, lw=1,
+                          label=f"the same, N_i over {CONTRAST_NAMES[prefix]}")
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=8)
         right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")

@@ -5,8 +5,8 @@ and Table 2 and Table 5 of the paper in their layout.
     python experiments/tables.py --results results --out results/tables.md
 
 STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
-data set: every setting's runs (the chosen one in bold, the attr- settings, which are not the paper's, in italics
-and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD difference against vanilla on the
+data set: every setting's runs (the chosen one in bold; the attr- and in- settings, whose N_i is not the paper's, in
+italics, last, and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD difference against vanilla on the
 same records with its 95 % bootstrap interval.
 
 Table 2 / Table 5: each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full
@@ -79,17 +79,19 @@ def spread(stat: dict, scale: float = 100, digits: int = 2) -> str:
 
 
 def stg_table(d: dict) -> list[str]:
-    """One data set of an α study: a row per setting (the paper's and ours first, the attr- ones last), the setting
+    """One data set of an α study: a row per setting (the paper's N_i first, the attr- and in- ones last), the setting
     chosen on val in bold, the majority baseline last."""
-    attr = lambda st: st.startswith(alpha_study.ATTR)                                    # noqa: E731
-    rows = sorted(d["rows"], key=lambda st: (attr(st), d["rows"][st]["alpha"]["mean"] if attr(st) else 0))
+    def order(st):      # the paper's N_i in the study's order, then each other N_i by α
+        prefix = alpha_study.contrast_prefix(st)
+        return (1 + list(alpha_study.CONTRASTS).index(prefix), d["rows"][st]["alpha"]["mean"]) if prefix else (0, 0)
+    rows = sorted(d["rows"], key=order)
     lines = ["| setting | seeds | α | val | IID | OOD | C/N, last epoch | OOD − vanilla (95 % CI) |",
              "|---|---|---|---|---|---|---|---|"]
     for st in rows:
         r, paired = d["rows"][st], d["paired"].get(st)
         name = st + (f" ({NOTES[st]})" if st in NOTES else "")
-        if attr(st):
-            name = f"*{st} (N_i over the other attributes)*"
+        if prefix := alpha_study.contrast_prefix(st):
+            name = f"*{st} (N_i over {alpha_study.CONTRAST_NAMES[prefix]})*"
         cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else spread(r["alpha"], 1),
                  spread(r["val"]), spread(r["iid"]), spread(r["ood"]), spread(r["cn_end"], 1),
                  f"{signed(paired['mean'])} ({signed(paired['ci95'][0])}, {signed(paired['ci95'][1])})"

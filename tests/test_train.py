@@ -316,8 +316,9 @@ def test_the_contrast_mask_marks_the_other_attributes_on_the_causal_rows(tmp_pat
     assert ex.n_cat_rows == len(rows) == ex.n_cat_target_rows > 0
 
 
-def test_contrast_losses_equal_a_loop_over_the_models_attention(stg_file, tmp_path):
-    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, contrast="attributes", attn="explicit")
+@pytest.mark.parametrize("contrast", ["attributes", "input"])
+def test_contrast_losses_equal_a_loop_over_the_models_attention(stg_file, tmp_path, contrast):
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, contrast=contrast, attn="explicit")
     records = stg.read_records(stg_file)[:4]
     train.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
     model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
@@ -339,6 +340,25 @@ def test_contrast_losses_equal_a_loop_over_the_models_attention(stg_file, tmp_pa
     assert out.cn.ratio[out.cn.counted].tolist() == pytest.approx(ratios, rel=1e-5)
     with pytest.raises(ValueError, match="explicit"):
         train.losses(model, batch, cfg.alpha, attn="fast")
+
+
+def test_the_input_contrast_marks_the_input_but_its_first_token_on_every_row(tmp_path):
+    path = tmp_path / "mawps_train.jsonl"        # any task: the input contrast needs no "Name: value" structure
+    record = {"input": "Tom has 3 apples and buys 4 more. ", "target": "Answer: 7.0",
+              "important": [{"7.0": ["3 apples", "4 more"]}, {"4 more": ["buys"]}]}
+    cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
+                            scratch_vocab=300, contrast="input", attn="explicit")
+    _, tok, _ = train.build_model(cfg, [record], "cpu", None)
+    ex, = train.encode_all([record], tok, cfg, "mawps")
+    plain, _ = train.encode(record, tok)
+    assert torch.equal(ex.adj, plain.adj) and ex.ids == plain.ids          # the causal adjacency is untouched
+    columns = list(range(1, ex.n_prompt))                                  # bos and the answer left out
+    assert ex.ids[0] == tok.bos_id and all(row.nonzero().flatten().tolist() == columns for row in ex.contrast)
+    assert tok.decode([ex.ids[j] for j in columns]) == record["input"]     # the whole input, nothing else
+    # the rows L_attn counts, against a loop: those seeing a cause and another input token; rows inside the prompt too
+    adj, contrast = cat.shift_up(ex.adj), cat.shift_up(ex.contrast)
+    rows = [i for i in range(len(ex.ids)) if adj[i, :i + 1].any() and (contrast[i, :i + 1] & ~adj[i, :i + 1]).any()]
+    assert ex.n_cat_rows == len(rows) > ex.n_cat_target_rows > 0
 
 
 def test_contrast_attributes_refuses_data_without_attributes(tmp_path, capsys):
