@@ -499,7 +499,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        shown = [prefix for prefix in CONTRASTS if f"cn_start_{prefix[:-1]}" in d]     # the N_i of the paper's, too
+        shown = [prefix for prefix in CONTRASTS if f"cn_start_{prefix[:-1]}" in d]     # the other N_i with runs
         left.set(xlabel="α (vanilla at 0; squares: the authors' div loss"
                  + "".join(f";\n{MARKER_NAMES[p]}: N_i over {CONTRAST_NAMES[p]}" for p in shown) + ")",
                  ylabel="accuracy (%)",
