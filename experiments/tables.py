@@ -114,10 +114,12 @@ def stg_sections(results: Path) -> list[str]:
         for data, d in summary["data"].items():
             if not d["rows"] or "ood" not in d["splits"]:
                 continue
+            def of_data(by: dict) -> list[str]:     # the revisions, machines, precisions of this data set's runs
+                return [key for key, names in by.items() if any(name.startswith(f"{data}-") for name in names)]
             lines += [f"## STG: {folder.name}, {data}", "",
-                      "Runs from revision " + ", ".join(rev[:7] for rev in summary.get("revisions", {})) + " on "
-                      + "; ".join(summary.get("machines", {})) + ", precision: "
-                      + ", ".join(summary.get("precisions", {})) + f". C/N before training: median "
+                      "Runs from revision " + ", ".join(rev[:7] for rev in of_data(summary.get("revisions", {})))
+                      + " on " + "; ".join(of_data(summary.get("machines", {}))) + ", precision: "
+                      + ", ".join(of_data(summary.get("precisions", {}))) + f". C/N before training: median "
                       + alpha_study.number(d["cn_start"], 3) + ".", "", *stg_table(d), ""]
     return lines
 
