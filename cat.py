@@ -207,8 +207,8 @@ def causal_ratio(avg_attn: Tensor, cat_mask: Tensor, pad_mask: Tensor | None = N
                  contrast: Tensor | None = None) -> CausalRatio:
     """CAT §4.2 Eq. 8, 9: the average map avg_attn (B, T, T) and the shifted CAT mask (B, T, T) -> C, N (B, T).
     Not in the paper: a shifted contrast mask (B, T, T) narrows Eq. 9's "other tokens" to the ones it marks (the
-    other attributes of an STG record, train.py --contrast attributes), so that C/N compares the causes with the
-    alternatives to them, not with every token of the row."""
+    other attributes of an STG record, train.py --contrast attributes; the input but its first token, --contrast
+    input), so that C/N compares the causes with the alternatives to them, not with every token of the row."""
     causal, other = visible(cat_mask, pad_mask, contrast)
     return _c_and_n((avg_attn * causal).sum(-1), causal.sum(-1), (avg_attn * other).sum(-1), other.sum(-1))
 

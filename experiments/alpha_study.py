@@ -98,7 +98,14 @@ CONTRASTS = {"attr-": "attributes", "in-": "input"}       # prefix -> train.py -
 CONTRAST_NAMES = {"attr-": "the other attributes", "in-": "the input but its first token"}   # what N_i averages
 
 
-MARKERS, MARKER_NAMES = {"attr-": "^", "in-": "v"}, {"attr-": "triangles", "in-": "down-triangles"}   # Figure 4
+# Figure 4: each prefix's marker, and the line style of its starting C/N
+MARKERS, MARKER_NAMES = {"attr-": "^", "in-": "v"}, {"attr-": "triangles", "in-": "down-triangles"}
+LINES = {"attr-": "-.", "in-": ":"}
+
+
+def cn_key(prefix: str) -> str:
+    """The summary's key of the starting C/N on a setting prefix's N_i: cn_start, cn_start_attr, cn_start_in."""
+    return "cn_start" + (f"_{prefix[:-1]}" if prefix else "")
 
 
 def contrast_prefix(setting: str) -> str:
@@ -368,7 +375,7 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
             # the val split is drawn per seed, so its majority answer's accuracy is averaged over the seeds' splits
             "majority": {s: statistics.fmean(run["majority"][s] for run in a_run_per_seed.values()) for s in splits},
             # the starting C/N of the paper's N_i, and of each other N_i on its own scale (cn_start_attr, cn_start_in)
-            **{"cn_start" + (f"_{prefix[:-1]}" if prefix else ""):
+            **{cn_key(prefix):
                mean_std([r["cn_start"] for st, by in runs.items() if contrast_prefix(st) == prefix
                          for r in by.values() if r["cn_start"]] or [float("nan")])
                for prefix in ["", *CONTRASTS] if not prefix or any(contrast_prefix(st) == prefix for st in rows)},
@@ -449,10 +456,10 @@ def markdown(summary: dict) -> str:
                          f"{number(row['l_attn_first'])} / {number(row['l_next_first'])} | {diff} | "
                          f"{number(row['minutes'], 1)} |")
         for prefix, contrast in CONTRASTS.items():
-            if f"cn_start_{prefix[:-1]}" in d:
+            if cn_key(prefix) in d:
                 lines += ["", f"{prefix}…: not in the paper; N_i of Eq. 9 over {CONTRAST_NAMES[prefix]} only "
                           f"(train.py --contrast {contrast}), so their α and C/N are on that scale: C/N before "
-                          f"training median {number(d[f'cn_start_{prefix[:-1]}'], 3)}. Never the chosen setting."]
+                          f"training median {number(d[cn_key(prefix)], 3)}. Never the chosen setting."]
         if d["chosen"]:
             paired = d["paired"][d["chosen"]]
             lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "
@@ -499,7 +506,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        shown = [prefix for prefix in CONTRASTS if f"cn_start_{prefix[:-1]}" in d]     # the other N_i with runs
+        shown = [prefix for prefix in CONTRASTS if cn_key(prefix) in d]     # the other N_i with runs
         left.set(xlabel="α (vanilla at 0; squares: the authors' div loss"
                  + "".join(f";\n{MARKER_NAMES[p]}: N_i over {CONTRAST_NAMES[p]}" for p in shown) + ")",
                  ylabel="accuracy (%)",
@@ -507,8 +514,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
         left.legend(fontsize=8)
         if d["cn_start"]["mean"] == d["cn_start"]["mean"]:
             right.axhline(d["cn_start"]["mean"], color="gray", ls="--", lw=1, label="median C/N before training")
-        for prefix, ls in zip(shown, ("-.", ":")):   # these markers' C/N is on the scale of their own N_i
-            right.axhline(d[f"cn_start_{prefix[:-1]}"]["mean"], color="gray", ls=ls, lw=1,
+        for prefix in shown:          # these markers' C/N is on the scale of their own N_i
+            right.axhline(d[cn_key(prefix)]["mean"], color="gray", ls=LINES[prefix], lw=1,
                           label=f"the same, N_i over {CONTRAST_NAMES[prefix]}")
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=8)

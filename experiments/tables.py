@@ -2,6 +2,7 @@
 and Table 2 and Table 5 of the paper in their layout.
 
     python experiments/tables.py                       # results/tables.md, and printed
+    python experiments/tables.py --readme README.md    # also the README's STG tables, in their marked blocks
     python experiments/tables.py --results results --out results/tables.md
 
 STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
@@ -17,6 +18,7 @@ val, or, before every seed of a setting has finished, the CAT setting with runs,
 The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
 """
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ PAPER_TABLE5 = {"GPT-4o": (41.65, 1.43), "GLM-4-air": (41.85, 2.16)}
 class TablesConfig:
     results: str = "results"            # the folder holding the <task>-smollm2 study folders
     out: str = "results/tables.md"      # where the tables are written (markdown)
+    readme: str = ""                    # a Markdown file whose <!-- stg-table: <folder>, <data> --> blocks are filled
 
 
 def summarize(folder: Path) -> dict:
@@ -89,24 +92,38 @@ def stg_table(d: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for st in rows:
         r, paired = d["rows"][st], d["paired"].get(st)
-        name = st + (f" ({NOTES[st]})" if st in NOTES else "")
+        notes = [NOTES[st]] if st in NOTES else []
+        if st == d["chosen"]:
+            notes.append("chosen on val")
+        name = st + (f" ({'; '.join(notes)})" if notes else "")
         if prefix := alpha_study.contrast_prefix(st):
             name = f"*{st} (N_i over {alpha_study.CONTRAST_NAMES[prefix]})*"
         cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else spread(r["alpha"], 1),
-                 spread(r["val"]), spread(r["iid"]), spread(r["ood"]), spread(r["cn_end"], 1),
+                 spread(r["val"]) if "val" in r else "—", spread(r["iid"]), spread(r["ood"]), spread(r["cn_end"], 1),
                  f"{signed(paired['mean'])} ({signed(paired['ci95'][0])}, {signed(paired['ci95'][1])})"
                  if paired else "—"]
         if st == d["chosen"]:
-            cells[0], cells[5], cells[7] = f"**{st} (chosen on val)**", f"**{cells[5]}**", f"**{cells[7]}**"
+            cells[0], cells[5], cells[7] = f"**{cells[0]}**", f"**{cells[5]}**", f"**{cells[7]}**"
         lines.append("| " + " | ".join(cells) + " |")
-    m = d["majority"]
-    lines.append(f"| majority baseline | | | {100 * m['val']:.2f} | {100 * m['iid']:.2f} | {100 * m['ood']:.2f} | | |")
+    m = {split: f"{100 * share:.2f}" for split, share in d["majority"].items()}
+    lines.append(f"| majority baseline | | | {m.get('val', '—')} | {m['iid']} | {m['ood']} | | |")
     return lines
 
 
-def stg_sections(results: Path) -> list[str]:
-    """A section per STG study folder and data set, headed by what the runs ran on."""
-    lines = []
+def short(revision: str | None) -> str:
+    """A revision as a 7-character hash, keeping "(with uncommitted changes)"."""
+    head, _, rest = str(revision).partition(" ")
+    return head[:7] + (f" {rest}" if rest else "")
+
+
+def of_data(data: str, by: dict) -> list[str]:
+    """The keys of a summary's {revision / machine / precision: run names} that runs of `data` have."""
+    return [key for key, names in by.items() if any(name.startswith(f"{data}-") for name in names)]
+
+
+def stg_sections(results: Path) -> dict[str, list[str]]:
+    """{"<study folder>, <data set>": its section}: a line on what the runs ran on, then the table."""
+    sections = {}
     for folder in sorted(results.glob("alpha-study-*")):
         if not (folder / "study_config.json").exists():
             continue
@@ -114,14 +131,31 @@ def stg_sections(results: Path) -> list[str]:
         for data, d in summary["data"].items():
             if not d["rows"] or "ood" not in d["splits"]:
                 continue
-            def of_data(by: dict) -> list[str]:     # the revisions, machines, precisions of this data set's runs
-                return [key for key, names in by.items() if any(name.startswith(f"{data}-") for name in names)]
-            lines += [f"## STG: {folder.name}, {data}", "",
-                      "Runs from revision " + ", ".join(rev[:7] for rev in of_data(summary.get("revisions", {})))
-                      + " on " + "; ".join(of_data(summary.get("machines", {}))) + ", precision: "
-                      + ", ".join(of_data(summary.get("precisions", {}))) + f". C/N before training: median "
-                      + alpha_study.number(d["cn_start"], 3) + ".", "", *stg_table(d), ""]
-    return lines
+            starts = [alpha_study.number(d["cn_start"], 3)] + [    # each N_i on its own scale
+                f"{alpha_study.number(d[alpha_study.cn_key(p)], 3)} with N_i over {alpha_study.CONTRAST_NAMES[p]}"
+                for p in alpha_study.CONTRASTS if alpha_study.cn_key(p) in d]
+            sections[f"{folder.name}, {data}"] = [
+                      f"{Path(summary['config']['model']).name}; runs from revision "
+                      + ", ".join(short(rev) for rev in of_data(data, summary.get("revisions", {})))
+                      + " on " + "; ".join(of_data(data, summary.get("machines", {}))) + ", precision: "
+                      + ", ".join(of_data(data, summary.get("precisions", {}))) + f". C/N before training: median "
+                      + "; ".join(starts) + ". The setting chosen on val is chosen among those with every seed finished.", "",
+                      *stg_table(d)]
+    return sections
+
+
+def fill_readme(path: Path, sections: dict[str, list[str]]) -> None:
+    """Replace each block of `path` between "<!-- stg-table: <folder>, <data> -->" and "<!-- /stg-table -->" with
+    that section's table, so that the README shows what the committed runs give and nothing else."""
+    def fill(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in sections:
+            raise stg.InputError(f"{path}: <!-- stg-table: {key} --> names no study folder and data set with finished "
+                                 f"runs; there are: {', '.join(sections) or 'none'}")
+        table = [line for line in sections[key] if line.startswith("|")]
+        return f"<!-- stg-table: {key} -->\n" + "\n".join(table) + "\n<!-- /stg-table -->"
+    text = path.read_text(encoding="utf-8")
+    stg.write_text(path, re.sub(r"<!-- stg-table: (.+?) -->\n.*?<!-- /stg-table -->", fill, text, flags=re.S))
 
 
 def cat_setting(d: dict) -> tuple[str | None, str]:
@@ -195,9 +229,10 @@ def main(argv=None) -> str:
     machines = sorted({m for s in found.values() for m in s.get("machines", {})})
     threads = sorted({t for s in found.values() for t in s.get("threads", [])})
     precisions = sorted({p for s in found.values() for p in s.get("precisions", {})})
-    stg_lines = stg_sections(Path(cfg.results))
-    text = "\n".join(["# The README's result tables (SmolLM2-135M-Instruct, full fine-tuning)", "", *stg_lines,
-                      "## Table 2 and Table 5 on the authors' annotations", "",
+    sections = stg_sections(Path(cfg.results))
+    stg_lines = [line for key, section in sections.items() for line in (f"## STG: {key}", "", *section, "")]
+    text = "\n".join(["# The README's result tables (full fine-tuning)", "", *stg_lines,
+                      "## Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct)", "",
                       "Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice "
                       "on val yet. Runs from revision " + (", ".join(revisions) or "—") + " on "
                       + ("; ".join(machines) or "—") + ", torch threads per run: " + (", ".join(threads) or "—")
@@ -206,6 +241,8 @@ def main(argv=None) -> str:
                       "",
                       "### Table 2", "", *table2(found), "", "### Table 5 (MAWPS)", "", *table5(found), ""])
     stg.write_text(Path(cfg.out), text)
+    if cfg.readme:
+        fill_readme(Path(cfg.readme), sections)
     print(text)
     return text
 

@@ -369,7 +369,9 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
         fake_stg_run(folder / f"stg_s-in-k2-s{seed}", 1.2, a2, val=1.0, **split)
     text = tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables.md")])
     section = text.split("## STG: alpha-study-tiny, stg_s")[1].split("##")[0]
-    assert "Runs from revision abcdef0 on cpu, precision: float32." in section
+    assert "m; runs from revision abcdef0 on cpu, precision: float32. C/N before training: median 0.400 ± 0.000; " \
+           "0.400 ± 0.000 with N_i over the other attributes; 0.400 ± 0.000 with N_i over the input but its first " \
+           "token." in section
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and "---" not in line][1:]
     names = [r[0] for r in rows]
@@ -382,6 +384,15 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
     assert k2[7].startswith("**+12.50 (")                                           # paired: +25, 0 points
     assert attr_k2[5] == "87.50 ± 17.68" and attr_k2[7].startswith("+50.00 (")    # shown, with its difference
     assert rows[5][3:6] == ["55.00", "75.00", "25.00"]           # the majority answer's accuracy, val's over seeds
+    readme = tmp_path / "README.md"                          # --readme fills the marked block, and only it
+    readme.write_text("intro\n<!-- stg-table: alpha-study-tiny, stg_s -->\nold\n<!-- /stg-table -->\nrest\n")
+    tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables.md"), "--readme", str(readme)])
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    assert readme.read_text() == ("intro\n<!-- stg-table: alpha-study-tiny, stg_s -->\n" + "\n".join(table)
+                                  + "\n<!-- /stg-table -->\nrest\n")
+    readme.write_text("<!-- stg-table: alpha-study-tiny, stg_h -->\n<!-- /stg-table -->\n")
+    with pytest.raises(stg.InputError, match="stg_h -->.* no study folder"):
+        tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "t.md"), "--readme", str(readme)])
     if importlib.util.find_spec("matplotlib"):               # Figure 4, with the attr- rows' own C/N scale
         paths = study.figure(study.summarize(study.saved_config(folder), folder), folder)
         assert paths == [folder / "figure4_stg_s.png"] and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
