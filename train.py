@@ -136,9 +136,10 @@ def input_contrast(n_tokens: int, n_prompt: int) -> torch.Tensor:
     return mask
 
 
-def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | None = None) -> tuple[Example, dict]:
+def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | str | None = None) -> tuple[Example, dict]:
     """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer").
-    contrast, in `important`'s layout: the phrases N_i averages over (--contrast); None: every other token."""
+    contrast, what N_i averages over (--contrast): phrases in `important`'s layout, "input" (input_contrast), or
+    None: every other token."""
     bos = [] if tok.bos_id is None else [tok.bos_id]
     pieces = [record["input"], record["target"]]
     (prompt, prompt_offsets), (answer, answer_offsets) = cat.piece_offsets(pieces, tok.backend)
@@ -146,10 +147,12 @@ def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | None = None) -
     if record.get("important"):   # §4.1 Eq. 4 over the same tokens
         adj, stats = cat.adjacency(pieces, prompt_offsets + answer_offsets, record["important"])
         adj = F.pad(adj, (len(bos), 1, len(bos), 1))       # zero rows/columns for bos and eos
-        if contrast is not None:                           # the same construction, the contrast phrases as causes
+        if isinstance(contrast, list):                     # the same construction, the contrast phrases as causes
             contrast_adj, _ = cat.adjacency(pieces, prompt_offsets + answer_offsets, contrast)
             contrast_adj = F.pad(contrast_adj, (len(bos), 1, len(bos), 1))
     ids, n_prompt = bos + prompt + answer + [tok.eos_ids[0]], len(bos) + len(prompt)
+    if contrast == "input" and adj is not None:
+        contrast_adj = input_contrast(len(ids), n_prompt)
     labels = [-100] * (n_prompt - 1) + ids[n_prompt:] + [-100]   # position t predicts token t + 1
     return Example(ids, labels, adj, contrast_adj), stats
 
@@ -158,9 +161,8 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[Example]:
     """Encode every record; report skipped ones and the annotation coverage with examples of missing phrases."""
     examples, found, missing, skipped = [], 0, [], 0
     for rec in records:
-        ex, stats = encode(rec, tok, attribute_contrast(rec, task) if cfg.contrast == "attributes" else None)
-        if cfg.contrast == "input" and ex.adj is not None:
-            ex = Example(ex.ids, ex.labels, ex.adj, input_contrast(len(ex.ids), ex.n_prompt))
+        contrast = attribute_contrast(rec, task) if cfg.contrast == "attributes" else None
+        ex, stats = encode(rec, tok, "input" if cfg.contrast == "input" else contrast)
         if len(ex.ids) > cfg.max_len:
             skipped += 1
             continue

@@ -352,8 +352,8 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                     finished[name] = run
                 if name in finished:
                     runs[st][s] = finished[name]
-        any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
         a_run_per_seed = {s: r for by_seed in runs.values() for s, r in by_seed.items()}   # a seed: one val split
+        any_run = next(iter(a_run_per_seed.values()), None)
         splits = sorted(any_run["accuracy"], key=lambda s: s != "val") if any_run else []   # val first
         main = main_split(splits) if splits else None
         rows = {}
@@ -397,6 +397,13 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
     summary["revisions"], summary["threads"], summary["machines"] = revisions, sorted(map(str, threads)), machines
     summary["precisions"] = precisions
     return summary
+
+
+def difference(paired: dict | None) -> str:
+    """A paired difference in points with its 95 % interval: "+3.42 (+1.08, +5.83)"; "—" when there is none."""
+    if not paired:
+        return "—"
+    return f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
 
 
 def pct(stat: dict | None) -> str:
@@ -447,9 +454,7 @@ def markdown(summary: dict) -> str:
                   "| setting | seeds | α | " + " | ".join(splits) + " | C/N at the end | L_attn / L_next, first epoch "
                   f"| {main} − vanilla (95 % CI) | minutes per run |", "|---" * (len(splits) + 7) + "|"]
         for st, row in d["rows"].items():
-            paired = d["paired"].get(st, {})
-            diff = (f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
-                    if paired else "—")
+            diff = difference(d["paired"].get(st))
             mark = " (chosen on val)" if st == d["chosen"] else ""
             lines.append(f"| {st}{mark} | {len(row['seeds'])} | {number(row['alpha'], 3)} | "
                          + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
@@ -531,6 +536,14 @@ def figure(summary: dict, out: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 
+def write_summary(cfg: StudyConfig, out: Path) -> dict:
+    """The study's summary from its run folders, written to <out>/summary.json and summary.md."""
+    summary = summarize(cfg, out)
+    stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    stg.write_text(out / "summary.md", markdown(summary))
+    return summary
+
+
 def saved_config(out: Path) -> StudyConfig:
     """The configuration a study folder was run with (its study_config.json), with `out` where it is now."""
     saved = json.loads((Path(out) / "study_config.json").read_text())
@@ -575,12 +588,8 @@ def main(argv=None) -> Path:
                     collect_outcomes(job.run)
             print(f"{job.run.name}: {outcome['status']}" + (f" in {outcome['seconds']:.0f} s"
                                                             if outcome.get("seconds") else ""), flush=True)
-            summary = summarize(cfg, out)    # after every run, so that the summary is never behind the runs
-            stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            stg.write_text(out / "summary.md", markdown(summary))
-    summary = summarize(cfg, out)
-    stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    stg.write_text(out / "summary.md", markdown(summary))
+            write_summary(cfg, out)    # after every run, so that the summary is never behind the runs
+    summary = write_summary(cfg, out)
     figure(summary, out)
     print(markdown(summary))
     return out

@@ -7,8 +7,8 @@ and Table 2 and Table 5 of the paper in their layout.
 
 STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
 data set: every setting's runs (the chosen one in bold; the attr- and in- settings, whose N_i is not the paper's, in
-italics, last, and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD difference against vanilla on the
-same records with its 95 % bootstrap interval.
+italics, last, and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD difference against
+vanilla on the same records with its 95 % bootstrap interval.
 
 Table 2 / Table 5: each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full
 fine-tuning, the authors' annotated files, the task's val file choosing the setting):
@@ -17,7 +17,6 @@ A cell is the mean ± std over seeds of test accuracy in %, "(n)" the number of 
 val, or, before every seed of a setting has finished, the CAT setting with runs, marked "*". "—": not run yet.
 The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
 """
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -50,10 +49,7 @@ class TablesConfig:
 
 def summarize(folder: Path) -> dict:
     """A study folder's summary, made again from its run folders (and written beside them)."""
-    summary = alpha_study.summarize(alpha_study.saved_config(folder), folder)
-    stg.write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-    stg.write_text(folder / "summary.md", alpha_study.markdown(summary))
-    return summary
+    return alpha_study.write_summary(alpha_study.saved_config(folder), folder)
 
 
 def summaries(results: Path) -> dict:
@@ -70,14 +66,8 @@ NOTES = {"a0.6": "the paper's α", "div-a0.6": "the authors' loss",
          "k6": "control: the paper's N_i, the loss as large as attr-k3's"}
 
 
-def signed(value: float) -> str:
-    return f"{100 * value:+.2f}".replace("-", "−")
-
-
-def spread(stat: dict, scale: float = 100, digits: int = 2) -> str:
-    """mean ± std (the std left out for one seed), minus signs typeset."""
-    text = f"{scale * stat['mean']:.{digits}f}" + (f" ± {scale * stat['std']:.{digits}f}" if stat["std"] is not None
-                                                    else "")
+def typeset(text: str) -> str:
+    """Minus signs as − in the README's STG tables."""
     return text.replace("-", "−")
 
 
@@ -91,17 +81,16 @@ def stg_table(d: dict) -> list[str]:
     lines = ["| setting | seeds | α | val | IID | OOD | C/N, last epoch | OOD − vanilla (95 % CI) |",
              "|---|---|---|---|---|---|---|---|"]
     for st in rows:
-        r, paired = d["rows"][st], d["paired"].get(st)
+        r, paired = d["rows"][st], d["paired"].get(st)     # no paired difference for vanilla itself
         notes = [NOTES[st]] if st in NOTES else []
         if st == d["chosen"]:
             notes.append("chosen on val")
         name = st + (f" ({'; '.join(notes)})" if notes else "")
         if prefix := alpha_study.contrast_prefix(st):
             name = f"*{st} (N_i over {alpha_study.CONTRAST_NAMES[prefix]})*"
-        cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else spread(r["alpha"], 1),
-                 spread(r["val"]) if "val" in r else "—", spread(r["iid"]), spread(r["ood"]), spread(r["cn_end"], 1),
-                 f"{signed(paired['mean'])} ({signed(paired['ci95'][0])}, {signed(paired['ci95'][1])})"
-                 if paired else "—"]
+        cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else typeset(alpha_study.number(r["alpha"])),
+                 *(typeset(alpha_study.pct(r.get(split))) for split in ("val", "iid", "ood")),
+                 typeset(alpha_study.number(r["cn_end"])), typeset(alpha_study.difference(paired))]
         if st == d["chosen"]:
             cells[0], cells[5], cells[7] = f"**{cells[0]}**", f"**{cells[5]}**", f"**{cells[7]}**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,13 +123,13 @@ def stg_sections(results: Path) -> dict[str, list[str]]:
             starts = [alpha_study.number(d["cn_start"], 3)] + [    # each N_i on its own scale
                 f"{alpha_study.number(d[alpha_study.cn_key(p)], 3)} with N_i over {alpha_study.CONTRAST_NAMES[p]}"
                 for p in alpha_study.CONTRASTS if alpha_study.cn_key(p) in d]
-            sections[f"{folder.name}, {data}"] = [
-                      f"{Path(summary['config']['model']).name}; runs from revision "
+            ran_on = (f"{Path(summary['config']['model']).name}; runs from revision "
                       + ", ".join(short(rev) for rev in of_data(data, summary.get("revisions", {})))
                       + " on " + "; ".join(of_data(data, summary.get("machines", {}))) + ", precision: "
-                      + ", ".join(of_data(data, summary.get("precisions", {}))) + f". C/N before training: median "
-                      + "; ".join(starts) + ". The setting chosen on val is chosen among those with every seed finished.", "",
-                      *stg_table(d)]
+                      + ", ".join(of_data(data, summary.get("precisions", {}))) + ". C/N before training: median "
+                      + "; ".join(starts) + ". The setting chosen on val is chosen among those with every seed "
+                      "finished.")
+            sections[f"{folder.name}, {data}"] = [ran_on, "", *stg_table(d)]
     return sections
 
 
@@ -189,8 +178,7 @@ def table2(found: dict) -> list[str]:
         vanilla.append(cell(d["rows"].get("vanilla"), split))
         cat.append(cell(d["rows"].get(setting), split, mark))
         paired = d["paired_by_split"].get(setting, {}).get(split)
-        diff.append(f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
-                    if paired else "—")
+        diff.append(alpha_study.difference(paired))
         row = d["rows"].get(setting)
         alpha.append(f"{setting}: α {row['alpha']['mean']:.3f}" if row else "—")
         timed = d["rows"].get("vanilla") or row
@@ -213,10 +201,8 @@ def table5(found: dict) -> list[str]:
         setting, mark = cat_setting(d) if d and d["rows"] else (None, "")
         row = d["rows"].get(setting) if setting else None
         paired = d["paired_by_split"].get(setting, {}).get("test") if row else {}
-        diff = (f"{100 * paired['mean']:+.2f} ({100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f})"
-                if paired else "—")
-        lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {cell(row, 'test', mark)} | {diff} | "
-                     f"{alpha_study.number(row['cn_end']) if row else '—'} |")
+        lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {cell(row, 'test', mark)} | "
+                     f"{alpha_study.difference(paired)} | {alpha_study.number(row['cn_end']) if row else '—'} |")
     d = summary.get("data", {}).get("mawps")
     lines.append(f"| none (Vanilla) | — | {cell(d['rows'].get('vanilla') if d else None, 'test')} | | |")
     return lines
