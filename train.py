@@ -48,6 +48,9 @@ class TrainConfig:
     contrast: str = "all"            # Eq. 9's other tokens: "all" (the paper); not in the paper, with --attn
                                      # explicit: "attributes" (STG only), the record's other "Name: value" phrases,
                                      # or "input", the input's tokens but the first (the attention sink)
+    rows: str = "all"                # Eq. 10's rows: "all", every annotated row (the paper); not in the paper:
+                                     # "target", only the rows that predict an answer token (not those inside the
+                                     # input, where no next-token loss trains)
     gamma_schedule: str = "exp"      # §5.1: γ = e^{-epoch} ("exp") or 1 ("constant", the Table 3 ablation)
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
     log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
@@ -136,10 +139,11 @@ def input_contrast(n_tokens: int, n_prompt: int) -> torch.Tensor:
     return mask
 
 
-def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | str | None = None) -> tuple[Example, dict]:
+def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | str | None = None,
+           rows: str = "all") -> tuple[Example, dict]:
     """One record → Example; prompt and target tokenised apart (docs/design.md, "Tokenising prompt and answer").
     contrast, what N_i averages over (--contrast): phrases in `important`'s layout, "input" (input_contrast), or
-    None: every other token."""
+    None: every other token. rows (--rows): "all" annotated rows, or "target": only those of the answer's tokens."""
     bos = [] if tok.bos_id is None else [tok.bos_id]
     pieces = [record["input"], record["target"]]
     (prompt, prompt_offsets), (answer, answer_offsets) = cat.piece_offsets(pieces, tok.backend)
@@ -151,6 +155,8 @@ def encode(record: dict, tok: M.Tokenizer, contrast: list[dict] | str | None = N
             contrast_adj, _ = cat.adjacency(pieces, prompt_offsets + answer_offsets, contrast)
             contrast_adj = F.pad(contrast_adj, (len(bos), 1, len(bos), 1))
     ids, n_prompt = bos + prompt + answer + [tok.eos_ids[0]], len(bos) + len(prompt)
+    if rows == "target" and adj is not None:               # the input's tokens keep no causes: once shifted, only
+        adj[:n_prompt] = False                             # the rows that predict an answer token hold any
     if contrast == "input" and adj is not None:
         contrast_adj = input_contrast(len(ids), n_prompt)
     labels = [-100] * (n_prompt - 1) + ids[n_prompt:] + [-100]   # position t predicts token t + 1
@@ -162,7 +168,7 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[Example]:
     examples, found, missing, skipped = [], 0, [], 0
     for rec in records:
         contrast = attribute_contrast(rec, task) if cfg.contrast == "attributes" else None
-        ex, stats = encode(rec, tok, "input" if cfg.contrast == "input" else contrast)
+        ex, stats = encode(rec, tok, "input" if cfg.contrast == "input" else contrast, cfg.rows)
         if len(ex.ids) > cfg.max_len:
             skipped += 1
             continue
@@ -494,7 +500,8 @@ AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratc
 POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
 FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
 CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),
-           "contrast": ("all", "attributes", "input"), "dtype": ("auto", "float32", "bfloat16")}
+           "contrast": ("all", "attributes", "input"), "rows": ("all", "target"),
+           "dtype": ("auto", "float32", "bfloat16")}
 
 
 def validate(cfg: TrainConfig) -> None:

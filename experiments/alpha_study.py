@@ -16,7 +16,9 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
                the causes with the alternatives to them; α and C/N are on that scale.
   in-<any>     not in the paper: the same with N_i over the input's tokens but the first, the attention sink
                (train.py --contrast input --attn explicit): any task, no annotation beyond CAT's.
-  The attr- and in- settings are never the chosen setting, which answers for CAT as published.
+  tgt-<any>    not in the paper: one of the above with Eq. 10 over the rows that predict an answer token only
+               (train.py --rows target), not those inside the input; the starting C/N is taken over those rows.
+  The attr-, in- and tgt- settings are never the chosen setting, which answers for CAT as published.
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
 STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
 data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e (each with its own
@@ -93,35 +95,38 @@ class StudyConfig:
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
 
 
-# not in the paper: the prefix of a setting whose N_i of Eq. 9 runs over other tokens than every other one
-CONTRASTS = {"attr-": "attributes", "in-": "input"}       # prefix -> train.py --contrast
-CONTRAST_NAMES = {"attr-": "the other attributes", "in-": "the input but its first token"}   # what N_i averages
+# not in the paper: a setting prefix that changes which tokens Eq. 9 or which rows Eq. 10 average over:
+# prefix -> (its train.py flags, what it changes)
+VARIANTS = {"attr-": (["--contrast", "attributes", "--attn", "explicit"], "N_i over the other attributes"),
+            "in-": (["--contrast", "input", "--attn", "explicit"], "N_i over the input but its first token"),
+            "tgt-": (["--rows", "target"], "Eq. 10 over the answer's rows only")}
 
 
 # Figure 4: each prefix's marker, and the line style of its starting C/N
-MARKERS, MARKER_NAMES = {"attr-": "^", "in-": "v"}, {"attr-": "triangles", "in-": "down-triangles"}
-LINES = {"attr-": "-.", "in-": ":"}
+MARKERS = {"attr-": "^", "in-": "v", "tgt-": "D"}
+MARKER_NAMES = {"attr-": "triangles", "in-": "down-triangles", "tgt-": "diamonds"}
+LINES = {"attr-": "-.", "in-": ":", "tgt-": (0, (3, 1, 1, 1, 1, 1))}
 
 
 def cn_key(prefix: str) -> str:
-    """The summary's key of the starting C/N on a setting prefix's N_i: cn_start, cn_start_attr, cn_start_in."""
+    """The summary's key of the starting C/N on a setting prefix's rows and N_i: cn_start, cn_start_attr, ..."""
     return "cn_start" + (f"_{prefix[:-1]}" if prefix else "")
 
 
-def contrast_prefix(setting: str) -> str:
-    """The setting's --contrast prefix (attr-, in-), "" for the paper's N_i."""
-    return next((prefix for prefix in CONTRASTS if setting.startswith(prefix)), "")
+def variant_prefix(setting: str) -> str:
+    """The setting's prefix (attr-, in-, tgt-), "" for the paper's rows and N_i."""
+    return next((prefix for prefix in VARIANTS if setting.startswith(prefix)), "")
 
 
 def setting_flags(setting: str) -> list[str]:
-    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>, and attr-/in-<one of those but
+    """train.py flags of a setting name: vanilla, k<K>, a<α>, div-a<α>, div-k<K>, and attr-/in-/tgt-<one of those but
     vanilla>."""
     if setting == "vanilla":
         return ["--alpha", "0"]
-    prefix = contrast_prefix(setting)
+    prefix = variant_prefix(setting)
     rest = setting[len(prefix):]
-    if prefix and rest != "vanilla" and not contrast_prefix(rest):
-        return setting_flags(rest) + ["--contrast", CONTRASTS[prefix], "--attn", "explicit"]
+    if prefix and rest != "vanilla" and not variant_prefix(rest):
+        return setting_flags(rest) + VARIANTS[prefix][0]
     kind, _, value = setting.partition("-") if setting.startswith("div-") else ("hinge", "", setting)
     try:
         number = float(value[1:])
@@ -129,7 +134,7 @@ def setting_flags(setting: str) -> list[str]:
         number = -1.0
     if value[:1] not in ("k", "a") or number <= 0:
         raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
-                         "nor one of these but vanilla after attr- or in-")
+                         "nor one of these but vanilla after attr-, in- or tgt-")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
     return flags + (["--attn-loss", "div"] if kind == "div" else [])
 
@@ -368,17 +373,17 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
                             "minutes": mean_std([r["seconds"] / 60 for r in by_seed.values() if r["seconds"]]
                                                 or [float("nan")])}
         cats = [st for st in rows
-                if st != "vanilla" and not contrast_prefix(st) and len(rows[st]["seeds"]) == len(seeds)]
+                if st != "vanilla" and not variant_prefix(st) and len(rows[st]["seeds"]) == len(seeds)]
         chosen = max(cats, key=lambda st: rows[st]["val"]["mean"]) if cats else None   # a tie: the earlier setting
         summary["data"][data] = {
             "rows": rows, "chosen": chosen, "splits": splits, "main_split": main,
             # the val split is drawn per seed, so its majority answer's accuracy is averaged over the seeds' splits
             "majority": {s: statistics.fmean(run["majority"][s] for run in a_run_per_seed.values()) for s in splits},
-            # the starting C/N of the paper's N_i, and of each other N_i on its own scale (cn_start_attr, cn_start_in)
+            # the starting C/N of the paper's rows and N_i, and of each variant's on its own scale (cn_start_attr, ...)
             **{cn_key(prefix):
-               mean_std([r["cn_start"] for st, by in runs.items() if contrast_prefix(st) == prefix
+               mean_std([r["cn_start"] for st, by in runs.items() if variant_prefix(st) == prefix
                          for r in by.values() if r["cn_start"]] or [float("nan")])
-               for prefix in ["", *CONTRASTS] if not prefix or any(contrast_prefix(st) == prefix for st in rows)},
+               for prefix in ["", *VARIANTS] if not prefix or any(variant_prefix(st) == prefix for st in rows)},
             "paired": {st: paired_difference(runs[st], runs["vanilla"], main) for st in rows if st != "vanilla"}
             if "vanilla" in runs else {},
             "recall": recall_by_label(cfg, data, main, runs) if main else {},
@@ -460,11 +465,11 @@ def markdown(summary: dict) -> str:
                          + " | ".join(pct(row[s]) for s in splits) + f" | {number(row['cn_end'])} | "
                          f"{number(row['l_attn_first'])} / {number(row['l_next_first'])} | {diff} | "
                          f"{number(row['minutes'], 1)} |")
-        for prefix, contrast in CONTRASTS.items():
+        for prefix, (flags, what) in VARIANTS.items():
             if cn_key(prefix) in d:
-                lines += ["", f"{prefix}…: not in the paper; N_i of Eq. 9 over {CONTRAST_NAMES[prefix]} only "
-                          f"(train.py --contrast {contrast}), so their α and C/N are on that scale: C/N before "
-                          f"training median {number(d[cn_key(prefix)], 3)}. Never the chosen setting."]
+                lines += ["", f"{prefix}…: not in the paper; {what} (train.py {' '.join(flags)}), so their α "
+                          f"and C/N are on that scale: C/N before training median {number(d[cn_key(prefix)], 3)}. "
+                          "Never the chosen setting."]
         if d["chosen"]:
             paired = d["paired"][d["chosen"]]
             lines += ["", f"Paired per seed ({main}, CAT {d['chosen']} − vanilla): "
@@ -499,7 +504,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
                                                                     "tab:brown", "tab:olive")))
         for n, (st, row) in enumerate(d["rows"].items()):
             x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
-            marker = MARKERS.get(contrast_prefix(st)) or ("s" if st.startswith("div") else "o")
+            marker = MARKERS.get(variant_prefix(st)) or ("s" if st.startswith("div") else "o")
             for split, color in colors.items():
                 left.errorbar(x, 100 * row[split]["mean"], yerr=100 * (row[split]["std"] or 0), fmt=marker,
                               color=color, capsize=3)
@@ -511,17 +516,17 @@ def figure(summary: dict, out: Path) -> list[Path]:
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
-        shown = [prefix for prefix in CONTRASTS if cn_key(prefix) in d]     # the other N_i with runs
+        shown = [prefix for prefix in VARIANTS if cn_key(prefix) in d]     # the variants with runs
         left.set(xlabel="α (vanilla at 0; squares: the authors' div loss"
-                 + "".join(f";\n{MARKER_NAMES[p]}: N_i over {CONTRAST_NAMES[p]}" for p in shown) + ")",
+                 + "".join(f";\n{MARKER_NAMES[p]}: {VARIANTS[p][1]}" for p in shown) + ")",
                  ylabel="accuracy (%)",
                  title=f"{data}: accuracy, mean ± std over seeds")
         left.legend(fontsize=8)
         if d["cn_start"]["mean"] == d["cn_start"]["mean"]:
             right.axhline(d["cn_start"]["mean"], color="gray", ls="--", lw=1, label="median C/N before training")
-        for prefix in shown:          # these markers' C/N is on the scale of their own N_i
+        for prefix in shown:          # these markers' C/N is on the scale of their own rows and N_i
             right.axhline(d[cn_key(prefix)]["mean"], color="gray", ls=LINES[prefix], lw=1,
-                          label=f"the same, N_i over {CONTRAST_NAMES[prefix]}")
+                          label=f"the same, {VARIANTS[prefix][1]}")
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=8)
         right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")

@@ -6,9 +6,9 @@ and Table 2 and Table 5 of the paper in their layout.
     python experiments/tables.py --results results --out results/tables.md
 
 STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
-data set: every setting's runs (the chosen one in bold; the attr- and in- settings, whose N_i is not the paper's, in
-italics, last, and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD difference against
-vanilla on the same records with its 95 % bootstrap interval.
+data set: every setting's runs (the chosen one in bold; the attr-, in- and tgt- settings, whose N_i or rows are not
+the paper's, in italics, last, and never chosen), accuracy in % as mean ± std over seeds, and the paired OOD
+difference against vanilla on the same records with its 95 % bootstrap interval.
 
 Table 2 / Table 5: each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full
 fine-tuning, the authors' annotated files, the task's val file choosing the setting):
@@ -72,11 +72,11 @@ def typeset(text: str) -> str:
 
 
 def stg_table(d: dict) -> list[str]:
-    """One data set of an α study: a row per setting (the paper's N_i first, the attr- and in- ones last), the setting
-    chosen on val in bold, the majority baseline last."""
-    def order(st):      # the paper's N_i in the study's order, then each other N_i by α
-        prefix = alpha_study.contrast_prefix(st)
-        return (1 + list(alpha_study.CONTRASTS).index(prefix), d["rows"][st]["alpha"]["mean"]) if prefix else (0, 0)
+    """One data set of an α study: a row per setting (the paper's first, the attr-, in- and tgt- ones last), the
+    setting chosen on val in bold, the majority baseline last."""
+    def order(st):      # the paper's settings in the study's order, then each variant's by α
+        prefix = alpha_study.variant_prefix(st)
+        return (1 + list(alpha_study.VARIANTS).index(prefix), d["rows"][st]["alpha"]["mean"]) if prefix else (0, 0)
     rows = sorted(d["rows"], key=order)
     lines = ["| setting | seeds | α | val | IID | OOD | C/N, last epoch | OOD − vanilla (95 % CI) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -86,8 +86,8 @@ def stg_table(d: dict) -> list[str]:
         if st == d["chosen"]:
             notes.append("chosen on val")
         name = st + (f" ({'; '.join(notes)})" if notes else "")
-        if prefix := alpha_study.contrast_prefix(st):
-            name = f"*{st} (N_i over {alpha_study.CONTRAST_NAMES[prefix]})*"
+        if prefix := alpha_study.variant_prefix(st):
+            name = f"*{st} ({alpha_study.VARIANTS[prefix][1]})*"
         cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else typeset(alpha_study.number(r["alpha"])),
                  *(typeset(alpha_study.pct(r.get(split))) for split in ("val", "iid", "ood")),
                  typeset(alpha_study.number(r["cn_end"])), typeset(alpha_study.difference(paired))]
@@ -120,9 +120,9 @@ def stg_sections(results: Path) -> dict[str, list[str]]:
         for data, d in summary["data"].items():
             if not d["rows"] or "ood" not in d["splits"]:
                 continue
-            starts = [alpha_study.number(d["cn_start"], 3)] + [    # each N_i on its own scale
-                f"{alpha_study.number(d[alpha_study.cn_key(p)], 3)} with N_i over {alpha_study.CONTRAST_NAMES[p]}"
-                for p in alpha_study.CONTRASTS if alpha_study.cn_key(p) in d]
+            starts = [alpha_study.number(d["cn_start"], 3)] + [    # each variant on its own scale
+                f"{alpha_study.number(d[alpha_study.cn_key(p)], 3)} with {alpha_study.VARIANTS[p][1]}"
+                for p in alpha_study.VARIANTS if alpha_study.cn_key(p) in d]
             ran_on = (f"{Path(summary['config']['model']).name}; runs from revision "
                       + ", ".join(short(rev) for rev in of_data(data, summary.get("revisions", {})))
                       + " on " + "; ".join(of_data(data, summary.get("machines", {}))) + ", precision: "
@@ -151,7 +151,7 @@ def cat_setting(d: dict) -> tuple[str | None, str]:
     """The CAT setting a table shows for a data set, and "*" when it is not (yet) chosen on val."""
     if d["chosen"]:
         return d["chosen"], ""
-    ran = [st for st in d["rows"] if st != "vanilla"]
+    ran = [st for st in d["rows"] if st != "vanilla" and not alpha_study.variant_prefix(st)]   # never a variant
     return (ran[0], "*") if ran else (None, "")
 
 

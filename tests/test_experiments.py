@@ -278,28 +278,32 @@ def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp
     assert "precision: bfloat16 (2 runs), float32 (1 run)" in mixed and "**These runs differ in precision**" in mixed
 
 
-def test_a_setting_against_other_tokens_is_shown_but_never_chosen(tmp_path):
+def test_a_setting_on_other_tokens_or_rows_is_shown_but_never_chosen(tmp_path):
     study = alpha_study()
     out = tmp_path / "out"
     fake_run(out / "stg_s-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)
     fake_run(out / "stg_s-k2-s42", 0.8, [True, True, False, False], "abc", val=0.6)
-    for setting, start in (("attr-k2", 0.9), ("in-k2", 0.7)):                              # both better on val
+    for setting, start in (("attr-k2", 0.9), ("in-k2", 0.7), ("tgt-k2", 0.5)):            # all better on val
         fake_run(out / f"stg_s-{setting}-s42", 2 * start, [True, True, True, False], "abc", val=0.9)
         config = json.loads((out / f"stg_s-{setting}-s42" / "train_config.json").read_text())
         config["extra"]["cn_ratio_at_start"]["median"] = start
         (out / f"stg_s-{setting}-s42" / "train_config.json").write_text(json.dumps(config))
-    cfg = study.StudyConfig(model="m", data="stg_s", settings="vanilla,k2,attr-k2,in-k2", seeds="42", out=str(out))
+    cfg = study.StudyConfig(model="m", data="stg_s", settings="vanilla,k2,attr-k2,in-k2,tgt-k2", seeds="42",
+                            out=str(out))
     d = study.summarize(cfg, out)["data"]["stg_s"]
-    assert d["chosen"] == "k2"                                          # attr-k2 and in-k2 are better, not chosen
-    assert d["paired"]["attr-k2"]["mean"] == pytest.approx(0.5)         # their paired difference is still reported
-    assert d["paired"]["in-k2"]["mean"] == pytest.approx(0.5)
-    assert d["cn_start"]["mean"] == pytest.approx(0.4)                  # each N_i's starting C/N on its own scale
+    assert d["chosen"] == "k2"                                          # the variants are better, never chosen
+    for setting in ("attr-k2", "in-k2", "tgt-k2"):                       # their paired difference is still reported
+        assert d["paired"][setting]["mean"] == pytest.approx(0.5)
+    assert d["cn_start"]["mean"] == pytest.approx(0.4)                  # each variant's starting C/N on its own scale
     assert d["cn_start_attr"]["mean"] == pytest.approx(0.9) and d["cn_start_in"]["mean"] == pytest.approx(0.7)
+    assert d["cn_start_tgt"]["mean"] == pytest.approx(0.5)
     text = study.markdown(study.summarize(cfg, out))
-    assert "other attributes only (train.py --contrast attributes), so their α and C/N are on that scale: C/N before " \
-           "training median 0.900" in text
-    assert "first token only (train.py --contrast input), so their α and C/N are on that scale: C/N before training " \
-           "median 0.700" in text
+    assert "attr-…: not in the paper; N_i over the other attributes (train.py --contrast attributes --attn " \
+           "explicit), so their α and C/N are on that scale: C/N before training median 0.900" in text
+    assert "in-…: not in the paper; N_i over the input but its first token (train.py --contrast input --attn " \
+           "explicit), so their α and C/N are on that scale: C/N before training median 0.700" in text
+    assert "tgt-…: not in the paper; Eq. 10 over the answer's rows only (train.py --rows target), so their α and " \
+           "C/N are on that scale: C/N before training median 0.500" in text
 
 
 def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
@@ -309,7 +313,7 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     for stem, data in (("svamp", "svamp"), ("mawps", "mawps,mawps-gpt4o")):
         folder = results / f"{stem}-smollm2"
         folder.mkdir(parents=True)
-        config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data=data, settings="vanilla,k2",
+        config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data=data, settings="vanilla,k2,tgt-k2",
                                                               seeds="42,1", out=str(folder))), "revision": "abc"}
         (folder / "study_config.json").write_text(json.dumps(config))
     svamp = results / "svamp-smollm2"
@@ -320,6 +324,7 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     mawps = results / "mawps-smollm2"
     fake_run(mawps / "mawps-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)
     fake_run(mawps / "mawps-gpt4o-k2-s42", 0.9, [True, True, True, False], "abc", val=0.7)    # seed 1 not yet run
+    fake_run(mawps / "mawps-tgt-k2-s42", 0.9, [True, True, True, True], "abc", val=0.9)       # a variant: not CAT
     text = tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md")])
     row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if "|" in line}
     assert row["ours, SmolLM2-135M, Vanilla"][1] == "37.50 ± 17.68 (2)"      # SVAMP: mean and sample std of 25, 50
@@ -353,7 +358,7 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
     import tables
     folder = tmp_path / "results" / "alpha-study-tiny"
     folder.mkdir(parents=True)
-    cfg = study.StudyConfig(model="m", data="stg_s", settings="vanilla,in-k2,attr-k3,k2,attr-k2", seeds="1,2",
+    cfg = study.StudyConfig(model="m", data="stg_s", settings="vanilla,tgt-k2,in-k2,attr-k3,k2,attr-k2", seeds="1,2",
                             out=str(folder))
     config = {**study.dataclasses.asdict(cfg), "revision": "abc"}
     (folder / "study_config.json").write_text(json.dumps(config))
@@ -367,23 +372,24 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
         fake_stg_run(folder / f"stg_s-attr-k2-s{seed}", 1.8, a2, val=1.0, **split)         # better, never chosen
         fake_stg_run(folder / f"stg_s-attr-k3-s{seed}", 2.7, a3, val=1.0, **split)
         fake_stg_run(folder / f"stg_s-in-k2-s{seed}", 1.2, a2, val=1.0, **split)
+        fake_stg_run(folder / f"stg_s-tgt-k2-s{seed}", 0.9, a2, val=1.0, **split)
     text = tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables.md")])
     section = text.split("## STG: alpha-study-tiny, stg_s")[1].split("##")[0]
     assert "m; runs from revision abcdef0 on cpu, precision: float32. C/N before training: median 0.400 ± 0.000; " \
            "0.400 ± 0.000 with N_i over the other attributes; 0.400 ± 0.000 with N_i over the input but its first " \
-           "token." in section
+           "token; 0.400 ± 0.000 with Eq. 10 over the answer's rows only." in section
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and "---" not in line][1:]
     names = [r[0] for r in rows]
     assert names == ["vanilla", "**k2 (chosen on val)**", "*attr-k2 (N_i over the other attributes)*",
                      "*attr-k3 (N_i over the other attributes)*", "*in-k2 (N_i over the input but its first token)*",
-                     "majority baseline"]                     # the other N_i last, each by α
+                     "*tgt-k2 (Eq. 10 over the answer's rows only)*", "majority baseline"]   # variants last, by α
     vanilla, k2, attr_k2 = rows[0], rows[1], rows[2]
     assert vanilla[1:6] == ["2", "0", "50.00 ± 0.00", "100.00 ± 0.00", "37.50 ± 17.68"]
     assert k2[2] == "0.80 ± 0.00" and k2[5] == "**50.00 ± 0.00**" and k2[6] == "0.50 ± 0.00"
     assert k2[7].startswith("**+12.50 (")                                           # paired: +25, 0 points
     assert attr_k2[5] == "87.50 ± 17.68" and attr_k2[7].startswith("+50.00 (")    # shown, with its difference
-    assert rows[5][3:6] == ["55.00", "75.00", "25.00"]           # the majority answer's accuracy, val's over seeds
+    assert rows[6][3:6] == ["55.00", "75.00", "25.00"]           # the majority answer's accuracy, val's over seeds
     readme = tmp_path / "README.md"                          # --readme fills the marked block, and only it
     readme.write_text("intro\n<!-- stg-table: alpha-study-tiny, stg_s -->\nold\n<!-- /stg-table -->\nrest\n")
     tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables.md"), "--readme", str(readme)])
@@ -460,7 +466,10 @@ def test_setting_names_give_their_train_flags():
     assert study.setting_flags("attr-div-a1") == ["--alpha", "1", "--attn-loss", "div", "--contrast", "attributes",
                                                   "--attn", "explicit"]
     assert study.setting_flags("in-k3") == ["--alpha-scale", "3", "--contrast", "input", "--attn", "explicit"]
-    for bad in ("k0", "b2", "div-x1", "k", "attr-vanilla", "attr-", "attr-attr-k2", "in-attr-k2", "in-vanilla"):
+    assert study.setting_flags("tgt-k2") == ["--alpha-scale", "2", "--rows", "target"]
+    assert study.setting_flags("tgt-div-k2") == ["--alpha-scale", "2", "--attn-loss", "div", "--rows", "target"]
+    for bad in ("k0", "b2", "div-x1", "k", "attr-vanilla", "attr-", "attr-attr-k2", "in-attr-k2", "in-vanilla",
+                "tgt-vanilla", "tgt-in-k2"):
         with pytest.raises(SystemExit, match="is not vanilla"):
             study.setting_flags(bad)
 

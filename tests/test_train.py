@@ -361,6 +361,56 @@ def test_the_input_contrast_marks_the_input_but_its_first_token_on_every_row(tmp
     assert ex.n_cat_rows == len(rows) > ex.n_cat_target_rows > 0
 
 
+# --rows target (not in the paper): Eq. 10 over the rows that predict an answer token only
+
+MATH_RECORDS = [{"input": "Tom has 3 apples and buys 4 more. ", "target": "Answer: 7.0",
+                 "important": [{"7.0": ["3 apples", "4 more"]}, {"4 more": ["buys"]}]},
+                {"input": "Ann had 9 pens and gave away 2. ", "target": "Answer: 7.0",
+                 "important": [{"7.0": ["9 pens", "gave away 2"]}, {"gave away 2": ["Ann had"]}]}]
+
+
+def test_rows_target_keeps_the_answer_rows_of_the_adjacency_and_drops_those_inside_the_input(tmp_path):
+    cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "mawps_train.jsonl"), scratch_dim=32,
+                            scratch_layers=2, scratch_heads=2, scratch_vocab=300, rows="target")
+    _, tok, _ = train.build_model(cfg, MATH_RECORDS, "cpu", None)
+    ex, = train.encode_all(MATH_RECORDS[:1], tok, cfg, "mawps")
+    plain, _ = train.encode(MATH_RECORDS[0], tok)
+    assert ex.ids == plain.ids and ex.labels == plain.labels
+    adj, full = cat.shift_up(ex.adj), cat.shift_up(plain.adj)
+    kept = [i for i in range(len(ex.ids)) if adj[i].any()]
+    answer = [i for i in range(len(ex.ids)) if full[i].any() and i >= plain.n_prompt - 1]   # row i predicts i + 1
+    assert kept == answer and all(torch.equal(adj[i], full[i]) for i in kept)
+    causes = tok.decode([ex.ids[j] for j in adj[kept[0]].nonzero().flatten().tolist()])
+    assert causes.replace(" ", "") == "3apples4more"                     # "7.0" is caused by the two quantities
+    assert ex.n_cat_rows == ex.n_cat_target_rows == plain.n_cat_target_rows < plain.n_cat_rows
+
+
+def test_rows_target_loss_equals_the_hinge_over_the_answer_rows_of_the_full_mask(tmp_path):
+    path = tmp_path / "mawps_train.jsonl"
+    stg.write_jsonl(path, MATH_RECORDS)
+    cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
+                            scratch_vocab=300, rows="target", alpha=3.0)
+    model, tok, _ = train.build_model(cfg, MATH_RECORDS, "cpu", torch.float32)
+    model.eval()
+    batch = train.collate(train.encode_all(MATH_RECORDS, tok, cfg, "mawps"), tok.pad_id)
+    full = train.collate([train.encode(r, tok)[0] for r in MATH_RECORDS], tok.pad_id)     # the paper's rows
+    with torch.no_grad():
+        probs = model(full.ids, return_attn=True).attentions
+    avg = sum(p.mean(1) for p in probs) / len(probs)
+    n_prompt = [train.encode(r, tok)[0].n_prompt for r in MATH_RECORDS]
+    expected = 0.0
+    for b in range(len(MATH_RECORDS)):
+        for i in range(n_prompt[b] - 1, int(full.pad_mask[b].sum())):          # the answer's rows only
+            causal = [avg[b, i, j] for j in range(i + 1) if full.cat_mask[b, i, j]]
+            other = [avg[b, i, j] for j in range(i + 1) if not full.cat_mask[b, i, j]]
+            if causal and other:
+                expected += max(0.0, cfg.alpha - float(sum(causal) / len(causal) / (sum(other) / len(other))))
+    for attn in ("fast", "explicit"):
+        out = train.losses(model, batch, cfg.alpha, attn=attn)
+        assert out.l_attn.item() == pytest.approx(expected / len(MATH_RECORDS), rel=1e-5)
+    assert train.losses(model, full, cfg.alpha).l_attn.item() > out.l_attn.item()   # the input's rows add to it
+
+
 def test_contrast_attributes_refuses_data_without_attributes(tmp_path, capsys):
     path = tmp_path / "mawps_train.jsonl"
     stg.write_jsonl(path, [{"input": "Tom has 3 apples.", "target": "Answer: 3.0", "important": [{"3.0": ["3 apples"]}]}])
