@@ -658,9 +658,11 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     model, tok, lora_cfg = build_model(cfg, records, device, weights)   # LoRA on CUDA: frozen base weights in bf16
     examples = encode_all(records, tok, cfg, data.task)
     if method(cfg) == "cat" and not any(ex.n_cat_rows for ex in examples):
+        where = " on the answer's rows (--rows target; --rows all counts the input's too)" \
+            if cfg.rows == "target" else ""
         raise stg.InputError(f"--alpha {cfg.alpha or cfg.alpha_scale}: no record of {data.train} carries an "
-                             "`important` annotation that was found in its text; annotate the data (annotate.py) "
-                             "or train vanilla with --alpha 0")
+                             f"`important` annotation that was found in its text{where}; annotate the data "
+                             "(annotate.py) or train vanilla with --alpha 0")
     autocast = M.autocast(device, cfg.dtype)
     if not cfg.resume and rank == 0 and (counts := row_counts(examples))["annotated"]:
         cfg.extra["cat_rows"] = counts

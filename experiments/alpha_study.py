@@ -16,8 +16,9 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
                the causes with the alternatives to them; α and C/N are on that scale.
   in-<any>     not in the paper: the same with N_i over the input's tokens but the first, the attention sink
                (train.py --contrast input --attn explicit): any task, no annotation beyond CAT's.
-  tgt-<any>    not in the paper: one of the above with Eq. 10 over the rows that predict an answer token only
-               (train.py --rows target), not those inside the input; the starting C/N is taken over those rows.
+  tgt-<any>    not in the paper: one of the paper's settings above (not vanilla, attr- or in-) with Eq. 10 over the
+               rows that predict an answer token only (train.py --rows target), not those inside the input; the
+               starting C/N is taken over those rows.
   The attr-, in- and tgt- settings are never the chosen setting, which answers for CAT as published.
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
 STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
@@ -526,7 +527,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
             right.axhline(d["cn_start"]["mean"], color="gray", ls="--", lw=1, label="median C/N before training")
         for prefix in shown:          # these markers' C/N is on the scale of their own rows and N_i
             right.axhline(d[cn_key(prefix)]["mean"], color="gray", ls=LINES[prefix], lw=1,
-                          label=f"the same, {VARIANTS[prefix][1]}")
+                          label=f"the same, with {VARIANTS[prefix][1]}")
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=8)
         right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")

@@ -373,16 +373,21 @@ def test_rows_target_keeps_the_answer_rows_of_the_adjacency_and_drops_those_insi
     cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "mawps_train.jsonl"), scratch_dim=32,
                             scratch_layers=2, scratch_heads=2, scratch_vocab=300, rows="target")
     _, tok, _ = train.build_model(cfg, MATH_RECORDS, "cpu", None)
-    ex, = train.encode_all(MATH_RECORDS[:1], tok, cfg, "mawps")
-    plain, _ = train.encode(MATH_RECORDS[0], tok)
-    assert ex.ids == plain.ids and ex.labels == plain.labels
-    adj, full = cat.shift_up(ex.adj), cat.shift_up(plain.adj)
-    kept = [i for i in range(len(ex.ids)) if adj[i].any()]
-    answer = [i for i in range(len(ex.ids)) if full[i].any() and i >= plain.n_prompt - 1]   # row i predicts i + 1
-    assert kept == answer and all(torch.equal(adj[i], full[i]) for i in kept)
-    causes = tok.decode([ex.ids[j] for j in adj[kept[0]].nonzero().flatten().tolist()])
-    assert causes.replace(" ", "") == "3apples4more"                     # "7.0" is caused by the two quantities
-    assert ex.n_cat_rows == ex.n_cat_target_rows == plain.n_cat_target_rows < plain.n_cat_rows
+    # the second record has causes on both sides of the boundary: the input's last token and the answer's first
+    boundary = {"input": "Tom has 3 apples and buys 4 more", "target": "7.0",
+                "important": [{"7.0": ["3 apples", "4 more"]}, {"4 more": ["buys"]}]}
+    for record in (MATH_RECORDS[0], boundary):
+        ex, = train.encode_all([record], tok, cfg, "mawps")
+        plain, _ = train.encode(record, tok)
+        assert ex.ids == plain.ids and ex.labels == plain.labels
+        adj, full = cat.shift_up(ex.adj), cat.shift_up(plain.adj)
+        kept = [i for i in range(len(ex.ids)) if adj[i].any()]
+        answer = [i for i in range(len(ex.ids)) if full[i].any() and i >= plain.n_prompt - 1]  # row i predicts i + 1
+        assert kept == answer and all(torch.equal(adj[i], full[i]) for i in kept)
+        causes = tok.decode([ex.ids[j] for j in adj[kept[0]].nonzero().flatten().tolist()])
+        assert causes.replace(" ", "") == "3apples4more"                 # "7.0" is caused by the two quantities
+        assert ex.n_cat_rows == ex.n_cat_target_rows == plain.n_cat_target_rows < plain.n_cat_rows
+    assert full[plain.n_prompt - 2].any() and answer[0] == plain.n_prompt - 1    # the boundary's rows, both sides
 
 
 def test_rows_target_loss_equals_the_hinge_over_the_answer_rows_of_the_full_mask(tmp_path):
