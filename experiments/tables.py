@@ -2,7 +2,7 @@
 and Table 2 and Table 5 of the paper in their layout.
 
     python experiments/tables.py                       # results/tables.md, and printed
-    python experiments/tables.py --readme README.md    # also the README's STG tables, in their marked blocks
+    python experiments/tables.py --readme README.md    # also the README's tables, in their marked blocks
     python experiments/tables.py --results results --out results/tables.md
 
 STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
@@ -13,6 +13,8 @@ difference against vanilla on the same records with its 95 % bootstrap interval.
 Table 2 / Table 5: each task is one alpha_study.py folder under --results (SmolLM2-135M-Instruct, full
 fine-tuning, the authors' annotated files, the task's val file choosing the setting):
     <task>-smollm2    mawps (with mawps-gpt4o, Table 5), svamp, arc_e, gsm8k-val (the cross-task † columns)
+    <task>-smollm2-fp32   the same in float32 (a CPU without native bf16): a table pair of its own, since a paired
+                      difference must not mix precisions
 A cell is the mean ± std over seeds of test accuracy in %, "(n)" the number of seeds; CAT is the setting chosen on
 val, or, before every seed of a setting has finished, the CAT setting with runs, marked "*". "—": not run yet.
 The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
@@ -38,13 +40,16 @@ PAPER_TABLE2 = {"Vanilla": [38.98, 17.50, 25.38, 13.04, 13.14, 20.68, 11.00],
                 "CAT": [41.16, 20.00, 26.01, 14.18, 14.04, 23.15, 11.40]}
 # Table 5 (MAWPS, TinyLlama-1.1B, CAT): mean ± std over α 0.05-0.3, in %
 PAPER_TABLE5 = {"GPT-4o": (41.65, 1.43), "GLM-4-air": (41.85, 2.16)}
+# the downstream study folders' suffix -> their precision: one pair of tables each
+PRECISIONS = {"smollm2": "bfloat16 autocast", "smollm2-fp32": "float32"}
 
 
 @dataclass
 class TablesConfig:
     results: str = "results"            # the folder holding the <task>-smollm2 study folders
     out: str = "results/tables.md"      # where the tables are written (markdown)
-    readme: str = ""                    # a Markdown file whose <!-- stg-table: <folder>, <data> --> blocks are filled
+    readme: str = ""                    # a Markdown file whose <!-- stg-table: <folder>, <data> --> and
+                                        # <!-- tables: <suffix> --> blocks are filled
 
 
 def summarize(folder: Path) -> dict:
@@ -52,10 +57,10 @@ def summarize(folder: Path) -> dict:
     return alpha_study.write_summary(alpha_study.saved_config(folder), folder)
 
 
-def summaries(results: Path) -> dict:
-    """{study stem: its summary}, for every downstream study folder that exists."""
-    return {stem: summarize(results / f"{stem}-smollm2") for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS)
-            if (results / f"{stem}-smollm2" / "study_config.json").exists()}
+def summaries(results: Path, suffix: str) -> dict:
+    """{study stem: its summary}, for every downstream study folder <stem>-<suffix> that exists."""
+    return {stem: summarize(results / f"{stem}-{suffix}") for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS)
+            if (results / f"{stem}-{suffix}" / "study_config.json").exists()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,18 +138,21 @@ def stg_sections(results: Path) -> dict[str, list[str]]:
     return sections
 
 
-def fill_readme(path: Path, sections: dict[str, list[str]]) -> None:
+def fill_readme(path: Path, stg_tables: dict[str, list[str]], downstream: dict[str, list[str]]) -> None:
     """Replace each block of `path` between "<!-- stg-table: <folder>, <data> -->" and "<!-- /stg-table -->" with
-    that section's table, so that the README shows what the committed runs give and nothing else."""
+    that STG section's table, and between "<!-- tables: <suffix> -->" and "<!-- /tables -->" with that precision's
+    Table 2 and Table 5, so that the README shows what the committed runs give and nothing else."""
     def fill(match: re.Match) -> str:
-        key = match.group(1)
+        kind, key = match.group(1), match.group(2)
+        sections = stg_tables if kind == "stg-table" else downstream
         if key not in sections:
-            raise stg.InputError(f"{path}: <!-- stg-table: {key} --> names no study folder and data set with finished "
-                                 f"runs; there are: {', '.join(sections) or 'none'}")
-        table = [line for line in sections[key] if line.startswith("|")]
-        return f"<!-- stg-table: {key} -->\n" + "\n".join(table) + "\n<!-- /stg-table -->"
+            raise stg.InputError(f"{path}: <!-- {kind}: {key} --> names no study " + (
+                "folder and data set" if kind == "stg-table" else "folder suffix") + " with finished runs; there "
+                f"are: {', '.join(sections) or 'none'}")
+        lines = [line for line in sections[key] if line.startswith("|")] if kind == "stg-table" else sections[key]
+        return f"<!-- {kind}: {key} -->\n" + "\n".join(lines) + f"\n<!-- /{kind} -->"
     text = path.read_text(encoding="utf-8")
-    stg.write_text(path, re.sub(r"<!-- stg-table: (.+?) -->\n.*?<!-- /stg-table -->", fill, text, flags=re.S))
+    stg.write_text(path, re.sub(r"<!-- (stg-table|tables): (.+?) -->\n.*?<!-- /\1 -->", fill, text, flags=re.S))
 
 
 def cat_setting(d: dict) -> tuple[str | None, str]:
@@ -192,6 +200,8 @@ def table2(found: dict) -> list[str]:
 
 
 def table5(found: dict) -> list[str]:
+    if "mawps" not in found:
+        return ["No MAWPS study in this precision yet."]
     lines = ["| annotations | paper, TinyLlama-1.1B, CAT (mean ± std over α 0.05–0.3) | ours, SmolLM2-135M, CAT | "
              "CAT − Vanilla, paired (95 % CI) | C/N at the end |", "|---|---|---|---|---|"]
     data_of = {"GPT-4o": "mawps-gpt4o", "GLM-4-air": "mawps"}
@@ -208,27 +218,33 @@ def table5(found: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> str:
-    cfg = TablesConfig(**vars(stg.config_parser(TablesConfig, __doc__).parse_args(argv)))
-    found = summaries(Path(cfg.results))
+def downstream_section(found: dict) -> list[str]:
+    """One precision's Table 2 and Table 5, after a line on what their runs ran on."""
     revisions = sorted({rev for s in found.values() for rev in s.get("revisions", {})})
     machines = sorted({m for s in found.values() for m in s.get("machines", {})})
     threads = sorted({t for s in found.values() for t in s.get("threads", [])})
     precisions = sorted({p for s in found.values() for p in s.get("precisions", {})})
+    return ["Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice on val yet. "
+            "Runs from revision " + (", ".join(revisions) or "—") + " on " + ("; ".join(machines) or "—")
+            + ", torch threads per run: " + (", ".join(threads) or "—") + ", precision: "
+            + (", ".join(precisions) or "—") + "; the minutes are vanilla's.", "",
+            "**Table 2** (test accuracy in %):", "", *table2(found), "",
+            "**Table 5** (MAWPS, test accuracy in %):", "", *table5(found)]
+
+
+def main(argv=None) -> str:
+    cfg = TablesConfig(**vars(stg.config_parser(TablesConfig, __doc__).parse_args(argv)))
     sections = stg_sections(Path(cfg.results))
     stg_lines = [line for key, section in sections.items() for line in (f"## STG: {key}", "", *section, "")]
-    text = "\n".join(["# The README's result tables (full fine-tuning)", "", *stg_lines,
-                      "## Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct)", "",
-                      "Test accuracy in %, mean ± std over seeds, (n) seeds; * not all seeds finished, so no choice "
-                      "on val yet. Runs from revision " + (", ".join(revisions) or "—") + " on "
-                      + ("; ".join(machines) or "—") + ", torch threads per run: " + (", ".join(threads) or "—")
-                      + ", precision: " + (", ".join(precisions) or "—")
-                      + "; the minutes are vanilla's.",
-                      "",
-                      "### Table 2", "", *table2(found), "", "### Table 5 (MAWPS)", "", *table5(found), ""])
+    downstream = {suffix: downstream_section(found) for suffix in PRECISIONS
+                  if (found := summaries(Path(cfg.results), suffix))}
+    downstream_lines = [line for suffix, section in downstream.items() for line in (
+        f"## Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, {PRECISIONS[suffix]}; "
+        f"folders *-{suffix})", "", *section, "")]
+    text = "\n".join(["# The README's result tables (full fine-tuning)", "", *stg_lines, *downstream_lines])
     stg.write_text(Path(cfg.out), text)
     if cfg.readme:
-        fill_readme(Path(cfg.readme), sections)
+        fill_readme(Path(cfg.readme), sections, downstream)
     print(text)
     return text
 

@@ -233,13 +233,14 @@ def test_the_queue_runs_a_shared_vanilla_once(tmp_path):
     assert f"val={authors / 'MAWPS/mawps_val.jsonl'}" in command[command.index("--test") + 1]
 
 
-def fake_run(run: Path, alpha: float, correct: list[bool], revision: str | None, val: float) -> None:
+def fake_run(run: Path, alpha: float, correct: list[bool], revision: str | None, val: float,
+             dtype: str = "bfloat16") -> None:
     run.mkdir(parents=True)
     n = len(correct)
     acc = {"val": {"accuracy": val, "majority": 0.5}, "test": {"accuracy": sum(correct) / n, "majority": 0.25}}
     (run / "results.json").write_text(json.dumps({"mawps_train": acc}))
     (run / "outcomes.json").write_text(json.dumps({"test": {"answer": ["1"] * n, "correct": correct}}))
-    (run / "train_config.json").write_text(json.dumps({"alpha": alpha, "dtype": "bfloat16",
+    (run / "train_config.json").write_text(json.dumps({"alpha": alpha, "dtype": dtype,
                                                        "extra": {"cn_ratio_at_start": {"median": 0.4}}}))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "cn_ratio": 0.5 + e, "l_attn": 0.3 - 0.2 * e,
                                                            "l_next": 2.0 - e, "tokens_per_s": 100.0}) + "\n"
@@ -310,8 +311,9 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     study = alpha_study()
     import tables
     results = tmp_path / "results"
-    for stem, data in (("svamp", "svamp"), ("mawps", "mawps,mawps-gpt4o")):
-        folder = results / f"{stem}-smollm2"
+    for folder, data in (("svamp-smollm2", "svamp"), ("mawps-smollm2", "mawps,mawps-gpt4o"),
+                         ("svamp-smollm2-fp32", "svamp")):
+        folder = results / folder
         folder.mkdir(parents=True)
         config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data=data, settings="vanilla,k2,tgt-k2",
                                                               seeds="42,1", out=str(folder))), "revision": "abc"}
@@ -325,8 +327,15 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     fake_run(mawps / "mawps-vanilla-s42", 0.0, [True, False, False, False], "abc", val=0.5)
     fake_run(mawps / "mawps-gpt4o-k2-s42", 0.9, [True, True, True, False], "abc", val=0.7)    # seed 1 not yet run
     fake_run(mawps / "mawps-tgt-k2-s42", 0.9, [True, True, True, True], "abc", val=0.9)       # a variant: not CAT
+    fp32 = results / "svamp-smollm2-fp32"                     # float32: a table pair of its own, never mixed
+    fake_run(fp32 / "svamp-vanilla-s42", 0.0, [True, True, True, False], "def", val=0.5, dtype="float32")
+    fake_run(fp32 / "svamp-k2-s42", 0.8, [True, False, False, False], "def", val=0.6, dtype="float32")
     text = tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md")])
-    row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if "|" in line}
+    heading = "## Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, "
+    _, bf16, float32 = text.split(heading)
+    assert bf16.startswith("bfloat16 autocast; folders *-smollm2)")
+    assert float32.startswith("float32; folders *-smollm2-fp32)")
+    row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in bf16.splitlines() if "|" in line}
     assert row["ours, SmolLM2-135M, Vanilla"][1] == "37.50 ± 17.68 (2)"      # SVAMP: mean and sample std of 25, 50
     assert row["ours, SmolLM2-135M, CAT"][1] == "75.00 ± 35.36 (2)"
     assert row["ours: CAT − Vanilla, paired (95 % CI)"][1].startswith("+37.50 (")
@@ -334,7 +343,16 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert row["ours, SmolLM2-135M, CAT"][2] == "—"                           # ARC-E: no study folder
     assert row["GPT-4o"][1] == "75.00 (1)*" and row["GLM-4-air"][1] == "—"     # * : seed 1 not finished
     assert row["GPT-4o"][2].startswith("+50.00 (")
-    assert (tmp_path / "tables.md").read_text() == text and "revision abc" in text and "precision: bfloat16" in text
+    assert (tmp_path / "tables.md").read_text() == text and "revision abc" in bf16 and "precision: bfloat16" in bf16
+    row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in float32.splitlines() if "|" in line}
+    assert row["ours, SmolLM2-135M, Vanilla"][1] == "75.00 (1)" and row["ours, SmolLM2-135M, CAT"][1] == "25.00 (1)*"
+    assert row["ours, SmolLM2-135M, Vanilla"][0] == "—" and "No MAWPS study in this precision yet." in float32
+    assert "revision def" in float32 and "precision: float32" in float32 and "abc" not in float32
+    readme = tmp_path / "README.md"                              # --readme fills each precision's block
+    readme.write_text("a\n<!-- tables: smollm2-fp32 -->\nold\n<!-- /tables -->\nb\n")
+    tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md"), "--readme", str(readme)])
+    assert readme.read_text() == "a\n<!-- tables: smollm2-fp32 -->\n" + float32.split("\n", 2)[2].rstrip("\n") \
+        + "\n<!-- /tables -->\nb\n"
 
 
 def fake_stg_run(run: Path, alpha: float, ood: list[bool], val: float, val_majority: float = 0.5) -> None:
