@@ -17,6 +17,7 @@ fine-tuning, the authors' annotated files, the task's val file choosing the sett
                       difference must not mix precisions
 A cell is the mean ± std over seeds of test accuracy in %, "(n)" the number of seeds; CAT is the setting chosen on
 val, or, before every seed of a setting has finished, the CAT setting with runs, marked "*". "—": not run yet.
+The settings past the paper (attr-, in-, tgt-; never chosen) that a task ran get rows of their own in italics.
 The summaries are made again from the run folders (alpha_study.summarize), so the tables never lag the runs.
 """
 import re
@@ -196,6 +197,23 @@ def table2(found: dict) -> list[str]:
               "| ours: CAT − Vanilla, paired (95 % CI) | " + " | ".join(diff) + " |",
               "| ours: CAT setting | " + " | ".join(alpha) + " |",
               "| ours: minutes per run (vanilla) | " + " | ".join(minutes) + " |"]
+    return lines + variant_rows(found)
+
+
+def variant_rows(found: dict) -> list[str]:
+    """Table 2's rows for the settings past the paper (attr-, in-, tgt-) that a column ran: each one's accuracy and
+    its paired difference against vanilla, in italics, below the paper's rows."""
+    studies = [found.get(stem, {}).get("data", {}).get(data) or {"rows": {}} for _, stem, data, _ in COLUMNS]
+    variants = sorted({st for d in studies for st in d["rows"] if alpha_study.variant_prefix(st)},
+                      key=lambda st: (list(alpha_study.VARIANTS).index(alpha_study.variant_prefix(st)), st))
+    lines = []
+    for st in variants:
+        what = alpha_study.VARIANTS[alpha_study.variant_prefix(st)][1]
+        accuracy = [cell(d["rows"].get(st), split) for d, (*_, split) in zip(studies, COLUMNS)]
+        paired = [alpha_study.difference(d["paired_by_split"].get(st, {}).get(split)) if st in d["rows"] else "—"
+                  for d, (*_, split) in zip(studies, COLUMNS)]
+        lines += [f"| *ours, past the paper: {st} ({what})* | " + " | ".join(accuracy) + " |",
+                  f"| *ours: {st} − Vanilla, paired (95 % CI)* | " + " | ".join(paired) + " |"]
     return lines
 
 

@@ -343,10 +343,18 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert row["ours, SmolLM2-135M, CAT"][2] == "—"                           # ARC-E: no study folder
     assert row["GPT-4o"][1] == "75.00 (1)*" and row["GLM-4-air"][1] == "—"     # * : seed 1 not finished
     assert row["GPT-4o"][2].startswith("+50.00 (")
+    cells = {c[0]: c[1:] for c in ([c.strip() for c in line.strip("|").split("|")] for line in bf16.splitlines()
+                                   if line.startswith("| *ours"))}                   # a variant: rows of its own
+    assert list(cells) == ["*ours, past the paper: tgt-k2 (Eq. 10 over the answer's rows only)*",
+                           "*ours: tgt-k2 − Vanilla, paired (95 % CI)*"]
+    accuracy, paired = cells.values()
+    assert accuracy == ["100.00 (1)"] + ["—"] * 6 and row["ours, SmolLM2-135M, CAT"][0] == "—"   # never CAT
+    assert paired[0].startswith("+75.00 (") and paired[1:] == ["—"] * 6
     assert (tmp_path / "tables.md").read_text() == text and "revision abc" in bf16 and "precision: bfloat16" in bf16
     row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in float32.splitlines() if "|" in line}
     assert row["ours, SmolLM2-135M, Vanilla"][1] == "75.00 (1)" and row["ours, SmolLM2-135M, CAT"][1] == "25.00 (1)*"
     assert row["ours, SmolLM2-135M, Vanilla"][0] == "—" and "No MAWPS study in this precision yet." in float32
+    assert "past the paper" not in float32                                     # no variant ran in float32
     assert "revision def" in float32 and "precision: float32" in float32 and "abc" not in float32
     readme = tmp_path / "README.md"                              # --readme fills each precision's block
     readme.write_text("a\n<!-- tables: smollm2-fp32 -->\nold\n<!-- /tables -->\nb\n")
