@@ -1,6 +1,6 @@
 """Do a downstream study's answers repeat a number of the question? Per data set and setting: test accuracy, the
 share of test answers that equal a number written in the question (an operand copied instead of a result
-computed), and that share for the gold answers.
+computed), and that share for the gold answers; one row block per study folder (a precision each).
 
     python experiments/copies.py                      # the studies' own --authors-data folder
     python experiments/copies.py --studies results/mawps-smollm2 --authors-data <CAT repo folder>
@@ -26,7 +26,7 @@ from stg_grid import items  # noqa: E402
 
 @dataclass
 class CopiesConfig:
-    studies: str = "results/mawps-smollm2,results/svamp-smollm2"   # comma-separated alpha_study.py folders
+    studies: str = "results/mawps-smollm2,results/svamp-smollm2,results/svamp-smollm2-fp32"   # alpha_study.py folders
     authors_data: str = ""           # the authors' repository folder; default: the one each study was run with
     split: str = "test"              # the test split of each data set to read (test; gsm8k-val also asdiv, ...)
     out: str = "results/copies.md"   # the table is also written here (Markdown), to be committed and cited
@@ -37,8 +37,8 @@ def share(flags: list[bool]) -> str:
 
 
 def table(cfg: CopiesConfig) -> str:
-    lines = ["| data set | setting | seeds | accuracy | answers that repeat a number of the question | "
-             "gold answers that do |", "|---|---|---|---|---|---|"]
+    lines = ["| study | data set | setting | seeds | accuracy | answers that repeat a number of the question | "
+             "gold answers that do |", "|---|---|---|---|---|---|---|"]
     for folder in map(Path, items(cfg.studies)):
         if not (folder / "study_config.json").exists():
             raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
@@ -57,8 +57,8 @@ def table(cfg: CopiesConfig) -> str:
                 copies = [evaluation.repeats_a_number(r["input"], a)
                           for o in outcomes for r, a in zip(records, o["answer"])]
                 accuracy = [c for o in outcomes for c in o["correct"]]
-                lines.append(f"| {data} | {setting} | {len(outcomes)} | {share(accuracy)} | {share(copies)} | "
-                             f"{share(gold)} |")
+                lines.append(f"| {folder.name} | {data} | {setting} | {len(outcomes)} | {share(accuracy)} | "
+                             f"{share(copies)} | {share(gold)} |")
     return "\n".join(lines)
 
 

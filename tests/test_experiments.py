@@ -518,9 +518,10 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path):
         (run / "outcomes.json").write_text(json.dumps({"test": {"answer": answers, "correct": [True, False]}}))
     text = copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
     assert (tmp_path / "c.md").read_text() == text + "\n"
-    rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in text.splitlines()[2:]}
-    assert rows["vanilla"][3:] == ["50.0 %", "0.0 %", "50.0 %"]     # gold: the second target 10.0 is in its question
-    assert rows["k2"][3:] == ["50.0 %", "100.0 %", "50.0 %"]        # 3 and 2 are both the question's numbers
+    rows = {line.split(" | ")[2]: line.strip("| ").split(" | ") for line in text.splitlines()[2:]}
+    assert rows["vanilla"][:2] == ["mawps-smollm2", "mawps"]          # the study folder names the precision
+    assert rows["vanilla"][4:] == ["50.0 %", "0.0 %", "50.0 %"]     # gold: the second target 10.0 is in its question
+    assert rows["k2"][4:] == ["50.0 %", "100.0 %", "50.0 %"]        # 3 and 2 are both the question's numbers
     (authors / "MAWPS/mawps_test.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
     with pytest.raises(stg.InputError, match="another number of records"):
         copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
