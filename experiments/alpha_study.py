@@ -27,6 +27,7 @@ val file, which then chooses), mawps-gpt4o (Table 5: the same records with GPT-4
 are mawps's) and gsm8k-val (the stand-in for the unpublished GSM8K training annotations; experiments/tables.py
 puts them in Table 2's and Table 5's layout). The queue runs vanilla and the second setting seed by seed first, so
 that every finished prefix compares something; a finished run (results.json) is skipped, an interrupted one resumed.
+--only picks runs of the queue and their order (e.g. --only 'stg_m-k3-*,stg_m-k2-s1'); the study stays the same.
 The same command started twice shares the queue (each worker takes the next run no live worker holds): on a 2-core
 CPU, two workers with OMP_NUM_THREADS=1 each.
 Each run folder keeps train_config.json, metrics.jsonl, results.json, wall_time.json and outcomes.json (each test
@@ -40,6 +41,7 @@ and McNemar's exact test per seed, wall times, the machine and the revision; <ou
 import collections
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -93,6 +95,8 @@ class StudyConfig:
     out: str = "results/alpha-study"  # the run folders, summary and figures
     summary_only: bool = False       # write the summary from the run folders that exist, run nothing
     keep_weights: bool = False       # keep each run's model in its folder (git-ignored), for eval.py --attention
+    only: str = ""                   # comma-separated run names or patterns (stg_m-k3-*): run these only, in this
+                                     # order; a choice of this call, not of the study (not saved in study_config.json)
     train_args: list = field(default_factory=list)   # passed to every train.py call (after `--`)
 
 
@@ -347,7 +351,7 @@ def git_revision() -> str:
 
 def summarize(cfg: StudyConfig, out: Path) -> dict:
     settings, seeds = items(cfg.settings), items(cfg.seeds, int)
-    summary = {"config": dataclasses.asdict(cfg), "data": {}}
+    summary = {"config": study_fields(cfg), "data": {}}
     finished = {}    # run name -> its run, each read once (a shared vanilla run serves two data sets)
     for data in items(cfg.data):
         runs = {st: {} for st in settings}
@@ -550,6 +554,27 @@ def write_summary(cfg: StudyConfig, out: Path) -> dict:
     return summary
 
 
+def study_fields(cfg: StudyConfig) -> dict:
+    """The fields that define the study (what study_config.json and the summary record): all but --only."""
+    fields = dataclasses.asdict(cfg)
+    fields.pop("only")
+    return fields
+
+
+def selected(queue: list[Job], only: str) -> list[Job]:
+    """The runs of the queue that --only names (run names or fnmatch patterns), in the order of its items."""
+    if not only:
+        return queue
+    picked = []
+    for pattern in items(only):
+        matches = [job for job in queue if fnmatch.fnmatchcase(job.run.name, pattern)]
+        if not matches:
+            raise stg.InputError(f"--only {pattern}: no run of this study is named so; its runs are "
+                                 f"{', '.join(job.run.name for job in queue)}")
+        picked += [job for job in matches if job not in picked]
+    return picked
+
+
 def saved_config(out: Path) -> StudyConfig:
     """The configuration a study folder was run with (its study_config.json), with `out` where it is now."""
     saved = json.loads((Path(out) / "study_config.json").read_text())
@@ -577,13 +602,14 @@ def main(argv=None) -> Path:
     if cfg.summary_only and config_path.exists():   # the committed configuration, with this run's --out
         cfg = saved_config(out)
     if not cfg.summary_only:
+        queue = selected(jobs(cfg, out), cfg.only)     # a mistake in --only stops here, before a file is written
         # the revision the runs come from (run the study from a worktree at a commit)
-        config = {**dataclasses.asdict(cfg), "revision": git_revision()}
+        config = {**study_fields(cfg), "revision": git_revision()}
         stg.write_text(config_path, json.dumps(config, indent=2) + "\n")
         stg.write_text(out / ".gitignore", "# written by alpha_study.py: only the small files of each run\n*/*\n"
                        + "".join(f"!*/{name}\n" for name in KEEP))
         env = child_env(jobs=1)   # one run at a time, with every core (OMP_NUM_THREADS, when set, wins)
-        for job in jobs(cfg, out):
+        for job in queue:
             with claim(job.run) as mine:
                 if not mine:
                     print(f"{job.run.name}: taken by another worker of this study", flush=True)

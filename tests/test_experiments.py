@@ -233,6 +233,25 @@ def test_the_queue_runs_a_shared_vanilla_once(tmp_path):
     assert f"val={authors / 'MAWPS/mawps_val.jsonl'}" in command[command.index("--test") + 1]
 
 
+def test_only_picks_runs_of_the_queue_in_its_own_order(tmp_path):
+    study = alpha_study()
+    authors = fake_authors_data(tmp_path / "authors")
+    cfg = study.StudyConfig(model="m", authors_data=str(authors), data="mawps,mawps-gpt4o", settings="vanilla,k2",
+                            seeds="42,1")
+    queue = study.jobs(cfg, tmp_path / "out")
+    assert study.selected(queue, "") == queue
+    picked = study.selected(queue, "mawps-gpt4o-*,mawps-k2-s1,mawps-k2-*")          # a run named twice runs once
+    assert [job.run.name for job in picked] == ["mawps-gpt4o-k2-s42", "mawps-gpt4o-k2-s1", "mawps-k2-s1",
+                                                "mawps-k2-s42"]
+    assert "only" not in study.study_fields(cfg)                  # a choice of one call, not part of the study
+    out = tmp_path / "study"
+    with pytest.raises(stg.InputError, match="--only mawps-k9-s1: no run of this study is named so; its runs are "
+                                             "mawps-vanilla-s42, mawps-k2-s42"):
+        study.main(["--model", "m", "--authors-data", str(authors), "--data", "mawps", "--settings", "vanilla,k2",
+                    "--seeds", "42", "--out", str(out), "--only", "mawps-k2-s42,mawps-k9-s1"])
+    assert not (out / "study_config.json").exists()               # refused before a file is written
+
+
 def fake_run(run: Path, alpha: float, correct: list[bool], revision: str | None, val: float,
              dtype: str = "bfloat16") -> None:
     run.mkdir(parents=True)
