@@ -2,7 +2,7 @@
 share of test answers that equal a number written in the question (an operand copied instead of a result
 computed), and that share for the gold answers; one row block per study folder (a precision each).
 
-    python experiments/copies.py                      # the studies' own --authors-data folder
+    python experiments/copies.py                      # every Table 2 study under results/, its --authors-data
     python experiments/copies.py --studies results/mawps-smollm2 --authors-data <CAT repo folder>
 
 CAT's causes in the authors' math annotations are mostly the question's numbers ({"84.0": ["89 apples", "5"]}),
@@ -20,13 +20,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import eval as evaluation  # noqa: E402
 import stg  # noqa: E402
+import tables  # noqa: E402
 from alpha_study import data_files, saved_config, split_outcomes  # noqa: E402
 from stg_grid import items  # noqa: E402
 
 
 @dataclass
 class CopiesConfig:
-    studies: str = "results/mawps-smollm2,results/svamp-smollm2,results/svamp-smollm2-fp32"   # alpha_study.py folders
+    studies: str = ""                # comma-separated alpha_study.py folders; default: every Table 2 study folder
+                                     # under results/, each precision's (tables.study_folders)
     authors_data: str = ""           # the authors' repository folder; default: the one each study was run with
     split: str = "test"              # the test split of each data set to read (test; gsm8k-val also asdiv, ...)
     out: str = "results/copies.md"   # the table is also written here (Markdown), to be committed and cited
@@ -39,7 +41,12 @@ def share(flags: list[bool]) -> str:
 def table(cfg: CopiesConfig) -> str:
     lines = ["| study | data set | setting | seeds | accuracy | answers that repeat a number of the question | "
              "gold answers that do |", "|---|---|---|---|---|---|---|"]
-    for folder in map(Path, items(cfg.studies)):
+    folders = list(map(Path, items(cfg.studies))) if cfg.studies else \
+        [folder for suffix in tables.PRECISIONS for folder in tables.study_folders(Path("results"), suffix).values()]
+    if not folders:
+        raise stg.InputError("results/ holds no Table 2 study folder (<task>-smollm2[-fp32]); --studies names "
+                             "alpha_study.py output folders")
+    for folder in folders:
         if not (folder / "study_config.json").exists():
             raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
         study = saved_config(folder)

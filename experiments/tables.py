@@ -58,10 +58,15 @@ def summarize(folder: Path) -> dict:
     return alpha_study.write_summary(alpha_study.saved_config(folder), folder)
 
 
+def study_folders(results: Path, suffix: str) -> dict[str, Path]:
+    """{study stem: its folder}, for every downstream study folder <stem>-<suffix> that exists."""
+    return {stem: results / f"{stem}-{suffix}" for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS)
+            if (results / f"{stem}-{suffix}" / "study_config.json").exists()}
+
+
 def summaries(results: Path, suffix: str) -> dict:
     """{study stem: its summary}, for every downstream study folder <stem>-<suffix> that exists."""
-    return {stem: summarize(results / f"{stem}-{suffix}") for stem in dict.fromkeys(stem for _, stem, _, _ in COLUMNS)
-            if (results / f"{stem}-{suffix}" / "study_config.json").exists()}
+    return {stem: summarize(folder) for stem, folder in study_folders(results, suffix).items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -519,7 +519,7 @@ def test_setting_names_give_their_train_flags():
             study.setting_flags(bad)
 
 
-def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path):
+def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path, monkeypatch):
     import copies
     study = alpha_study()
     authors = fake_authors_data(tmp_path / "authors")
@@ -541,6 +541,12 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path):
     assert rows["vanilla"][:2] == ["mawps-smollm2", "mawps"]          # the study folder names the precision
     assert rows["vanilla"][4:] == ["50.0 %", "0.0 %", "50.0 %"]     # gold: the second target 10.0 is in its question
     assert rows["k2"][4:] == ["50.0 %", "100.0 %", "50.0 %"]        # 3 and 2 are both the question's numbers
+    monkeypatch.chdir(tmp_path)                        # no --studies: every Table 2 study folder under results/
+    with pytest.raises(stg.InputError, match="results/ holds no Table 2 study folder"):
+        copies.main(["--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
+    (tmp_path / "results").mkdir()
+    folder = folder.rename(tmp_path / "results" / "mawps-smollm2")
+    assert copies.main(["--authors-data", str(authors), "--out", str(tmp_path / "c.md")]) == text
     (authors / "MAWPS/mawps_test.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
     with pytest.raises(stg.InputError, match="another number of records"):
         copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
