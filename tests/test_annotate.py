@@ -314,10 +314,10 @@ def test_killed_run_resumes_without_asking_twice(tmp_path):
 def test_interrupt_keeps_the_replies_in_flight(tmp_path):
     """Ctrl-C asks nothing more but writes every reply already on its way: nothing paid is lost."""
     cfg = config(tmp_path, None, make_records(60))
-    # A child inherits an ignored SIGINT (a test run started with `&` from a script has one), and Python then
-    # leaves Ctrl-C ignored; with a handler set here, the child starts with the default and Python's own.
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     with ChatServer(lambda i, n, body, headers: (200, {}, good_reply(i), 0.3)) as server:
+        # A child inherits an ignored SIGINT (a test run started with `&` from a script has one), and Python then
+        # leaves Ctrl-C ignored; with a handler set here, the child starts with the default and Python's own.
+        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             proc = subprocess.Popen([sys.executable, str(ROOT / "annotate.py"), "annotate", "--task", "mawps",
                                      "--in", cfg.inp, "--out", cfg.out, "--base-url", server.url, "--model", "m",
