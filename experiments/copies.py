@@ -1,6 +1,8 @@
 """Do a downstream study's answers repeat a number of the question? Per data set and setting: test accuracy, the
 share of test answers that equal a number written in the question (an operand copied instead of a result
-computed), and that share for the gold answers; one row block per study folder (a precision each).
+computed), and that share for the gold answers; one row block per study folder (a precision each). For a
+multiple-choice task (ARC-E) a second table instead: how the answers spread over the option labels, beside the
+gold answers' spread, to show whether a setting settles on one label.
 
     python experiments/copies.py                      # every Table 2 study under results/, its --authors-data
     python experiments/copies.py --studies results/mawps-smollm2 --authors-data <CAT repo folder>
@@ -38,9 +40,28 @@ def share(flags: list[bool]) -> str:
     return f"{100 * statistics.fmean(flags):.1f} %" if flags else "—"
 
 
+LABELS = "ABCD"   # ARC-E's usual options; "1"-"4" and "E" (3 % of its test records) count as other labels
+
+
+def spread(answers: list) -> str:
+    """The shares of the answers per option label: "A 25 / B 24 / C 26 / D 23 / other 2 / none 0" (in %)."""
+    shares = [sum(a == label for a in answers) for label in LABELS]
+    other, none = sum(a is not None and a not in LABELS for a in answers), sum(a is None for a in answers)
+    return " / ".join(f"{name} {100 * n / len(answers):.0f}" for name, n in
+                      [*zip(LABELS, shares), ("other", other), ("none", none)])
+
+
+def commonest(answers: list) -> str:
+    """The share of the most frequent answer (no answer is none), in %."""
+    given = [a for a in answers if a is not None]
+    return f"{100 * max(map(given.count, set(given)), default=0) / len(answers):.1f} %"
+
+
 def table(cfg: CopiesConfig) -> str:
     lines = ["| study | data set | setting | seeds | accuracy | answers that repeat a number of the question | "
              "gold answers that do |", "|---|---|---|---|---|---|---|"]
+    choices = ["| study | data set | setting | seeds | accuracy | answers per option label, % | "
+               "the commonest label's share |", "|---|---|---|---|---|---|---|"]
     folders = list(map(Path, items(cfg.studies))) if cfg.studies else \
         [folder for suffix in tables.PRECISIONS for folder in tables.study_folders(Path("results"), suffix).values()]
     if not folders:
@@ -56,17 +77,26 @@ def table(cfg: CopiesConfig) -> str:
             if cfg.split not in tests:
                 raise stg.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
             records = stg.read_records(tests[cfg.split])
+            multiple_choice = stg.guess_task(tests[cfg.split].stem) == "arc_e"
             gold = [evaluation.repeats_a_number(r["input"], str(r["target"])) for r in records]
+            if multiple_choice:
+                targets = [str(r["target"]).strip() for r in records]
+                choices.append(f"| {folder.name} | {data} | gold | | | {spread(targets)} | {commonest(targets)} |")
             for setting in items(study.settings):
                 outcomes = split_outcomes(folder, study, data, setting, cfg.split, tests[cfg.split], len(records))
                 if not outcomes:
                     continue
+                accuracy = [c for o in outcomes for c in o["correct"]]
+                if multiple_choice:
+                    answers = [a for o in outcomes for a in o["answer"]]
+                    choices.append(f"| {folder.name} | {data} | {setting} | {len(outcomes)} | {share(accuracy)} | "
+                                   f"{spread(answers)} | {commonest(answers)} |")
+                    continue
                 copies = [evaluation.repeats_a_number(r["input"], a)
                           for o in outcomes for r, a in zip(records, o["answer"])]
-                accuracy = [c for o in outcomes for c in o["correct"]]
                 lines.append(f"| {folder.name} | {data} | {setting} | {len(outcomes)} | {share(accuracy)} | "
                              f"{share(copies)} | {share(gold)} |")
-    return "\n".join(lines)
+    return "\n\n".join("\n".join(rows) for rows in (lines, choices) if len(rows) > 2)
 
 
 def main(argv=None) -> str:

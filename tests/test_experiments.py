@@ -552,6 +552,34 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path, mo
         copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
 
 
+def test_copies_spreads_a_multiple_choice_tasks_answers_over_its_labels(tmp_path):
+    import copies
+    study = alpha_study()
+    authors = fake_authors_data(tmp_path / "authors")
+    stg.write_jsonl(authors / "ARC_E/ARC_E_test.jsonl", [{"input": f"Q{i}\nA. x\nB. y\nC. z\nD. w\nAnswer: ",
+                                                           "target": t} for i, t in enumerate("ABCD")])
+    folder = tmp_path / "arc_e-smollm2"
+    folder.mkdir()
+    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="arc_e", settings="vanilla,k2",
+                                                          seeds="42,1", out=str(folder))), "revision": "abc"}
+    (folder / "study_config.json").write_text(json.dumps(config))
+    runs = {("vanilla", 42): ["A", "B", "C", "C"], ("vanilla", 1): ["A", "A", None, "D"],
+            ("k2", 42): ["A", "A", "A", "A"], ("k2", 1): ["A", "A", "A", "1"]}
+    for (setting, seed), answers in runs.items():
+        run = folder / f"arc_e-{setting}-s{seed}"
+        correct = [a == t for a, t in zip(answers, "ABCD")]
+        fake_run(run, 0.0, correct, "abc", val=0.5)
+        (run / "outcomes.json").write_text(json.dumps({"test": {"answer": answers, "correct": correct}}))
+    text = copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
+    assert "repeat a number" not in text                  # no numeric task: the copies table is left out
+    rows = {cells[2]: cells for line in text.splitlines()[2:]
+            if (cells := [cell.strip() for cell in line.strip("|").split("|")])}
+    assert rows["gold"][3:] == ["", "", "A 25 / B 25 / C 25 / D 25 / other 0 / none 0", "25.0 %"]
+    # vanilla over both seeds: A 3, B 1, C 2, D 1, none 1 of 8; right 3 + 2 of 8
+    assert rows["vanilla"][3:] == ["2", "62.5 %", "A 38 / B 12 / C 25 / D 12 / other 0 / none 12", "37.5 %"]
+    assert rows["k2"][3:] == ["2", "25.0 %", "A 88 / B 0 / C 0 / D 0 / other 12 / none 0", "87.5 %"]
+
+
 def test_a_study_of_gpt4o_alone_reads_its_own_vanilla_runs(tmp_path):
     study = alpha_study()
     out = tmp_path / "out"
