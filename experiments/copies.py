@@ -78,10 +78,11 @@ def table(cfg: CopiesConfig) -> str:
                 raise stg.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
             records = stg.read_records(tests[cfg.split])
             multiple_choice = stg.guess_task(tests[cfg.split].stem) == "arc_e"
-            gold = [evaluation.repeats_a_number(r["input"], str(r["target"])) for r in records]
             if multiple_choice:
                 targets = [str(r["target"]).strip() for r in records]
                 choices.append(f"| {folder.name} | {data} | gold | | | {spread(targets)} | {commonest(targets)} |")
+            else:
+                gold = [evaluation.repeats_a_number(r["input"], str(r["target"])) for r in records]
             for setting in items(study.settings):
                 outcomes = split_outcomes(folder, study, data, setting, cfg.split, tests[cfg.split], len(records))
                 if not outcomes:
@@ -89,13 +90,13 @@ def table(cfg: CopiesConfig) -> str:
                 accuracy = [c for o in outcomes for c in o["correct"]]
                 if multiple_choice:
                     answers = [a for o in outcomes for a in o["answer"]]
-                    choices.append(f"| {folder.name} | {data} | {setting} | {len(outcomes)} | {share(accuracy)} | "
-                                   f"{spread(answers)} | {commonest(answers)} |")
-                    continue
-                copies = [evaluation.repeats_a_number(r["input"], a)
-                          for o in outcomes for r, a in zip(records, o["answer"])]
-                lines.append(f"| {folder.name} | {data} | {setting} | {len(outcomes)} | {share(accuracy)} | "
-                             f"{share(copies)} | {share(gold)} |")
+                    rows, cells = choices, [spread(answers), commonest(answers)]
+                else:
+                    copies = [evaluation.repeats_a_number(r["input"], a)
+                              for o in outcomes for r, a in zip(records, o["answer"])]
+                    rows, cells = lines, [share(copies), share(gold)]
+                rows.append("| " + " | ".join([folder.name, data, setting, str(len(outcomes)), share(accuracy),
+                                               *cells]) + " |")
     return "\n\n".join("\n".join(rows) for rows in (lines, choices) if len(rows) > 2)
 
 
