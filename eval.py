@@ -33,7 +33,8 @@ class EvalConfig:
     model: str | None = None          # run folder, base model alias, local folder or hub id (model.load_model)
     data: str = "stg_s"               # data set name or JSONL path (stg.resolve_data)
     test: str = ""                    # test files as split=FILE,split=FILE instead of the data set's own
-    task: str | None = None           # answer checker to use instead of the data set's own (see CHECKERS)
+    task: str | None = None           # answer checker of every test split instead of each file's own (split_task;
+                                      # see CHECKERS)
     out: str | None = None            # output folder (with --compare: a Markdown file for the table); default: the
                                       # run folder, else runs/eval-<name>
     batch_size: int = 64              # prompts decoded together (Appendix F, Table 6)
@@ -166,6 +167,14 @@ def check(task: str, prediction: str, target, question: str = "") -> tuple[str |
 def is_correct(task: str, prediction: str, target, question: str = "") -> bool:
     """Whether the model's output `prediction` answers `target` (input: the prompt, for ARC-E's options)."""
     return check(task, prediction, target, question)[1]
+
+
+def split_task(data: stg.DataSet, split: str) -> str:
+    """The checker of one test split: the task its file's name names, else the data set's. A model trained on
+    gsm8k_val and tested on merged_asdiv is checked as ASDiv, whose targets ("6 (bags)", "2:13", "Clara") the
+    GSM8K checker cannot read; it still writes GSM8K's worked solutions, so max_new_tokens stays data.task's."""
+    named = stg.guess_task(data.tests[split].stem)
+    return data.task if named == "generic" else named
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +381,9 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
 
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
              out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto",
-             max_len: int | None = None) -> dict:
-    """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}. With out_dir, writes
+             max_len: int | None = None, task: str | None = None) -> dict:
+    """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}, each split checked by `task` or
+    else by its own file's task (split_task). With out_dir, writes
     predictions_<data>_<split>.jsonl and merges {data.name: result} into out_dir/results.json; with
     attention (STG only), adds the per-kind attention numbers and draws the two pictures. dtype: the compute
     precision (model.precision), as in training. max_len: records whose prompt and max_new_tokens do not fit are
@@ -400,9 +410,10 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
                 records = [r for r, fit in zip(records, fits) if fit]
             if not records:
                 raise stg.InputError(f"{path}: no prompt fits in {max_len} tokens (--max-len)")
-            rows = answer_rows(model, tokenizer, records, data.task, batch_size=batch_size,
+            checker = task or split_task(data, split)
+            rows = answer_rows(model, tokenizer, records, checker, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
-            results[split] = {**score(data.task, rows), **({"skipped_too_long": skipped} if skipped else {})}
+            results[split] = {**score(checker, rows), **({"skipped_too_long": skipped} if skipped else {})}
             if attention:  # the example drawn is the last split's first record: OOD for STG, where the trap shows
                 numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
                 results[split]["attention"] = summarize_attention(numbers[split])
@@ -537,7 +548,7 @@ def main(argv=None) -> None:
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)
     results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision,
-                       max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"))
+                       max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"), task=cfg.task)
     print(format_results(data.name, results))
     print(f"results in {out_dir / 'results.json'}, predictions in {out_dir}/predictions_{data.name}_*.jsonl")
 

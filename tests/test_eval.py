@@ -281,6 +281,44 @@ def test_attention_needs_stg(tiny, tmp_path):
         ev.evaluate(*tiny, stg.resolve_data(str(path)), attention=True)
 
 
+def test_each_test_file_is_checked_by_its_own_task(tiny, tmp_path, monkeypatch):
+    """A model trained on GSM8K writes worked solutions ending "#### N" on every test (Table 2's † columns): each
+    file is checked by the task its name names (ASDiv's "2:13" and "Clara", which the GSM8K checker cannot read),
+    a file named after no task by the data set's; all decode with GSM8K's 512 new tokens; --task checks them all."""
+    model, tokenizer = tiny
+    files = {  # split -> (file stem, [(input, target, the model's output)])
+        "test": ("gsm8k_test", [("Q1 Answer: ", "18", "9 * 2 = <<9*2=18>>18\n#### 18"),
+                                ("Q2 Answer: ", "5", "2 + 2 = 4\n#### 4")]),
+        "asdiv": ("merged_asdiv", [("Q3 Answer: ", "6 (bags)", "12 / 2 = 6\n#### 6"),
+                                   ("Q4 Answer: ", "2:13", "#### 2:13"), ("Q5 Answer: ", "Clara", "#### Clara"),
+                                   ("Q6 Answer: ", "2:13", "#### 2")]),
+        "extra": ("held_out", [("Q7 Answer: ", "7", "There are 7 cats."), ("Q8 Answer: ", "7", "3 + 4\n#### 7")]),
+    }
+    tests = {}
+    for split, (stem, rows) in files.items():
+        tests[split] = tmp_path / f"{stem}.jsonl"
+        stg.write_jsonl(tests[split], [{"input": q, "target": t} for q, t, _ in rows])
+    data = stg.DataSet("gsm8k_val", "gsm8k", None, None, tests)
+    assert [ev.split_task(data, split) for split in tests] == ["gsm8k", "asdiv", "gsm8k"]
+    outputs = {q: out for _, rows in files.values() for q, _, out in rows}
+    budgets = []
+
+    def fake_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens):
+        budgets.append(max_new_tokens)
+        return [tokenizer.encode(outputs[tokenizer.decode(p).strip() + " "]) for p in prompts]
+
+    monkeypatch.setattr(ev, "generate_answers", fake_generate)
+    results = ev.evaluate(model, tokenizer, data)
+    assert budgets == [512, 512, 512]
+    # "There are 7 cats." has no "#### ": wrong by GSM8K's checker, the data set's, for the file named after no task
+    assert {split: r["correct"] for split, r in results.items()} == {"test": 1, "asdiv": 3, "extra": 1}
+    # --task: one checker for every file; ASDiv's reads a first line without "#### " too
+    assert {split: r["correct"] for split, r in ev.evaluate(model, tokenizer, data, task="asdiv").items()} == \
+        {"test": 1, "asdiv": 3, "extra": 2}
+    with pytest.raises(ValueError, match="'Clara' is neither a number"):   # what GSM8K's checker makes of ASDiv
+        ev.evaluate(model, tokenizer, data, task="gsm8k")
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: train.py then eval.py
 
