@@ -766,12 +766,14 @@ def finish(run: Run, step: int, started: float) -> None:
         return
     if cfg.save:
         save_final(run_dir, final, run.tok, run.lora_cfg, cfg)
-    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)   # the run is complete: nothing to resume
     results = None
     if cfg.eval and run.data.tests:
         import eval as evaluation
         results = evaluation.evaluate(final, run.tok, run.data, out_dir=run_dir, limit=cfg.eval_limit or None,
                                       dtype=cfg.dtype, max_len=cfg.max_len)
+    # the run is complete: nothing to resume. Removed only now, so that a run stopped while it is tested (GSM8K's
+    # four files of worked solutions take hours on a CPU) resumes at its last step and is tested again
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     print(summary(run, results, time.time() - started))
 
 

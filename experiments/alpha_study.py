@@ -192,7 +192,9 @@ def jobs(cfg: StudyConfig, out: Path) -> list[Job]:
                         sys.executable, str(ROOT / "train.py"), "--model", cfg.model, "--data", str(train_file),
                         "--test", ",".join(f"{s}={p}" for s, p in tests.items()), "--val-frac", str(val_frac),
                         "--seed", str(seed), "--device", cfg.device, "--out", str(out), "--name", name,
-                        *([] if cfg.keep_weights else ["--no-save"]), "--save-every", "-1", *setting_flags(setting),
+                        # a checkpoint at the end of every epoch, kept until the run is tested: a stopped run
+                        # (a session's end) resumes from there (run_job), even one stopped while it is tested
+                        *([] if cfg.keep_weights else ["--no-save"]), "--save-every", "0", *setting_flags(setting),
                         *cfg.train_args]]))
     return queue
 

@@ -170,6 +170,28 @@ def test_smoke_grid_selects_on_validation_and_resumes(tmp_path):
     assert walls == {p: p.read_text() for p in out.glob("**/wall_time.json")}
 
 
+def test_a_run_stopped_after_an_epoch_resumes_there(tmp_path):
+    """run_job, as both experiments call it: a run stopped with an epoch's checkpoint (a session that ended) goes on
+    from that checkpoint with train.py --resume, not from nothing; its metrics hold every step once, its
+    wall_time.json both attempts."""
+    data = tmp_path / "stg_small.jsonl"
+    write_jsonl(data, stg.make_records("stg_s_train", 42)[:32])
+    command = [sys.executable, str(ROOT / "train.py"), "--model", "scratch", "--data", str(data), "--seed", "42",
+               "--scratch-dim", "32", "--scratch-layers", "2", "--scratch-heads", "2", "--scratch-vocab", "300",
+               "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "runs"), "--name", "run", "--no-save",
+               "--save-every", "0", "--eval-limit", "4"]
+    job = stg_grid.Job(tmp_path / "runs" / "run", [command + ["--stop-after", "4"]])   # stopped after epoch 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert stg_grid.run_job(job, env)["status"] == "failed"
+    assert (job.run / "checkpoint" / "state.pt").exists() and not (job.run / "results.json").exists()
+    assert stg_grid.run_job(job, env)["status"] == "done"
+    attempts = json.loads((job.run / "wall_time.json").read_text())["attempts"]
+    assert [a["resumed"] for a in attempts] == [False, True] and "--resume" in attempts[1]["commands"][0]
+    steps = [json.loads(line)["step"] for line in (job.run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), steps
+    assert not (job.run / "checkpoint").exists() and "stg_small" in json.loads((job.run / "results.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------
 # experiments/alpha_study.py: its statistics against hand-worked numbers, its queue, its summary of run folders
 
@@ -227,6 +249,7 @@ def test_the_queue_runs_a_shared_vanilla_once(tmp_path):
     command = job.commands[0]
     assert command[command.index("--val-frac") + 1] == "0.0"
     assert "--no-save" in command
+    assert command[command.index("--save-every") + 1] == "0"   # each epoch: a stopped run resumes (run_job)
     cfg.keep_weights = True                               # the model stays in the run folder, for eval.py --attention
     assert "--no-save" not in study.jobs(cfg, tmp_path / "out")[1].commands[0]
     assert command[command.index("--alpha-scale") + 1] == "2"

@@ -155,6 +155,32 @@ def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path):
     assert metrics[1][-1]["l_next"] == pytest.approx(metrics[0][-1]["l_next"], abs=1e-6)
 
 
+def test_a_run_stopped_while_it_is_tested_resumes_and_is_tested_again(stg_file, tmp_path, monkeypatch):
+    """Testing comes after the last checkpoint and may take hours (GSM8K's worked solutions): a run stopped then
+    keeps that checkpoint, and --resume tests the same trained weights instead of training from nothing."""
+    import eval as evaluation
+    tested = evaluation.evaluate
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate", stopped)
+    cfg = tiny_config(stg_file, tmp_path, epochs=1, save_every=0, eval=True, eval_limit=2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    (run,) = [path.parent for path in tmp_path.glob("*/train_config.json")]
+    steps = len((run / "metrics.jsonl").read_text().splitlines())   # every step of the one epoch, checkpointed
+    assert steps > 0 and train.folder_state(run) == f"a run interrupted at step {steps}"
+    trained = M.load_model(str(run))[0].state_dict()
+    monkeypatch.setattr(evaluation, "evaluate", tested)
+    train.train(train.TrainConfig(resume=str(run)))
+    assert train.folder_state(run) == "a finished run" and not (run / "checkpoint").exists()
+    assert set(json.loads((run / "results.json").read_text())["stg_small"]) == {"test"}
+    for name, weight in M.load_model(str(run))[0].state_dict().items():
+        torch.testing.assert_close(weight, trained[name], atol=0, rtol=0, msg=name)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == steps, "no step ran twice"
+
+
 def test_cat_without_annotations_stops_with_a_clear_message(tmp_path):
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"input": "2 + 2 = Answer: ", "target": "4"}) + "\n")
