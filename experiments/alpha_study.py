@@ -234,11 +234,12 @@ def claim(run: Path):
 
 
 def collect_outcomes(run: Path) -> None:
-    """outcomes.json: per split, each test record's answer and correctness (the predictions copy the inputs)."""
+    """outcomes.json: per split, each test record's answer and correctness (the predictions copy the inputs). The
+    splits are results.json's: a split's name may hold "_" (gsm8k-val's mawps_ood, svamp_ood), as the data's does."""
+    name, results = next(iter(json.loads((run / "results.json").read_text()).items()))
     outcomes = {}
-    for path in sorted(run.glob("predictions_*.jsonl")):
-        split = path.stem.rsplit("_", 1)[1]
-        rows = stg.read_records(path)
+    for split in results:
+        rows = stg.read_records(run / f"predictions_{name}_{split}.jsonl")
         outcomes[split] = {"answer": [r["answer"] for r in rows], "correct": [bool(r["correct"]) for r in rows]}
     stg.write_text(run / "outcomes.json", json.dumps(outcomes) + "\n")
 

@@ -171,9 +171,10 @@ def test_smoke_grid_selects_on_validation_and_resumes(tmp_path):
 
 
 def test_a_run_stopped_after_an_epoch_resumes_there(tmp_path):
-    """run_job, as both experiments call it: a run stopped with an epoch's checkpoint (a session that ended) goes on
-    from that checkpoint with train.py --resume, not from nothing; its metrics hold every step once, its
-    wall_time.json both attempts."""
+    """run_job, as both experiments call it: a run stopped with a checkpoint (here --stop-after at the end of the
+    first epoch, where the study's --save-every 0 writes one, as a session's end would leave it) goes on from that
+    checkpoint with train.py --resume, not from nothing; its metrics hold every step once, its wall_time.json both
+    attempts."""
     data = tmp_path / "stg_small.jsonl"
     write_jsonl(data, stg.make_records("stg_s_train", 42)[:32])
     command = [sys.executable, str(ROOT / "train.py"), "--model", "scratch", "--data", str(data), "--seed", "42",
@@ -289,6 +290,23 @@ def fake_run(run: Path, alpha: float, correct: list[bool], revision: str | None,
                                                for e in (0, 0, 1)))
     attempt = {"seconds": 60.0, **({"revision": revision, "threads": 1} if revision else {})}
     (run / "wall_time.json").write_text(json.dumps({"seconds": 60.0, "attempts": [attempt]}))
+
+
+def test_outcomes_keep_each_split_whose_name_holds_an_underscore(tmp_path):
+    """gsm8k-val's splits mawps_ood and svamp_ood both end in "_ood", as its data name gsm8k_val holds "_": each
+    split's answers come from its own predictions file, named by results.json."""
+    study = alpha_study()
+    run = tmp_path / "gsm8k-val-vanilla-s42"
+    run.mkdir()
+    answers = {"val": ["1", None], "test": ["18"], "mawps_ood": ["84.0", "3"], "svamp_ood": [None]}
+    for split, given in answers.items():
+        write_jsonl(run / f"predictions_gsm8k_val_{split}.jsonl",
+                    [{"input": "Q", "target": "3", "output": "", "answer": a, "correct": a == "3"} for a in given])
+    (run / "results.json").write_text(json.dumps({"gsm8k_val": {split: {"accuracy": 0.0} for split in answers}}))
+    study.collect_outcomes(run)
+    outcomes = json.loads((run / "outcomes.json").read_text())
+    assert outcomes == {split: {"answer": given, "correct": [a == "3" for a in given]}
+                        for split, given in answers.items()}
 
 
 def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp_path):
