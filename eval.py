@@ -34,7 +34,7 @@ class EvalConfig:
     data: str = "stg_s"               # data set name or JSONL path (stg.resolve_data)
     test: str = ""                    # test files as split=FILE,split=FILE instead of the data set's own
     task: str | None = None           # answer checker of every test split instead of each file's own (split_task;
-                                      # see CHECKERS)
+                                      # see CHECKERS), and its max_new_tokens unless given
     out: str | None = None            # output folder (with --compare: a Markdown file for the table); default: the
                                       # run folder, else runs/eval-<name>
     batch_size: int = 64              # prompts decoded together (Appendix F, Table 6)
@@ -153,8 +153,19 @@ def check_arc_e(prediction: str, target: str, question: str = "") -> tuple[str |
     return answer, answer == target.strip()
 
 
+def check_gsm8k_ood(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
+    """A model trained on GSM8K tested on MAWPS, SVAMP or ASDiv (Table 2's † columns): its answer is the text after
+    "#### ", as on GSM8K (an output without one, cut off or unfinished, has no answer, where check_numeric would
+    read the first number of its first line, most often one of the question's), checked against that task's target
+    by check_numeric ("84.0", "6 (bags)", "2:13", "Clara")."""
+    if "#### " not in prediction:
+        return None, False
+    return check_numeric(prediction, target, question)
+
+
 CHECKERS = {"stg_e": check_exact, "stg_h": check_stg_h, "mawps": check_numeric, "svamp": check_numeric,
-            "asdiv": check_numeric, "gsm8k": check_gsm8k, "arc_e": check_arc_e, "generic": check_exact}
+            "asdiv": check_numeric, "gsm8k": check_gsm8k, "gsm8k-ood": check_gsm8k_ood, "arc_e": check_arc_e,
+            "generic": check_exact}
 
 
 def check(task: str, prediction: str, target, question: str = "") -> tuple[str | None, bool]:
@@ -171,10 +182,13 @@ def is_correct(task: str, prediction: str, target, question: str = "") -> bool:
 
 def split_task(data: stg.DataSet, split: str) -> str:
     """The checker of one test split: the task its file's name names, else the data set's. A model trained on
-    gsm8k_val and tested on merged_asdiv is checked as ASDiv, whose targets ("6 (bags)", "2:13", "Clara") the
-    GSM8K checker cannot read; it still writes GSM8K's worked solutions, so max_new_tokens stays data.task's."""
+    GSM8K (gsm8k_val) and tested on merged_asdiv is checked on ASDiv's targets ("6 (bags)", "2:13", "Clara", which
+    the GSM8K checker cannot read) with GSM8K's answer format ("#### N"): gsm8k-ood. It writes worked solutions
+    there too, so max_new_tokens stays data.task's."""
     named = stg.guess_task(data.tests[split].stem)
-    return data.task if named == "generic" else named
+    if named == "generic":
+        return data.task
+    return "gsm8k-ood" if data.task == "gsm8k" and CHECKERS[named] is check_numeric else named
 
 
 # ---------------------------------------------------------------------------------------------

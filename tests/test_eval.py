@@ -283,15 +283,17 @@ def test_attention_needs_stg(tiny, tmp_path):
 
 def test_each_test_file_is_checked_by_its_own_task(tiny, tmp_path, monkeypatch):
     """A model trained on GSM8K writes worked solutions ending "#### N" on every test (Table 2's † columns): each
-    file is checked by the task its name names (ASDiv's "2:13" and "Clara", which the GSM8K checker cannot read),
-    a file named after no task by the data set's; all decode with GSM8K's 512 new tokens; --task checks them all."""
+    file is checked on the targets of the task its name names (ASDiv's "2:13" and "Clara", which the GSM8K checker
+    cannot read) in GSM8K's answer format, a file named after no task by the data set's checker; all decode with
+    GSM8K's 512 new tokens; --task checks them all."""
     model, tokenizer = tiny
     files = {  # split -> (file stem, [(input, target, the model's output)])
         "test": ("gsm8k_test", [("Q1 Answer: ", "18", "9 * 2 = <<9*2=18>>18\n#### 18"),
                                 ("Q2 Answer: ", "5", "2 + 2 = 4\n#### 4")]),
         "asdiv": ("merged_asdiv", [("Q3 Answer: ", "6 (bags)", "12 / 2 = 6\n#### 6"),
                                    ("Q4 Answer: ", "2:13", "#### 2:13"), ("Q5 Answer: ", "Clara", "#### Clara"),
-                                   ("Q6 Answer: ", "2:13", "#### 2")]),
+                                   ("Q6 Answer: ", "2:13", "#### 2"),
+                                   ("Q9 Answer: ", "7 (cats)", "There are 7 cats.")]),
         "extra": ("held_out", [("Q7 Answer: ", "7", "There are 7 cats."), ("Q8 Answer: ", "7", "3 + 4\n#### 7")]),
     }
     tests = {}
@@ -299,7 +301,7 @@ def test_each_test_file_is_checked_by_its_own_task(tiny, tmp_path, monkeypatch):
         tests[split] = tmp_path / f"{stem}.jsonl"
         stg.write_jsonl(tests[split], [{"input": q, "target": t} for q, t, _ in rows])
     data = stg.DataSet("gsm8k_val", "gsm8k", None, None, tests)
-    assert [ev.split_task(data, split) for split in tests] == ["gsm8k", "asdiv", "gsm8k"]
+    assert [ev.split_task(data, split) for split in tests] == ["gsm8k", "gsm8k-ood", "gsm8k"]
     outputs = {q: out for _, rows in files.values() for q, _, out in rows}
     budgets = []
 
@@ -310,11 +312,15 @@ def test_each_test_file_is_checked_by_its_own_task(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "generate_answers", fake_generate)
     results = ev.evaluate(model, tokenizer, data)
     assert budgets == [512, 512, 512]
-    # "There are 7 cats." has no "#### ": wrong by GSM8K's checker, the data set's, for the file named after no task
+    # "There are 7 cats." has no "#### ": no answer in GSM8K's format, on ASDiv's file and on the file named after
+    # no task (the data set's checker)
     assert {split: r["correct"] for split, r in results.items()} == {"test": 1, "asdiv": 3, "extra": 1}
-    # --task: one checker for every file; ASDiv's reads a first line without "#### " too
+    assert ev.check("gsm8k-ood", "There are 7 cats.", "7 (cats)") == (None, False)
+    # --task: one checker for every file; ASDiv's own reads a first line without "#### " too
     assert {split: r["correct"] for split, r in ev.evaluate(model, tokenizer, data, task="asdiv").items()} == \
-        {"test": 1, "asdiv": 3, "extra": 2}
+        {"test": 1, "asdiv": 4, "extra": 2}
+    trained_on_mawps = stg.DataSet("mawps_train", "mawps", None, None, tests)   # a short-answer model: ASDiv's own
+    assert ev.split_task(trained_on_mawps, "asdiv") == "asdiv"
     with pytest.raises(ValueError, match="'Clara' is neither a number"):   # what GSM8K's checker makes of ASDiv
         ev.evaluate(model, tokenizer, data, task="gsm8k")
 
