@@ -393,6 +393,11 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
     return rows
 
 
+def predictions_path(out_dir: Path, name: str, split: str) -> Path:
+    """Where evaluate writes one split's rows: predictions_<data>_<split>.jsonl (both names may hold "_")."""
+    return Path(out_dir) / f"predictions_{name}_{split}.jsonl"
+
+
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
              out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto",
              max_len: int | None = None, task: str | None = None) -> dict:
@@ -436,7 +441,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
                 for row, n in zip(rows, numbers[split]):
                     row["attention"] = n["mean"]
             if out_dir is not None:
-                stg.write_jsonl(out_dir / f"predictions_{data.name}_{split}.jsonl", rows)
+                stg.write_jsonl(predictions_path(out_dir, data.name, split), rows)
     model.train(was_training)
     if out_dir is not None:
         path = out_dir / "results.json"

@@ -57,6 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+import eval as evaluation  # noqa: E402
 import model as M  # noqa: E402
 import stg  # noqa: E402
 from stg_grid import Job, child_env, items, mean_std, run_job  # noqa: E402
@@ -239,7 +240,7 @@ def collect_outcomes(run: Path) -> None:
     name, results = next(iter(json.loads((run / "results.json").read_text()).items()))
     outcomes = {}
     for split in results:
-        rows = stg.read_records(run / f"predictions_{name}_{split}.jsonl")
+        rows = stg.read_records(evaluation.predictions_path(run, name, split))
         outcomes[split] = {"answer": [r["answer"] for r in rows], "correct": [bool(r["correct"]) for r in rows]}
     stg.write_text(run / "outcomes.json", json.dumps(outcomes) + "\n")
 
