@@ -10,6 +10,7 @@ record format's `important` list of one-key dicts. The client speaks the OpenAI 
 GLM (the paper's assistant), OpenAI and local servers all work. STG needs no LLM: stg.py makes its rules.
 """
 import argparse
+import contextlib
 import email.utils
 import fnmatch
 import hashlib
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -494,6 +496,27 @@ def dry_run(cfg: AnnotateConfig, pending: list[dict], price) -> dict:
     return {"pending": len(pending), "tokens_in": tokens_in, "tokens_out": tokens_out}
 
 
+@contextlib.contextmanager
+def ctrl_c_stops(stop: threading.Event, stats: dict):
+    """While annotate runs, Ctrl-C asks nothing more but lets the replies already on their way arrive and be written
+    (nothing paid is lost); a second Ctrl-C stops at once. A handler rather than a caught KeyboardInterrupt, which
+    could land anywhere in the loop, between a reply's arrival and its write. Only the main thread gets signals."""
+    def handler(signum, frame):
+        if stats["stopped"] == "interrupted":
+            raise KeyboardInterrupt
+        stats["stopped"] = "interrupted"
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield                        # no Ctrl-C reaches this run (a thread, or a process started ignoring it)
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def annotate(cfg: AnnotateConfig) -> dict:
     """Annotates every record of cfg.inp not yet in cfg.out or the rejects; returns counts and cost."""
     if cfg.task not in TEMPLATES:
@@ -524,7 +547,8 @@ def annotate(cfg: AnnotateConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     todo, running, fatal = iter(pending), {}, None
     with ThreadPoolExecutor(cfg.concurrency) as pool, open(out, "a", encoding="utf-8") as f_out, \
-            open(rejects, "a", encoding="utf-8") as f_rej, tqdm(total=len(pending), unit="rec") as bar:
+            open(rejects, "a", encoding="utf-8") as f_rej, tqdm(total=len(pending), unit="rec") as bar, \
+            ctrl_c_stops(stop, stats):
         while True:
             while not stop.is_set() and len(running) < cfg.concurrency:
                 record = next(todo, None)
@@ -538,12 +562,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
                 running[pool.submit(annotate_one, client, cfg.task, record)] = record
             if not running:
                 break
-            try:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            except KeyboardInterrupt:         # ask nothing more, but keep the replies already on their way
-                stats["stopped"] = "interrupted"
-                stop.set()
-                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 running.pop(future)
                 try:

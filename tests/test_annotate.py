@@ -334,6 +334,37 @@ def test_interrupt_keeps_the_replies_in_flight(tmp_path):
     assert sorted(ids(cfg.out)) == sorted(server.calls) and len(server.calls) < 60
 
 
+def test_ctrl_c_while_a_reply_is_written_loses_nothing(tmp_path, monkeypatch):
+    """Ctrl-C lands wherever the loop is, here in the middle of writing the first reply (not while it waits for the
+    next): that reply and every one on its way are written, nothing more is asked, and the run says it was
+    interrupted. A second Ctrl-C stops at once."""
+    sent = []
+    write = A.append_line
+
+    def write_with_ctrl_c(f, line):
+        if not sent:
+            sent.append(line)
+            os.kill(os.getpid(), signal.SIGINT)   # delivered to this (the main) thread before the write below
+        write(f, line)
+
+    monkeypatch.setattr(A, "append_line", write_with_ctrl_c)
+    cfg = config(tmp_path, None, make_records(60), concurrency=4)
+    before = signal.getsignal(signal.SIGINT)
+    with ChatServer(lambda i, n, body, headers: (200, {}, good_reply(i), 0.2)) as server:
+        stats = A.annotate(A.AnnotateConfig(**{**vars(cfg), "base_url": server.url}))
+    assert sent and stats["stopped"] == "interrupted"
+    assert sorted(ids(cfg.out)) == sorted(server.calls) and 1 < len(server.calls) < 60
+    assert signal.getsignal(signal.SIGINT) is before and stats["annotated"] == len(server.calls)
+    stats = {"stopped": None}
+    with pytest.raises(KeyboardInterrupt):
+        with A.ctrl_c_stops(threading.Event(), stats):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)                         # the first asks the loop to stop
+            assert stats["stopped"] == "interrupted"
+            os.kill(os.getpid(), signal.SIGINT)     # the second stops at once
+            time.sleep(1)
+
+
 # ----------------------------------------------------------------------------- replies and prompts
 @pytest.mark.parametrize("task", sorted(A.TEMPLATES))
 def test_demo_annotations_point_into_their_demo(task):
