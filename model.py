@@ -2,6 +2,7 @@
 probabilities (CAT §3.1) or the attention mass on causal tokens (CAT §4.2), KV-cache greedy
 generation, Hugging Face-layout loading and saving, and hand-written LoRA (Hu et al. 2021)."""
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -160,19 +161,32 @@ def autocast(device, dtype: str):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (B, H_kv, S, D) each."""
+    """Keys and values of the tokens seen so far, per layer: views (B, H_kv, S, D) of buffers that hold `size`
+    positions, allocated at the first update. A new token is written in place; growing the cache by torch.cat
+    instead copies all of it, every layer, at every token (64 rows at 500 positions: more bytes than the weights)."""
 
-    def __init__(self):
-        self.keys, self.values = {}, {}
+    def __init__(self, size: int):
+        self.size, self.filled, self.keys, self.values = size, {}, {}, {}
 
     def length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self.filled.get(0, 0)
 
     def update(self, layer: int, k, v):
-        if layer in self.keys:
-            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        start, T = self.filled.get(layer, 0), k.shape[2]
+        if start + T > self.size:
+            raise ValueError(f"KVCache: {start + T} positions do not fit in its size {self.size}; make it larger")
+        if layer not in self.keys:
+            shape = (k.shape[0], k.shape[1], self.size, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        self.keys[layer][:, :, start:start + T] = k
+        self.values[layer][:, :, start:start + T] = v
+        self.filled[layer] = start + T
+        return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
+
+    def keep(self, rows):
+        """Only these batch rows (a bool mask or indices) from now on."""
+        for layer in self.keys:
+            self.keys[layer], self.values[layer] = self.keys[layer][rows], self.values[layer][rows]
 
 
 def _row_visibility(rows, visible, S: int):
@@ -340,9 +354,33 @@ class Transformer(nn.Module):
                            causal_mass=causal_mass, cache=cache)
 
 
+@contextlib.contextmanager
+def linear_weights_in(model: nn.Module, dtype: torch.dtype | None):
+    """For the block, every linear layer's float32 weight and bias held in `dtype`, cast once: the numbers that
+    autocast multiplies, without autocast's cast at every call. (Autocast keeps its cast copy only of a weight
+    that requires grad, and not under inference_mode: decoding would cast the whole model again for each new
+    token, half of a CPU decoding step.) A tied lm_head is untied for the block only. dtype None: no change."""
+    swapped = []
+    for module in model.modules() if dtype is not None else []:
+        if isinstance(module, nn.Linear):
+            for name in ("weight", "bias"):
+                value = getattr(module, name)
+                if value is not None and value.dtype == torch.float32:
+                    swapped.append((module, name, value))
+                    setattr(module, name, nn.Parameter(value.detach().to(dtype), requires_grad=False))
+    try:
+        yield
+    finally:
+        for module, name, value in swapped:
+            setattr(module, name, value)
+
+
 @torch.inference_mode()   # no autograd bookkeeping at all while decoding
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """Greedy decoding of a batch, left-padded, with a KV cache. Returns each prompt's new tokens, EOS excluded."""
+    """Greedy decoding of a batch, left-padded, with a KV cache. Returns each prompt's new tokens, EOS excluded.
+    Rows that have emitted EOS leave the batch once they are a quarter of it: the answers still being written
+    then decode at the cost of their own number, not the batch's, and the cache is copied a few times, not at
+    every finish. (One worked solution that never ends would otherwise keep all 64 rows decoding to the end.)"""
     if not all(prompts):
         raise ValueError("generate: every prompt needs at least one token (prepend BOS to an empty text)")
     device = next(model.parameters()).device
@@ -350,21 +388,29 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)     # (B, T)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, T)
     eos = torch.tensor(eos_ids, device=device)
+    cache = KVCache(longest + max_new_tokens)
+    new = torch.full((len(prompts), max_new_tokens), pad_id, device=device)  # (B, max_new_tokens)
+    rows = torch.arange(len(prompts), device=device)                          # (b,) the prompts still decoding
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)         # (b,) emitted EOS
     was_training = model.training
     model.eval()
-    cache, done, new = KVCache(), torch.zeros(len(prompts), dtype=torch.bool, device=device), []
-    logits = model(ids, mask, cache=cache, last_only=True).logits
-    for _ in range(max_new_tokens):
-        token = torch.where(done, pad_id, logits[:, -1].argmax(-1))           # (B,)
-        new.append(token)
-        done |= torch.isin(token, eos)
-        if done.all():
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(token[:, None], mask, cache=cache, last_only=True).logits
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    with linear_weights_in(model, autocast_dtype):
+        logits = model(ids, mask, cache=cache, last_only=True).logits
+        for step in range(max_new_tokens):
+            token = torch.where(done, pad_id, logits[:, -1].argmax(-1))       # (b,)
+            new[rows, step] = token
+            done |= torch.isin(token, eos)
+            if done.all():
+                break
+            if 4 * done.sum() >= len(done):     # a quarter of the batch has finished: those rows leave it
+                going = ~done
+                rows, token, mask, done = rows[going], token[going], mask[going], done[going]
+                cache.keep(going)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(token[:, None], mask, cache=cache, last_only=True).logits
     model.train(was_training)
-    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
-    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in new.tolist()]
 
 
 def _read_json(path: Path) -> dict:

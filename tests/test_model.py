@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (KVCache, ModelArgs, Tokenizer, Transformer, generate, load_model, save_model)
+from model import (KVCache, ModelArgs, Tokenizer, Transformer, generate, linear_weights_in, load_model,
+                   save_model)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation (test-only)")
 
@@ -137,6 +138,52 @@ def test_kv_cache_generation_matches_recomputation_and_left_padding():
         assert got == generate(model, [prompt], 10, eos, pad_id=0)[0], prompt
 
 
+def test_rows_that_finish_leave_the_batch_without_changing_any_answer():
+    """Eight prompts of different lengths whose rows stop at different steps: the finished rows leave the batch
+    (a quarter at a time) and the cache with them, and every row still gets the tokens it gets alone."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_hf_config(dict(SMALL, architectures=["LlamaForCausalLM"]))).eval()
+    prompts = [list(range(7 + i, 7 + i + n)) for i, n in enumerate([3, 9, 1, 5, 12, 2, 7, 4])]
+    free = generate(model, prompts, 12, eos_ids=[-1], pad_id=0)
+    eos = sorted({free[0][2], free[3][5], free[6][8]})       # three tokens that some rows write early, some late
+    batched = generate(model, prompts, 12, eos, pad_id=0)
+    lengths = [len(row) for row in batched]
+    assert len(set(lengths)) >= 3 and max(lengths) == 12, lengths    # rows leave at several steps, some run on
+    for prompt, row, got in zip(prompts, free, batched):
+        expected = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+        assert got == expected == generate(model, [prompt], 12, eos, pad_id=0)[0], prompt
+
+
+def test_linear_weights_cast_once_give_autocasts_numbers_and_come_back():
+    """Decoding under bf16 autocast holds the linear weights in bf16 for the block: the logits are autocast's to the
+    bit, and afterwards every weight is its float32 self again, the tied lm_head tied again."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_hf_config(dict(SMALL, architectures=["Qwen2ForCausalLM"],
+                                                      tie_word_embeddings=True))).eval()
+    before = {name: p for name, p in model.named_parameters()}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(ids).logits
+        with linear_weights_in(model, torch.bfloat16):
+            assert model.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+            assert model.model.embed_tokens.weight.dtype == torch.float32     # embeddings and norms are not cast
+            got = model(ids).logits
+    assert torch.equal(got, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(model, [[5, 17, 99, 3], [11, 12]], 4, [-1], 0)                    # decodes inside such a block
+    assert {name: p for name, p in model.named_parameters()} == before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_cache_too_small_says_so():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_hf_config(dict(SMALL, architectures=["LlamaForCausalLM"]))).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="do not fit in its size 4"):
+        model(torch.randint(0, 256, (1, 5)), cache=KVCache(4))
+
+
 def test_cache_step_equals_full_forward():
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_hf_config(dict(SMALL, architectures=["Qwen2ForCausalLM"]))).eval()
@@ -144,7 +191,7 @@ def test_cache_step_equals_full_forward():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])  # first row left-padded
     with torch.no_grad():
         full = model(ids, mask).logits
-        cache = KVCache()
+        cache = KVCache(9)
         model(ids[:, :6], mask[:, :6], cache=cache)
         step = model(ids[:, 6:], mask, cache=cache).logits
     torch.testing.assert_close(step, full[:, 6:], atol=1e-5, rtol=0)
