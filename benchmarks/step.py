@@ -233,7 +233,7 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
     ours, tok = build(cfg, cfg.device)
     with tempfile.TemporaryDirectory() as folder:   # the same weights for both, through the HF layout
         M.save_model(ours, tok, folder)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                attn_implementation="sdpa").to(cfg.device)
     precision = M.precision(cfg.device, cfg.dtype)
     same, plain = M.autocast(cfg.device, precision), M.autocast(cfg.device, "float32")

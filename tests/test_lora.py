@@ -118,6 +118,8 @@ def test_adapter_with_wrong_rank_is_refused(tmp_path):
         load_adapter(tiny_model(), tmp_path / "adapter")
 
 
+# PEFT calls transformers' deprecated is_gradient_checkpointing (their interplay, not this project's code)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_adapter_matches_peft(tmp_path, byte_bpe):
     transformers = pytest.importorskip("transformers", reason="transformers is the base model of the oracle")
     peft = pytest.importorskip("peft", reason="PEFT is the reference LoRA implementation (test-only)")
