@@ -82,6 +82,11 @@ def typeset(text: str) -> str:
     return text.replace("-", "−")
 
 
+def variant_label(st: str) -> str:
+    """A setting past the paper with what it is: "tgt-k2 (Eq. 10 over the answer's rows only)"."""
+    return f"{st} ({alpha_study.VARIANTS[alpha_study.variant_prefix(st)][1]})"
+
+
 def stg_table(d: dict) -> list[str]:
     """One data set of an α study: a row per setting (the paper's first, the attr-, in- and tgt- ones last), the
     setting chosen on val in bold, the majority baseline last."""
@@ -96,9 +101,8 @@ def stg_table(d: dict) -> list[str]:
         notes = [NOTES[st]] if st in NOTES else []
         if st == d["chosen"]:
             notes.append("chosen on val")
-        name = st + (f" ({'; '.join(notes)})" if notes else "")
-        if prefix := alpha_study.variant_prefix(st):
-            name = f"*{st} ({alpha_study.VARIANTS[prefix][1]})*"
+        name = f"*{variant_label(st)}*" if alpha_study.variant_prefix(st) else \
+            st + (f" ({'; '.join(notes)})" if notes else "")
         cells = [name, str(r["ood"]["n"]), "0" if st == "vanilla" else typeset(alpha_study.number(r["alpha"])),
                  *(typeset(alpha_study.pct(r.get(split))) for split in ("val", "iid", "ood")),
                  typeset(alpha_study.number(r["cn_end"])), typeset(alpha_study.difference(paired))]
@@ -213,11 +217,10 @@ def variant_rows(found: dict) -> list[str]:
                       key=lambda st: (list(alpha_study.VARIANTS).index(alpha_study.variant_prefix(st)), st))
     lines = []
     for st in variants:
-        what = alpha_study.VARIANTS[alpha_study.variant_prefix(st)][1]
         accuracy = [cell(d["rows"].get(st), split) for d, (*_, split) in zip(studies, COLUMNS)]
         paired = [alpha_study.difference(d["paired_by_split"].get(st, {}).get(split)) if st in d["rows"] else "—"
                   for d, (*_, split) in zip(studies, COLUMNS)]
-        lines += [f"| *ours, past the paper: {st} ({what})* | " + " | ".join(accuracy) + " |",
+        lines += [f"| *ours, past the paper: {variant_label(st)}* | " + " | ".join(accuracy) + " |",
                   f"| *ours: {st} − Vanilla, paired (95 % CI)* | " + " | ".join(paired) + " |"]
     return lines
 
