@@ -398,7 +398,6 @@ def summarize(cfg: StudyConfig, out: Path) -> dict:
             "recall": recall_by_label(cfg, data, main, runs) if main else {},
             "paired_by_split": {st: {s: paired_difference(runs[st], runs["vanilla"], s) for s in splits if s != "val"}
                                 for st in rows if st != "vanilla"} if "vanilla" in runs else {}}
-    summary["machine"] = machine()
     saved = out / "study_config.json"
     summary["revision"] = json.loads(saved.read_text()).get("revision") if saved.exists() else None
     # revision / machine -> its runs (a run that recorded no revision: the study's)
@@ -444,7 +443,7 @@ def markdown(summary: dict) -> str:
              "Revision " + "; ".join(with_runs(rev, names) if len(revisions) > 1 else str(rev)
                                      for rev, names in revisions.items())
              + "; runs on " + ("; ".join(with_runs(m, n) for m, n in summary.get("machines", {}).items())
-                               or summary["machine"])
+                               or "—")
              + f", torch threads per run: {', '.join(summary.get('threads', [])) or '—'}"
              + ", precision: " + (", ".join(with_runs(dtype, n) for dtype, n in summary.get("precisions", {}).items())
                                   or "—")
