@@ -494,6 +494,22 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def name_points(ax, points: list[tuple[str, float, float]]) -> None:
+    """Each (name, x, y) written beside its point. Settings at close α crowd (k1.5, a0.6 and div-a0.6 near 0.6):
+    from the lowest up, a name that would overprint one already placed near the same x moves up a line, joined to
+    its point by a thin line."""
+    (x_lo, x_hi), (y_lo, y_hi) = ax.get_xlim(), ax.get_ylim()
+    line, near = 0.045 * (y_hi - y_lo), 0.1 * (x_hi - x_lo)
+    placed = []
+    for name, x, y in sorted(points, key=lambda point: point[2]):
+        at = y
+        while any(abs(px - x) < near and abs(py - at) < line for px, py in placed):
+            at += line
+        placed.append((x, at))
+        ax.annotate(name, (x, y), xytext=(x + 0.015 * (x_hi - x_lo), at), textcoords="data", fontsize=7,
+                    va="center", arrowprops=dict(arrowstyle="-", lw=0.5, color="gray") if at != y else None)
+
+
 def figure(summary: dict, out: Path) -> list[Path]:
     """Figure 4's layout per data set: accuracy against α (vanilla at 0), and the C/N at the end against α."""
     try:
@@ -510,7 +526,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         colors = dict(zip([s for s in d["splits"] if s != "val"], ("tab:blue", "tab:red", "tab:purple", "tab:orange",
                                                                     "tab:brown", "tab:olive")))
-        for n, (st, row) in enumerate(d["rows"].items()):
+        names = []    # (setting, α, accuracy on the main split): where each setting's name goes
+        for st, row in d["rows"].items():
             x = 0.0 if st == "vanilla" else row["alpha"]["mean"]
             marker = MARKERS.get(variant_prefix(st)) or ("s" if st.startswith("div") else "o")
             for split, color in colors.items():
@@ -518,12 +535,12 @@ def figure(summary: dict, out: Path) -> list[Path]:
                               color=color, capsize=3)
             right.errorbar(x, row["cn_end"]["mean"], yerr=row["cn_end"]["std"] or 0, fmt=marker, color="tab:green",
                            capsize=3)
-            left.annotate(st, (x, 100 * row[d["main_split"]]["mean"]), fontsize=7, xytext=(3, -10 - 8 * (n % 3)),
-                          textcoords="offset points")     # staggered: settings with close α do not overprint
+            names.append((st, x, 100 * row[d["main_split"]]["mean"]))
         for split, color in colors.items():
             left.axhline(100 * d["majority"][split], color=color, ls=":", lw=1)
             left.plot([], [], "o", color=color, label=split)
         left.plot([], [], ":", color="gray", label="majority baseline")
+        name_points(left, names)
         shown = [prefix for prefix in VARIANTS if cn_key(prefix) in d]     # the variants with runs
         left.set(xlabel="α (vanilla at 0; squares: the authors' div loss"
                  + "".join(f";\n{MARKER_NAMES[p]}: {VARIANTS[p][1]}" for p in shown) + ")",

@@ -490,6 +490,24 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
         assert paths == [folder / "figure4_stg_s.png"] and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_names_of_settings_at_close_alpha_do_not_overprint():
+    plt = pytest.importorskip("matplotlib.pyplot", reason="matplotlib draws Figure 4 (an optional extra)")
+    fig, ax = plt.subplots()
+    ax.set(xlim=(-0.1, 3.0), ylim=(60, 95))
+    points = [("k1.5", 0.53, 65.6), ("a0.6", 0.60, 64.6), ("div-a0.6", 0.61, 65.9), ("k2", 0.70, 63.8),
+              ("k3", 1.05, 67.2), ("vanilla", 0.0, 62.3)]
+    alpha_study().name_points(ax, points)
+    at = {text.get_text(): text.xyann for text in ax.texts}      # where each name is written (data coordinates)
+    assert set(at) == {name for name, *_ in points}
+    line = 0.045 * 35
+    for a, (xa, ya) in at.items():
+        for b, (xb, yb) in at.items():
+            if a < b and abs(xa - xb) < 0.1 * 3.1:
+                assert abs(ya - yb) >= line - 1e-9, (a, b)          # a line apart where α is close
+    assert at["vanilla"][1] == 62.3 and at["k3"][1] == 67.2            # a name with room stays at its point
+    plt.close(fig)
+
+
 def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
     study = alpha_study()
     run = tmp_path / "out" / "stg_s-k2-s42"
