@@ -361,14 +361,15 @@ def linear_weights_in(model: nn.Module, dtype: torch.dtype | None):
     that requires grad, and not under inference_mode: decoding would cast the whole model again for each new
     token, half of a CPU decoding step.) A tied lm_head is untied for the block only. dtype None: no change."""
     swapped = []
-    for module in model.modules() if dtype is not None else []:
-        if isinstance(module, nn.Linear):
-            for name in ("weight", "bias"):
-                value = getattr(module, name)
-                if value is not None and value.dtype == torch.float32:
-                    swapped.append((module, name, value))
-                    setattr(module, name, nn.Parameter(value.detach().to(dtype), requires_grad=False))
-    try:
+    try:       # a cast that fails halfway (out of memory) still puts back the ones done
+        for module in model.modules() if dtype is not None else []:
+            if isinstance(module, nn.Linear):
+                for name in ("weight", "bias"):
+                    value = getattr(module, name)
+                    if value is not None and value.dtype == torch.float32:
+                        cast = nn.Parameter(value.detach().to(dtype), requires_grad=False)
+                        swapped.append((module, name, value))
+                        setattr(module, name, cast)
         yield
     finally:
         for module, name, value in swapped:
@@ -401,7 +402,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             token = torch.where(done, pad_id, logits[:, -1].argmax(-1))       # (b,)
             new[rows, step] = token
             done |= torch.isin(token, eos)
-            if done.all():
+            if done.all() or step == max_new_tokens - 1:    # no forward pass for logits nobody reads
                 break
             if 4 * done.sum() >= len(done):     # a quarter of the batch has finished: those rows leave it
                 going = ~done

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (KVCache, ModelArgs, Tokenizer, Transformer, generate, linear_weights_in, load_model,
-                   save_model)
+from model import (KVCache, LoRAConfig, ModelArgs, Tokenizer, Transformer, apply_lora, generate, linear_weights_in,
+                   load_model, save_model)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation (test-only)")
 
@@ -175,6 +175,25 @@ def test_linear_weights_cast_once_give_autocasts_numbers_and_come_back():
     assert {name: p for name, p in model.named_parameters()} == before
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_decoding_holds_bf16_weights_and_puts_them_back_after_an_error():
+    torch.manual_seed(0)
+    model = apply_lora(Transformer(ModelArgs.from_hf_config(dict(SMALL, architectures=["LlamaForCausalLM"]))),
+                       LoRAConfig(r=4, target_modules=("q_proj", "v_proj"))).eval()
+    before = {name: p for name, p in model.named_parameters()}
+    seen = []
+    lora = model.model.layers[0].self_attn.q_proj
+    hook = lora.lora_A.register_forward_hook(lambda module, *_: seen.append(module.weight.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(model, [[5, 17, 99, 3]], 3, [-1], 0)
+    hook.remove()
+    assert seen == [torch.bfloat16] * 3 and lora.base_layer.weight.dtype == torch.float32   # cast for the call only
+    with pytest.raises(RuntimeError, match="stopped"), linear_weights_in(model, torch.bfloat16):
+        assert lora.base_layer.weight.dtype == torch.bfloat16
+        raise RuntimeError("stopped")
+    assert {name: p for name, p in model.named_parameters()} == before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_a_cache_too_small_says_so():
