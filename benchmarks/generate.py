@@ -107,9 +107,9 @@ def main(argv=None) -> dict:
                 if name not in params:
                     raise stg.InputError(f"{cfg.weights}: tensor {name} is not a weight of {cfg.model}")
                 params[name].copy_(value)
-    records = sorted(stg.read_records(Path(cfg.data))[:cfg.prompts],
-                     key=lambda r: len(E.prompt_ids(tokenizer, r["input"])))
-    prompts = [E.prompt_ids(tokenizer, r["input"]) for r in records]
+    records = stg.read_records(Path(cfg.data))[:cfg.prompts]
+    encoded = sorted(((E.prompt_ids(tokenizer, r["input"]), r) for r in records), key=lambda pair: len(pair[0]))
+    prompts, records = [ids for ids, _ in encoded], [r for _, r in encoded]
     task = stg.guess_task(Path(cfg.data).stem)
     ours, plain, seconds = [], [], {"generate": 0.0, "plain": 0.0}
     with M.autocast(cfg.device, precision):
