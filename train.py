@@ -410,15 +410,24 @@ def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
     else:
-        params = dict(unwrap(model).named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        put_weights(model, weights, folder / "trainable.safetensors")
         optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"]
+
+
+def put_weights(model, weights: dict, source) -> None:
+    """Copy a checkpoint's trainable weights (name -> tensor) into the model's parameters of those names."""
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in params or params[name].shape != value.shape:
+                found = f"shape {tuple(params[name].shape)}" if name in params else "no such parameter"
+                raise stg.InputError(f"{source}: tensor {name} {tuple(value.shape)} does not fit the model ({found}); "
+                                     "load it over the model it was trained from")
+            params[name].copy_(value)
 
 
 def unwrap(model):

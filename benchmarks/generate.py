@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
 import stg  # noqa: E402
+import train  # noqa: E402
 
 
 @dataclass
@@ -101,12 +102,7 @@ def main(argv=None) -> dict:
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     model, tokenizer = M.load_model(cfg.model, dtype=weights, device=cfg.device)
     if cfg.weights:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(cfg.weights).items():
-                if name not in params:
-                    raise stg.InputError(f"{cfg.weights}: tensor {name} is not a weight of {cfg.model}")
-                params[name].copy_(value)
+        train.put_weights(model, load_file(cfg.weights), cfg.weights)
     records = stg.read_records(Path(cfg.data))[:cfg.prompts]
     encoded = sorted(((E.prompt_ids(tokenizer, r["input"]), r) for r in records), key=lambda pair: len(pair[0]))
     prompts, records = [ids for ids, _ in encoded], [r for _, r in encoded]

@@ -1,14 +1,20 @@
 """benchmarks/step.py: the CPU run end to end (workers in subprocesses), and its packed CAT batch against
-train.collate of each record alone. No timing is asserted: only that the three variants computed the same step."""
+train.collate of each record alone. benchmarks/generate.py: its plain loop against model.generate, and a run end to
+end. No timing is asserted: only that the variants computed the same thing."""
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import save_file
 
+import model as M
+import stg
 import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import generate as decoding  # noqa: E402  (benchmarks/generate.py)
 import step  # noqa: E402
 
 
@@ -61,3 +67,53 @@ def test_packed_batch_is_collate_of_each_record_placed_side_by_side():
     first = step.packed_batch(tok, 2, T, "first", 42).cat_mask
     n0 = len(examples[0].ids)
     assert torch.equal(first[0, :n0, :n0], mask[0, :n0, :n0]) and not first[0, n0:].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/generate.py: its plain loop is the reference that model.generate is timed against
+
+
+def tiny_decoder(seed: int, vocab_size: int, dtype=torch.float64) -> M.Transformer:
+    torch.manual_seed(seed)
+    args = M.ModelArgs(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                       hidden_dim=64)
+    return M.Transformer(args).to(dtype).eval()
+
+
+def test_plain_loop_answers_as_model_generate_does():
+    """The baseline keeps every row to the end and grows its cache by torch.cat; rows that write EOS at different
+    steps still get model.generate's tokens (float64: batch shapes cannot flip an argmax)."""
+    model = tiny_decoder(0, 256)
+    prompts = [list(range(7 + i, 7 + i + n)) for i, n in enumerate([3, 9, 1, 5, 12, 2, 7, 4])]
+    free = M.generate(model, prompts, 12, eos_ids=[-1], pad_id=0)
+    eos = sorted({free[0][2], free[3][5], free[6][8]})       # tokens that some rows write early, some late
+    ours = M.generate(model, prompts, 12, eos, pad_id=0)
+    assert len({len(row) for row in ours}) >= 3, "rows should end at several steps"
+    assert decoding.plain_generate(model, prompts, 12, eos, pad_id=0) == ours
+
+
+def test_decoding_benchmark_runs_end_to_end_and_refuses_weights_of_another_model(tmp_path, byte_bpe):
+    """A tiny model folder, four records named as GSM8K's test file, full weights put over the model: both loops
+    run every batch and the report holds what the README quotes."""
+    tok = M.Tokenizer(byte_bpe, bos_id=byte_bpe.token_to_id("<s>"), eos_ids=[byte_bpe.token_to_id("</s>")],
+                      pad_id=byte_bpe.token_to_id("</s>"))
+    folder = tmp_path / "tiny"
+    M.save_model(tiny_decoder(0, byte_bpe.get_vocab_size(), torch.float32), tok, folder)
+    weights = tmp_path / "trainable.safetensors"
+    save_file({n: p.contiguous() for n, p in tiny_decoder(1, byte_bpe.get_vocab_size(),
+                                                          torch.float32).named_parameters()}, str(weights))
+    data = tmp_path / "gsm8k_test.jsonl"
+    stg.write_jsonl(data, [{"input": f"Tom has {n} apples and buys {n + 2}. How many now?",
+                            "target": f"{n} + {n + 2} = {2 * n + 2}\n#### {2 * n + 2}"} for n in range(1, 5)])
+    out = tmp_path / "report.json"
+    args = ["--model", str(folder), "--data", str(data), "--prompts", "3", "--batch", "2", "--max-new-tokens", "5",
+            "--dtype", "float32", "--threads", "1", "--out", str(out)]
+    figures = decoding.main(args + ["--weights", str(weights)])
+    assert json.loads(out.read_text()) == figures
+    assert figures["prompts"] == 3 and figures["task"] == "gsm8k" and figures["precision"] == "float32"
+    assert figures["seconds"]["generate"] > 0 and figures["seconds"]["plain"] > 0
+    assert 0 <= figures["answers_differ"] <= 3 and figures["new_tokens"]["max"] <= 5
+    bad = tmp_path / "other.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, str(bad))
+    with pytest.raises(stg.InputError, match=r"other\.safetensors: tensor model\.layers\.0\.mlp\.up_proj\.weight"):
+        decoding.main(args + ["--weights", str(bad)])
