@@ -53,7 +53,8 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------
 # Answer checkers: each returns (the answer it read from the output or None, whether it is right)
 
-NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # "1,093", "43.0", "-7", ".5"
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|-?\.\d+")  # "1,093", "43.0", "-7", ".5";
+# "1,1500" is not a thousands grouping: its number is 1
 OPTION = re.compile(r"^([A-E1-9])\. (.+)$", re.MULTILINE)              # "B. breathing mask" in ARC-E inputs
 
 
@@ -63,16 +64,21 @@ def _first_line(text: str) -> str:
 
 def _answer_text(text: str) -> str:
     """The part after the first "#### " (GSM8K's answer mark) if any, else the text; first line, without a leading
-    "Answer:" (the authors' MAWPS targets are "Answer: 84.0"), "$", thousands commas and a unit in brackets
-    ("6 (bags)" -> "6")."""
+    "Answer:" (the authors' MAWPS targets are "Answer: 84.0"), "$" and a unit in brackets ("6 (bags)" -> "6")."""
     if "#### " in text:
         text = text.split("#### ", 1)[1]
     line = re.sub(r"^answer\s*:\s*", "", _first_line(text), flags=re.IGNORECASE)
-    line = re.sub(r"\s*\([^)]*\)", "", line.replace("$", ""))
-    return re.sub(r"(?<=\d),(?=\d{3})", "", line).strip()
+    return re.sub(r"\s*\([^)]*\)", "", line.replace("$", "")).strip()
+
+
+def _number(match: re.Match) -> str:
+    """A NUMBER match without its thousands commas: "1,093" -> "1093". The commas go only here, inside a number that
+    NUMBER read whole: a text such as "1,1,150" is the number 1, never 1,1150 (nor a crash on "1,115")."""
+    return match.group().replace(",", "")
 
 
 def _close(a: str, b: str) -> bool:
+    """Two numbers without commas, equal within a relative 1e-4."""
     return abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b)))
 
 
@@ -89,32 +95,33 @@ def check_stg_h(prediction: str, target: str, question: str = "") -> tuple[str |
     match = NUMBER.search(prediction)
     if match is None:
         return None, False
-    answer = match.group().replace(",", "")
+    answer = _number(match)
     return answer, float(answer) == float(target)
 
 
 def check_numeric(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
     """MAWPS, SVAMP, ASDiv: the answer is the text after the first "#### " when the output has one (a model
-    trained on GSM8K, Table 2's out-of-domain columns), else the output's first line, without "$", thousands
-    commas and a unit in brackets. A numeric target ("43.0", "6 (bags)") is matched by the FIRST number of that
-    answer within a relative 1e-4 ("41 more, so 43" is 41: wrong); a target that is not one number ("2:13",
-    "12:50") must equal the answer's text."""
+    trained on GSM8K, Table 2's out-of-domain columns), else the output's first line, without "$" and a unit in
+    brackets. A numeric target ("43.0", "6 (bags)") is matched by the FIRST number of that answer within a relative
+    1e-4 ("41 more, so 43" is 41: wrong; "1,093" is 1093); a target that is not one number ("2:13", "12:50") must
+    equal the answer's text."""
     answer, wanted = _answer_text(prediction), _answer_text(target)
-    if NUMBER.fullmatch(wanted) is None:
+    whole = NUMBER.fullmatch(wanted)
+    if whole is None:
         return answer, answer.rstrip(".").lower() == wanted.rstrip(".").lower()
     match = NUMBER.search(answer)
     if match is None:
         return None, False
-    return match.group(), _close(match.group(), wanted)
+    return _number(match), _close(_number(match), _number(whole))
 
 
 def repeats_a_number(question: str, answer: str | None) -> bool:
     """Whether a numeric answer (a checker's "5.0", or a target such as "Answer: 5.0") equals a number written in
     the question, sign aside ("10-2" holds 2): what a model answers when it copies an operand instead of computing.
     An answer that is not one number ("2:13") repeats nothing."""
-    answer = _answer_text(answer or "")
-    return NUMBER.fullmatch(answer) is not None and any(
-        _close(answer.lstrip("-"), number.replace(",", "").lstrip("-")) for number in NUMBER.findall(question))
+    whole = NUMBER.fullmatch(_answer_text(answer or ""))
+    return whole is not None and any(_close(_number(whole).lstrip("-"), _number(number).lstrip("-"))
+                                     for number in NUMBER.finditer(question))
 
 
 def check_gsm8k(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:
@@ -127,7 +134,7 @@ def check_gsm8k(prediction: str, target: str, question: str = "") -> tuple[str |
     match = NUMBER.match(_answer_text(prediction)) if "#### " in prediction else None
     if match is None:
         return None, False
-    return match.group(), _close(match.group(), wanted.group())
+    return _number(match), _close(_number(match), _number(wanted))
 
 
 def check_arc_e(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:

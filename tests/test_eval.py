@@ -55,10 +55,16 @@ CASES = [
     ("asdiv", "42 / 7 = 6 bags.\n#### 6", "6 (bags)", "", "6", True),   # a GSM8K-trained model (Table 2, †)
     ("asdiv", "Each bag holds 7.\n#### 5", "6 (bags)", "", "5", False),
     ("asdiv", "Each bag holds 7, so 6 bags", "6 (bags)", "", "7", False),
+    ("asdiv", "#### 1,150", "1150 (dollars)", "", "1150", True),
+    ("asdiv", "#### 1,1,150", "1150 (dollars)", "", "1", False),  # malformed: the number NUMBER reads whole is 1
+    ("asdiv", "#### 2,1,150 apples", "1115", "", "2", False),     # never "2,1150", read as 2,115 (once a crash)
+    ("mawps", "Answer: 1,1500", "Answer: 1150.0", "", "1", False),   # not a thousands grouping: 1
     ("gsm8k", GSM_OUT, "72", "", "72", True),
     ("gsm8k", GSM_OUT, GSM_OUT, "", "72", True),              # target given as a full solution
     ("gsm8k", GSM_OUT.replace("#### 72", "#### 72.0"), "72", "", "72.0", True),
     ("gsm8k", "#### 70,000", "70000", "", "70000", True),
+    ("gsm8k", "#### 70,000", "#### 70,000", "", "70000", True),   # a target with commas too
+    ("gsm8k", "#### 1,2400", "12400", "", "1", False),
     ("gsm8k", "#### $18", "18", "", "18", True),
     ("gsm8k", GSM_OUT.split("\n####")[0], "72", "", None, False),  # 72 is in it, but no "#### "
     ("gsm8k", "She makes 9 * 2 = $18 a day.\n#### 9", "18", "", "9", False),
