@@ -69,6 +69,9 @@ class TrainConfig:
     weight_decay: float = 0.0        # AdamW weight decay
     max_grad_norm: float = 1.0       # gradient clipping
     max_len: int = 1024              # longer records are skipped (and counted)
+    pad_multiple: int = 16           # a batch's length rounded up to a multiple of this: few distinct matmul shapes,
+                                     # so the CPU's oneDNN caches (an entry kept per shape, under bf16 1-2 MB each)
+                                     # stop growing; 1 = none. The losses do not change: pads sit after every token
     val_frac: float = 0.0            # carve this share of the training file out as a validation split (choose α on it)
     seed: int = 42                   # data order, initialisation, dropout
     device: str = "auto"             # auto | cpu | cuda
@@ -212,9 +215,10 @@ class Batch:
                                    rows=cat.CausalRows(*map(move, self.rows)))
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-pad a micro-batch; the loss positions and the CAT rows with their counts are found here, on the CPU."""
-    B, T = len(examples), max(len(ex.ids) for ex in examples)
+def collate(examples: list[Example], pad_id: int, multiple: int = 1) -> Batch:
+    """Right-pad a micro-batch to a length that is a multiple of `multiple`; the loss positions and the CAT rows with
+    their counts are found here, on the CPU."""
+    B, T = len(examples), -(-max(len(ex.ids) for ex in examples) // multiple) * multiple
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
     cat_mask = torch.zeros(B, T, T, dtype=torch.bool)
@@ -635,6 +639,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     if cfg.resume:
         check_run_folder(cfg, Path(cfg.resume))
         saved = json.loads((Path(cfg.resume) / "train_config.json").read_text())
+        saved.setdefault("pad_multiple", 1)   # a run started before batches were padded keeps its batch shapes
         cfg = TrainConfig(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
     validate(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -728,7 +733,7 @@ def train_step(run: Run, step: int) -> dict:
     logged = torch.zeros(4, device=run.device)   # L_next, L_attn, Σ C/N and the rows it is summed over
     for c, chunk in enumerate(chunks):
         weight = 1.0 if chunk else 0.0   # a rank short of records still joins every collective, with weight zero
-        mb = collate(chunk or batch[:1], run.tok.pad_id).to(run.device)
+        mb = collate(chunk or batch[:1], run.tok.pad_id, cfg.pad_multiple).to(run.device)
         last = c == len(chunks) - 1
         if cfg.fsdp:   # gradients are reduced after the last micro-batch only
             model.set_requires_gradient_sync(last)

@@ -81,6 +81,34 @@ def test_fast_and_explicit_attention_give_the_same_losses_and_gradients(stg_file
         torch.testing.assert_close(g, grads["explicit"][1][name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("attn", ["fast", "explicit"])
+def test_a_batch_padded_to_a_multiple_gives_the_same_losses_and_gradients(stg_file, tmp_path, attn):
+    """--pad-multiple only appends pads after every sequence's last token: no real token sees them, L_next and L_attn
+    read no pad row, so the losses and gradients are those of the unpadded batch."""
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, attn=attn)
+    records = stg.read_records(stg_file)[:8]
+    train.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
+    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    model.eval()
+    examples = train.encode_all(records, tok, cfg)
+    longest = max(len(ex.ids) for ex in examples)
+    found = {}
+    for multiple in (1, 16, 64):
+        batch = train.collate(examples, tok.pad_id, multiple)
+        assert batch.ids.shape[1] % multiple == 0 and longest <= batch.ids.shape[1] < longest + multiple
+        model.zero_grad()
+        out = step_losses(model, batch, cfg)
+        (out.l_next + out.l_attn).backward()
+        found[multiple] = (out.l_next.item(), out.l_attn.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert found[1][1] > 0, "the hinge must be active, else its padding says nothing"
+    assert 64 - longest % 64 > 16, "the records' length should leave more than one pad block to 64"
+    for multiple in (16, 64):
+        assert found[multiple][0] == pytest.approx(found[1][0], rel=1e-6)
+        assert found[multiple][1] == pytest.approx(found[1][1], rel=1e-6)
+        for name, g in found[1][2].items():
+            torch.testing.assert_close(found[multiple][2][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_collate_masks_only_target_tokens_and_shifts_the_adjacency(stg_file, tmp_path):
     cfg = tiny_config(stg_file, tmp_path, alpha=1.0)
     records = stg.read_records(stg_file)[:2]
