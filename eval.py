@@ -112,7 +112,8 @@ def check_numeric(prediction: str, target: str, question: str = "") -> tuple[str
     match = NUMBER.search(answer)
     if match is None:
         return None, False
-    return _number(match), _close(_number(match), _number(whole))
+    answer = _number(match)
+    return answer, _close(answer, _number(whole))
 
 
 def repeats_a_number(question: str, answer: str | None) -> bool:
@@ -134,7 +135,8 @@ def check_gsm8k(prediction: str, target: str, question: str = "") -> tuple[str |
     match = NUMBER.match(_answer_text(prediction)) if "#### " in prediction else None
     if match is None:
         return None, False
-    return _number(match), _close(_number(match), _number(wanted))
+    answer = _number(match)
+    return answer, _close(answer, _number(wanted))
 
 
 def check_arc_e(prediction: str, target: str, question: str = "") -> tuple[str | None, bool]:

@@ -509,7 +509,7 @@ def method(cfg: TrainConfig) -> str:
 
 AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratch_dim": 1, "scratch_layers": 1,
             "scratch_heads": 1, "scratch_vocab": 300, "save_every": -1, "stop_after": 0, "eval_limit": 0,
-            "alpha": 0, "alpha_scale": 0, "weight_decay": 0, "epochs": 1}
+            "alpha": 0, "alpha_scale": 0, "weight_decay": 0, "epochs": 1, "pad_multiple": 1}
 POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
 FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
 CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": tuple(cat.ATTN_LOSSES),

@@ -99,7 +99,8 @@ def test_a_batch_padded_to_a_multiple_gives_the_same_losses_and_gradients(stg_fi
         model.zero_grad()
         out = step_losses(model, batch, cfg)
         (out.l_next + out.l_attn).backward()
-        found[multiple] = (out.l_next.item(), out.l_attn.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        found[multiple] = (out.l_next.item(), out.l_attn.item(), grads)
     assert found[1][1] > 0, "the hinge must be active, else its padding says nothing"
     assert 64 - longest % 64 > 16, "the records' length should leave more than one pad block to 64"
     for multiple in (16, 64):
