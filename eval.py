@@ -4,7 +4,10 @@ Table 1's layout from the results of several runs.
 
     python eval.py --model runs/<name> --data stg_s --attention
     python eval.py --compare runs/a runs/b --out table.md
+
+Stopped midway, the same command continues: each batch's answers are kept as they come (resume_point).
 """
+import hashlib
 import json
 import re
 import statistics
@@ -208,18 +211,42 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
 
 
-def generate_answers(model, tokenizer, prompts: list[list[int]], *, batch_size: int,
-                     max_new_tokens: int) -> list[list[int]]:
+def generate_answers(model, tokenizer, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int,
+                     done: dict[int, list[int]] | None = None, keep=None) -> list[list[int]]:
     """Greedy new tokens for each prompt (EOS excluded); prompts of similar length share a batch, results
-    come back in the prompts' order."""
+    come back in the prompts' order. done: {prompt index: new ids} of a stopped evaluation; a batch whose prompts
+    are all there is not decoded again. keep(indices, new ids) is called after each batch decoded."""
+    done = done or {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         batch = order[start:start + batch_size]
-        new = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
+        if all(i in done for i in batch):
+            new = [done[i] for i in batch]
+        else:
+            new = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
+            if keep is not None:
+                keep(batch, new)
         for i, ids in zip(batch, new):
             outputs[i] = ids
     return outputs
+
+
+def resume_point(path: Path, header: dict) -> dict[int, list[int]]:
+    """What a stopped evaluation of one split kept in `path` (predictions_<data>_<split>.partial.jsonl): the first
+    line is the header that names the weights, the prompts and the decoding settings, then one line per batch
+    decoded. With the same header here, {prompt index: new ids}; otherwise the file is started again."""
+    if path.exists():
+        lines = stg.complete_lines(path)        # a kill during a write leaves a last line that is dropped
+        if lines and json.loads(lines[0]) == header:
+            done = {}
+            for line in lines[1:]:
+                batch = json.loads(line)
+                done.update(zip(batch["indices"], batch["new_ids"]))
+            print(f"{path}: continuing a stopped evaluation, {len(done)} answers kept")
+            return done
+    stg.write_text(path, json.dumps(header) + "\n")
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,10 +416,22 @@ def score(task: str, rows: list[dict]) -> dict:
 
 
 def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size: int,
-                max_new_tokens: int) -> list[dict]:
-    """One row per record: input, target, the raw output, the answer the task's checker read, correct."""
-    new = generate_answers(model, tokenizer, [prompt_ids(tokenizer, r["input"]) for r in records],
-                           batch_size=batch_size, max_new_tokens=max_new_tokens)
+                max_new_tokens: int, partial: Path | None = None, weights: str | None = None) -> list[dict]:
+    """One row per record: input, target, the raw output, the answer the task's checker read, correct. With
+    partial and weights (a name of the weights that changes when they do, weights_key), each batch's new ids are
+    appended to the file `partial` as they come, and a run stopped midway continues from them (resume_point)."""
+    prompts = [prompt_ids(tokenizer, r["input"]) for r in records]
+    done, keep = {}, None
+    if partial is not None and weights is not None:
+        header = {"weights": weights, "task": task, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                  "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+        done = resume_point(partial, header)
+
+        def keep(indices, new_ids):
+            with open(partial, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"indices": indices, "new_ids": new_ids}) + "\n")
+    new = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           done=done, keep=keep)
     rows = []
     for record, ids in zip(records, new):
         output = tokenizer.decode(ids)
@@ -402,20 +441,34 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
     return rows
 
 
+def weights_key(*files) -> str:
+    """A name for the weights in these files that changes when any is written again: each one's path, size and
+    modification time (reading gigabytes to hash them would cost more than a short evaluation)."""
+    stats = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
+
+
 def predictions_path(out_dir: Path, name: str, split: str) -> Path:
     """Where evaluate writes one split's rows: predictions_<data>_<split>.jsonl (both names may hold "_")."""
     return Path(out_dir) / f"predictions_{name}_{split}.jsonl"
 
 
+def partial_path(out_dir: Path, name: str, split: str) -> Path:
+    """Where evaluate keeps one split's answers while it runs (resume_point)."""
+    return Path(out_dir) / f"predictions_{name}_{split}.partial.jsonl"
+
+
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
              out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto",
-             max_len: int | None = None, task: str | None = None) -> dict:
+             max_len: int | None = None, task: str | None = None, weights: str | None = None) -> dict:
     """Accuracy on every test split of `data`: {split: {"accuracy", "n", ...}}, each split checked by `task` or
     else by its own file's task (split_task). With out_dir, writes
     predictions_<data>_<split>.jsonl and merges {data.name: result} into out_dir/results.json; with
     attention (STG only), adds the per-kind attention numbers and draws the two pictures. dtype: the compute
     precision (model.precision), as in training. max_len: records whose prompt and max_new_tokens do not fit are
-    skipped and counted (result "skipped_too_long"), as training skips them."""
+    skipped and counted (result "skipped_too_long"), as training skips them. weights (weights_key), with out_dir:
+    each split's answers are kept as they come in predictions_<data>_<split>.partial.jsonl, so that an evaluation
+    stopped midway continues where it stopped when called again with the same weights; removed at the end."""
     if attention and data.task not in stg.FACTORS:
         raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
@@ -439,8 +492,9 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
             if not records:
                 raise stg.InputError(f"{path}: no prompt fits in {max_len} tokens (--max-len)")
             checker = task or split_task(data, split)
+            partial = partial_path(out_dir, data.name, split) if out_dir is not None else None
             rows = answer_rows(model, tokenizer, records, checker, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, partial=partial, weights=weights)
             results[split] = {**score(checker, rows), **({"skipped_too_long": skipped} if skipped else {})}
             if attention:  # the example drawn is the last split's first record: OOD for STG, where the trap shows
                 numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
@@ -458,6 +512,8 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
         stg.write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
         if attention:
             plot_attention(numbers, example, out_dir, data.name)
+        for split in data.tests:   # kept until every split is done: a split finished before a stop is not redone
+            partial_path(out_dir, data.name, split).unlink(missing_ok=True)
     return results
 
 
@@ -549,7 +605,7 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def check_model_folder(model: str) -> None:
-    """A run folder that training has not finished is refused with what to do (a missing path: model._resolve)."""
+    """A run folder that training has not finished is refused with what to do (a missing path: model.resolve)."""
     path = Path(model)
     if (path / "checkpoint" / "state.pt").exists() and not (path / "model.safetensors").exists() \
             and not (path / "adapter_config.json").exists():
@@ -570,13 +626,16 @@ def main(argv=None) -> None:
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=weights, device=cfg.device)
+    folder = M.resolve(cfg.model)
+    key = weights_key(*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin"))
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if cfg.task:
         data = replace(data, task=cfg.task)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)
     results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision,
-                       max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"), task=cfg.task)
+                       max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"), task=cfg.task,
+                       weights=key)
     print(format_results(data.name, results))
     print(f"results in {out_dir / 'results.json'}, predictions in {out_dir}/predictions_{data.name}_*.jsonl")
 

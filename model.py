@@ -499,7 +499,7 @@ def _check_tensors(expected: dict, found: dict, source, optional=()) -> None:
             raise ValueError(f"{source}: missing tensor {name}, expected shape {tuple(expected[name])}")
 
 
-def _resolve(name_or_path: str) -> Path:
+def resolve(name_or_path: str) -> Path:
     """An alias, a local folder or a hub id -> a local folder."""
     name = ALIASES.get(name_or_path, name_or_path)
     if Path(name).is_dir():
@@ -552,13 +552,13 @@ def _read_weights(folder: Path, device) -> dict:
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
     """The tokenizer of an alias, a local folder or a hub id, without its weights."""
-    return Tokenizer.from_dir(_resolve(name_or_path))
+    return Tokenizer.from_dir(resolve(name_or_path))
 
 
 def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     """An alias, a local folder or a hub id; a folder with adapter_config.json is its base model plus the adapter,
     merged."""
-    folder = _resolve(name_or_path)
+    folder = resolve(name_or_path)
     if (folder / "adapter_config.json").exists():
         base = _read_json(folder / "adapter_config.json")["base_model_name_or_path"]
         model, tokenizer = load_model(base, dtype, device)

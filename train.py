@@ -607,6 +607,7 @@ class Run:
     autocast: object                 # the compute precision's autocast context (model.autocast)
     steps_per_epoch: int
     total: int                       # optimiser steps of the whole run
+    saved_step: int = -1             # the step of the checkpoint on disk (-1: none yet)
 
 
 def row_counts(examples: list[Example]) -> dict:
@@ -706,6 +707,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     run = Run(cfg, run_dir, data, rank, world, device, model, tok, lora_cfg, optimizer, params, examples, autocast,
               steps_per_epoch, steps_per_epoch * cfg.epochs)
     step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
+    run.saved_step = step if cfg.resume else -1
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         path = run_dir / "metrics.jsonl"
         lines = stg.complete_lines(path) if path.exists() else []    # a line cut by a kill is dropped
@@ -783,8 +785,12 @@ def finish(run: Run, step: int, started: float) -> None:
     results = None
     if cfg.eval and run.data.tests:
         import eval as evaluation
+        # the last checkpoint holds these weights when it was saved at this step: a test stopped midway then
+        # continues from the answers it kept (eval.resume_point) when the run is resumed
+        checkpoint = run_dir / "checkpoint" / "trainable.safetensors"
+        weights = evaluation.weights_key(checkpoint) if run.saved_step == step and checkpoint.exists() else None
         results = evaluation.evaluate(final, run.tok, run.data, out_dir=run_dir, limit=cfg.eval_limit or None,
-                                      dtype=cfg.dtype, max_len=cfg.max_len)
+                                      dtype=cfg.dtype, max_len=cfg.max_len, weights=weights)
     # the run is complete: nothing to resume. Removed only now, so that a run stopped while it is tested (GSM8K's
     # four files of worked solutions take hours on a CPU) resumes at its last step and is tested again
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
@@ -828,6 +834,7 @@ def train(cfg: TrainConfig) -> Path:
         end_of_epoch = step % run.steps_per_epoch == 0
         if (cfg.save_every > 0 and step % cfg.save_every == 0) or (end_of_epoch and cfg.save_every == 0) or stopping:
             save_checkpoint(run.run_dir, run.model, run.optimizer, step, cfg.fsdp, run.rank)
+            run.saved_step = step
         if stopping:
             break
     bar.close()

@@ -222,6 +222,43 @@ def test_batched_equals_one_by_one(tiny, stg_data, tmp_path):
             assert row["correct"] == ev.is_correct("stg_e", row["output"], row["target"])
 
 
+def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data, tmp_path, monkeypatch):
+    """Stopped in the second split's second batch, then called again with the same weights: only the batches not
+    done are decoded, a line cut by the stop is dropped, and the results equal an evaluation never stopped. Called
+    with other weights, everything is decoded again."""
+    model, tokenizer = tiny
+    settings = dict(batch_size=2, max_new_tokens=6)
+    whole = ev.evaluate(model, tokenizer, stg_data, out_dir=tmp_path / "whole", **settings)
+    assert not list((tmp_path / "whole").glob("*.partial.jsonl")), "without weights nothing is kept"
+    decode, batches, stop = ev.generate, [], [5]   # iid: batches of 2, 2 and 1; then ood's second batch
+
+    def generate(model, prompts, *args):
+        batches.append(len(prompts))
+        if len(batches) in stop:
+            raise KeyboardInterrupt
+        return decode(model, prompts, *args)
+
+    monkeypatch.setattr(ev, "generate", generate)
+    out = tmp_path / "stopped"
+    for weights, decoded in (("w1", [2, 1]), ("w2", [2, 2, 1, 2, 2, 1])):
+        batches.clear()
+        stop[:] = [5]
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate(model, tokenizer, stg_data, out_dir=out, weights="w1", **settings)
+        stop.clear()
+        partial = out / "predictions_stg_tiny_ood.partial.jsonl"
+        assert len(partial.read_text().splitlines()) == 2   # the header and the first batch
+        with open(partial, "a") as f:
+            f.write('{"indices": [7, ')                      # a stop in the middle of a write
+        batches.clear()
+        assert ev.evaluate(model, tokenizer, stg_data, out_dir=out, weights=weights, **settings) == whole
+        assert batches == decoded
+        assert not list(out.glob("*.partial.jsonl"))
+        for split in ("iid", "ood"):
+            name = f"predictions_stg_tiny_{split}.jsonl"
+            assert read_jsonl(out / name) == read_jsonl(tmp_path / "whole" / name)
+
+
 def plain_attention_numbers(model, tokenizer, text):
     """Reference: one prompt, no padding; Ā by a loop over layers and heads; per-kind numbers by a loop."""
     ids, offsets = cat.token_offsets(text, tokenizer.backend)
@@ -311,7 +348,7 @@ def test_each_test_file_is_checked_by_its_own_task(tiny, tmp_path, monkeypatch):
     outputs = {q: out for _, rows in files.values() for q, _, out in rows}
     budgets = []
 
-    def fake_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens):
+    def fake_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, **resume):
         budgets.append(max_new_tokens)
         return [tokenizer.encode(outputs[tokenizer.decode(p).strip() + " "]) for p in prompts]
 
