@@ -442,9 +442,10 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
 
 
 def weights_key(*files) -> str:
-    """A name for the weights in these files that changes when any is written again: each one's path, size and
-    modification time (reading gigabytes to hash them would cost more than a short evaluation)."""
-    stats = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+    """A name for the weights in these files that changes when any is written again: each one's path, inode, size
+    and modification time (reading gigabytes to hash them would cost more than a short evaluation)."""
+    stats = [(str(Path(f).resolve()), *(getattr(Path(f).stat(), key) for key in ("st_ino", "st_size", "st_mtime_ns")))
+             for f in files]
     return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
 
 

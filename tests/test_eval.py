@@ -1,6 +1,7 @@
 """eval.py: answer checkers on real-looking outputs, batched decoding against one prompt at a time, the
 attention analysis against a plain loop, Table 1 from run folders, and train.py -> eval.py end to end."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,26 @@ def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data,
         for split in ("iid", "ood"):
             name = f"predictions_stg_tiny_{split}.jsonl"
             assert read_jsonl(out / name) == read_jsonl(tmp_path / "whole" / name)
+
+
+def test_weights_key_names_the_files_as_they_are(tmp_path):
+    """The same files give the same key; a file written again (another modification time, or a new file in its
+    place) or another set of files gives another."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"1234")
+    b.write_bytes(b"5678")
+    key = ev.weights_key(a, b)
+    assert ev.weights_key(b, a) == key and len(key) == 64
+    assert ev.weights_key(a) != key
+    stat = a.stat()
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert ev.weights_key(a, b) != key
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ev.weights_key(a, b) == key
+    (tmp_path / "new").write_bytes(b"1234")
+    os.replace(tmp_path / "new", a)              # as a checkpoint is saved: a new file renamed into place
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ev.weights_key(a, b) != key, "same size and time, another file"
 
 
 def plain_attention_numbers(model, tokenizer, text):
