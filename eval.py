@@ -237,14 +237,17 @@ def resume_point(path: Path, header: dict) -> dict[int, list[int]]:
     line is the header that names the weights, the prompts and the decoding settings, then one line per batch
     decoded. With the same header here, {prompt index: new ids}; otherwise the file is started again."""
     if path.exists():
-        lines = stg.complete_lines(path)        # a kill during a write leaves a last line that is dropped
-        if lines and json.loads(lines[0]) == header:
-            done = {}
-            for line in lines[1:]:
-                batch = json.loads(line)
-                done.update(zip(batch["indices"], batch["new_ids"]))
-            print(f"{path}: continuing a stopped evaluation, {len(done)} answers kept")
-            return done
+        try:
+            lines = stg.complete_lines(path)        # a kill during a write leaves a last line that is dropped
+            if lines and json.loads(lines[0]) == header:
+                done = {}
+                for line in lines[1:]:
+                    batch = json.loads(line)
+                    done.update(zip(batch["indices"], batch["new_ids"], strict=True))
+                print(f"{path}: continuing a stopped evaluation, {len(done)} answers kept")
+                return done
+        except (ValueError, KeyError, TypeError) as error:   # damaged otherwise: the answers are made again
+            print(f"{path}: unreadable ({type(error).__name__}: {error}); its split is answered again")
     stg.write_text(path, json.dumps(header) + "\n")
     return {}
 

@@ -260,6 +260,26 @@ def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data,
             assert read_jsonl(out / name) == read_jsonl(tmp_path / "whole" / name)
 
 
+def test_resume_point_keeps_only_answers_it_can_trust(tmp_path, capsys):
+    """Kept answers come back under the same header only; another header, or a file damaged otherwise than by a
+    kill (a broken line before the last, a batch with fewer answers than indices), starts the file again."""
+    path, header = tmp_path / "predictions_d_test.partial.jsonl", {"weights": "w", "prompts": "p"}
+    batches = [{"indices": [3, 0], "new_ids": [[5, 6], [7]]}, {"indices": [1], "new_ids": [[]]}]
+    kept = "".join(json.dumps(line) + "\n" for line in [header, *batches])
+    for text, other, expected in [(kept, header, {3: [5, 6], 0: [7], 1: []}),
+                                  (kept + '{"indices": [2', header, {3: [5, 6], 0: [7], 1: []}),
+                                  (kept, {**header, "weights": "v"}, {}),
+                                  (kept.replace('{"indices": [3', '{"indices: [3'), header, {}),
+                                  (kept.replace("[[5, 6], [7]]", "[[5, 6]]"), header, {})]:
+        path.write_text(text)
+        assert ev.resume_point(path, other) == expected
+        if not expected:
+            assert path.read_text() == json.dumps(other) + "\n", "started again, with the new header"
+    assert "unreadable" in capsys.readouterr().out
+    path.unlink()
+    assert ev.resume_point(path, header) == {} and path.read_text() == json.dumps(header) + "\n"
+
+
 def test_weights_key_names_the_files_as_they_are(tmp_path):
     """The same files give the same key; a file written again (another modification time, or a new file in its
     place) or another set of files gives another."""
