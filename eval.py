@@ -419,14 +419,15 @@ def score(task: str, rows: list[dict]) -> dict:
 
 
 def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size: int,
-                max_new_tokens: int, partial: Path | None = None, weights: str | None = None) -> list[dict]:
+                max_new_tokens: int, partial: Path | None = None, model_key: dict | None = None) -> list[dict]:
     """One row per record: input, target, the raw output, the answer the task's checker read, correct. With
-    partial and weights (a name of the weights that changes when they do, weights_key), each batch's new ids are
-    appended to the file `partial` as they come, and a run stopped midway continues from them (resume_point)."""
+    partial and model_key (what the answers depend on besides the prompts: the weights and the precision), each
+    batch's new ids are appended to the file `partial` as they come, and a run stopped midway continues from them
+    (resume_point)."""
     prompts = [prompt_ids(tokenizer, r["input"]) for r in records]
     done, keep = {}, None
-    if partial is not None and weights is not None:
-        header = {"weights": weights, "task": task, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+    if partial is not None and model_key is not None:
+        header = {**model_key, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                   "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
         done = resume_point(partial, header)
 
@@ -447,6 +448,8 @@ def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size:
 def weights_key(*files) -> str:
     """A name for the weights in these files that changes when any is written again: each one's path, inode, size
     and modification time (reading gigabytes to hash them would cost more than a short evaluation)."""
+    if not files:
+        raise ValueError("weights_key: no files to name")
     stats = [(str(Path(f).resolve()), *(getattr(Path(f).stat(), key) for key in ("st_ino", "st_size", "st_mtime_ns")))
              for f in files]
     return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
@@ -472,7 +475,8 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     precision (model.precision), as in training. max_len: records whose prompt and max_new_tokens do not fit are
     skipped and counted (result "skipped_too_long"), as training skips them. weights (weights_key), with out_dir:
     each split's answers are kept as they come in predictions_<data>_<split>.partial.jsonl, so that an evaluation
-    stopped midway continues where it stopped when called again with the same weights; removed at the end."""
+    stopped midway continues where it stopped when called again with the same weights, device and precision;
+    removed at the end."""
     if attention and data.task not in stg.FACTORS:
         raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
@@ -481,6 +485,8 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     was_training = model.training
     model.eval()
     results, numbers, example = {}, {}, None
+    model_key = None if weights is None else {"weights": weights, "device": device.type,
+                                              "precision": M.precision(device, dtype)}
     with torch.no_grad(), M.autocast(device, M.precision(device, dtype)):
         for split, path in data.tests.items():
             records = stg.read_records(path)[:limit]
@@ -498,7 +504,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
             checker = task or split_task(data, split)
             partial = partial_path(out_dir, data.name, split) if out_dir is not None else None
             rows = answer_rows(model, tokenizer, records, checker, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, partial=partial, weights=weights)
+                               max_new_tokens=max_new_tokens, partial=partial, model_key=model_key)
             results[split] = {**score(checker, rows), **({"skipped_too_long": skipped} if skipped else {})}
             if attention:  # the example drawn is the last split's first record: OOD for STG, where the trap shows
                 numbers[split], example = attention_by_kind(model, tokenizer, records, data.task)
@@ -629,9 +635,9 @@ def main(argv=None) -> None:
     precision = M.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
-    model, tokenizer = load_model(cfg.model, dtype=weights, device=cfg.device)
-    folder = M.resolve(cfg.model)
-    key = weights_key(*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin"))
+    folder = str(M.resolve(cfg.model))    # a hub id is looked up once, here
+    model, tokenizer = load_model(folder, dtype=weights, device=cfg.device)
+    key = weights_key(*M.source_files(folder))
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if cfg.task:
         data = replace(data, task=cfg.task)

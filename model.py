@@ -550,6 +550,16 @@ def _read_weights(folder: Path, device) -> dict:
     return tensors
 
 
+def source_files(name_or_path: str) -> list[Path]:
+    """The files load_model makes a model from: weights, configuration and tokenizer files, and for a LoRA adapter
+    its base model's too."""
+    folder = resolve(name_or_path)
+    files = sorted({path for pattern in HUB_FILES + ["pytorch_model*.bin"] for path in folder.glob(pattern)})
+    if (folder / "adapter_config.json").exists():
+        files += source_files(_read_json(folder / "adapter_config.json")["base_model_name_or_path"])
+    return files
+
+
 def load_tokenizer(name_or_path: str) -> Tokenizer:
     """The tokenizer of an alias, a local folder or a hub id, without its weights."""
     return Tokenizer.from_dir(resolve(name_or_path))

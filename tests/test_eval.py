@@ -1,5 +1,6 @@
 """eval.py: answer checkers on real-looking outputs, batched decoding against one prompt at a time, the
 attention analysis against a plain loop, Table 1 from run folders, and train.py -> eval.py end to end."""
+import copy
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import cat
 import eval as ev
 import stg
+import model as M
 from model import ModelArgs, Tokenizer, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,11 +226,12 @@ def test_batched_equals_one_by_one(tiny, stg_data, tmp_path):
 
 
 def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data, tmp_path, monkeypatch):
-    """Stopped in the second split's second batch, then called again with the same weights: only the batches not
-    done are decoded, a line cut by the stop is dropped, and the results equal an evaluation never stopped. Called
-    with other weights, everything is decoded again."""
+    """Stopped in the second split's second batch, then called again with the same weights and settings: only the
+    batches not done are decoded, a line cut by the stop is dropped, and the results equal an evaluation never
+    stopped. Called with other weights, another batch size, another precision or fewer records, everything is
+    decoded again."""
     model, tokenizer = tiny
-    settings = dict(batch_size=2, max_new_tokens=6)
+    settings = dict(batch_size=2, max_new_tokens=6, dtype="float32")
     whole = ev.evaluate(model, tokenizer, stg_data, out_dir=tmp_path / "whole", **settings)
     assert not list((tmp_path / "whole").glob("*.partial.jsonl")), "without weights nothing is kept"
     decode, batches, stop = ev.generate, [], [5]   # iid: batches of 2, 2 and 1; then ood's second batch
@@ -241,7 +244,9 @@ def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data,
 
     monkeypatch.setattr(ev, "generate", generate)
     out = tmp_path / "stopped"
-    for weights, decoded in (("w1", [2, 1]), ("w2", [2, 2, 1, 2, 2, 1])):
+    everything = [2, 2, 1, 2, 2, 1]
+    for changed, decoded in [({}, [2, 1]), ({"weights": "w2"}, everything), ({"batch_size": 3}, [3, 2, 3, 2]),
+                             ({"dtype": "bfloat16"}, everything), ({"limit": 4}, [2, 2, 2, 2])]:
         batches.clear()
         stop[:] = [5]
         with pytest.raises(KeyboardInterrupt):
@@ -252,12 +257,48 @@ def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data,
         with open(partial, "a") as f:
             f.write('{"indices": [7, ')                      # a stop in the middle of a write
         batches.clear()
-        assert ev.evaluate(model, tokenizer, stg_data, out_dir=out, weights=weights, **settings) == whole
-        assert batches == decoded
+        results = ev.evaluate(model, tokenizer, stg_data, out_dir=out, **{**settings, "weights": "w1", **changed})
+        assert batches == decoded, changed
         assert not list(out.glob("*.partial.jsonl"))
-        for split in ("iid", "ood"):
-            name = f"predictions_stg_tiny_{split}.jsonl"
-            assert read_jsonl(out / name) == read_jsonl(tmp_path / "whole" / name)
+        if "dtype" not in changed and "limit" not in changed:
+            assert results == whole
+            for split in ("iid", "ood"):
+                name = f"predictions_stg_tiny_{split}.jsonl"
+                assert read_jsonl(out / name) == read_jsonl(tmp_path / "whole" / name)
+
+
+def test_eval_cli_continues_where_it_stopped_and_names_the_base_of_an_adapter(tiny, stg_data, tmp_path, monkeypatch):
+    """eval.py run again after a stop decodes only what it had not; an adapter's files name its base model's too,
+    so that another base would start over."""
+    model, tokenizer = tiny
+    base = tmp_path / "base"
+    M.save_model(copy.deepcopy(model).float(), tokenizer, base)
+    adapter = tmp_path / "adapter"
+    M.save_adapter(M.apply_lora(copy.deepcopy(model).float(), M.LoRAConfig(r=2, alpha=4)), M.LoRAConfig(r=2, alpha=4),
+                   adapter, base_model=str(base))
+    assert {path.name for path in M.source_files(str(adapter))} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                                   "config.json", "model.safetensors",
+                                                                   "tokenizer.json"}
+    assert set(M.source_files(str(base))) < set(M.source_files(str(adapter)))
+    decode, batches, stop = ev.generate, [], [5]   # iid: batches of 2, 2 and 1; then ood's second batch
+
+    def generate(model, prompts, *args):
+        batches.append(len(prompts))
+        if len(batches) in stop:
+            raise KeyboardInterrupt
+        return decode(model, prompts, *args)
+
+    monkeypatch.setattr(ev, "generate", generate)
+    tests = ",".join(f"{split}={path}" for split, path in stg_data.tests.items())
+    argv = ["--model", str(adapter), "--data", str(stg_data.tests["iid"]), "--test", tests, "--out",
+            str(tmp_path / "out"), "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu", "--dtype",
+            "float32"]
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(argv)
+    stop.clear()
+    batches.clear()
+    ev.main(argv)
+    assert batches == [2, 1]
 
 
 def test_resume_point_keeps_only_answers_it_can_trust(tmp_path, capsys):
