@@ -421,7 +421,7 @@ def score(task: str, rows: list[dict]) -> dict:
 def answer_rows(model, tokenizer, records: list[dict], task: str, *, batch_size: int,
                 max_new_tokens: int, partial: Path | None = None, model_key: dict | None = None) -> list[dict]:
     """One row per record: input, target, the raw output, the answer the task's checker read, correct. With
-    partial and model_key (what the answers depend on besides the prompts: the weights and the precision), each
+    partial and model_key (what the answers depend on besides the prompts: weights, device, precision), each
     batch's new ids are appended to the file `partial` as they come, and a run stopped midway continues from them
     (resume_point)."""
     prompts = [prompt_ids(tokenizer, r["input"]) for r in records]
