@@ -1,5 +1,6 @@
 """annotate.py against a local OpenAI-compatible server that misbehaves on purpose, and the data-set normalisers
 on small files in each upstream layout (tests/fixtures/)."""
+import itertools
 import json
 import os
 import re
@@ -75,7 +76,7 @@ class ChatServer:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.watchdog = threading.Timer(120, self.httpd.shutdown)   # stops by itself if a test hangs
+        self.watchdog = threading.Timer(600, self.httpd.shutdown)   # stops by itself if a test hangs
 
     def __enter__(self):
         self.thread.start()
@@ -289,21 +290,29 @@ def test_killed_run_resumes_without_asking_twice(tmp_path):
                 "--out", cfg.out, "--base-url", server.url, "--model", "test-model", "--api-key-env", "CAT_TEST_KEY",
                 "--concurrency", "4", "--backoff-base", "0.01"]
 
+    gate, asked = threading.Event(), itertools.count(1)
+
+    def held(i, n, body, headers):   # from the 41st request on, no answer until the run is killed: however slow the
+        if next(asked) > 40:         # machine, the kill lands mid-run
+            gate.wait(300)
+        return script(i, n, body, headers)
+
     out, rejects = tmp_path / "out.jsonl", tmp_path / "out.rejects.jsonl"
-    with ChatServer(script) as server:
+    with ChatServer(held) as server:
         proc = subprocess.Popen(command(server), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300       # a bound against hanging only
         while sum(server.calls.values()) < 40 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
         proc.kill()
-        first_out, first_err = proc.communicate(timeout=30)
+        gate.set()
+        first_out, first_err = proc.communicate(timeout=300)
         assert proc.returncode != 0, "killed mid-run"
     for path in (out, rejects):
         A.done_keys(path)                 # cuts a line the kill left half-written, as the restart will
     answered = set(ids(out)) | set(ids(rejects))
     assert 10 <= len(answered) < 120
     with ChatServer(script) as server:
-        second = subprocess.run(command(server), env=env, capture_output=True, text=True, timeout=60)
+        second = subprocess.run(command(server), env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert not answered & set(server.calls), "an answered record was asked again"
     assert sorted(ids(out) + ids(rejects)) == list(range(120)), "each record exactly once"
@@ -314,7 +323,14 @@ def test_killed_run_resumes_without_asking_twice(tmp_path):
 def test_interrupt_keeps_the_replies_in_flight(tmp_path):
     """Ctrl-C asks nothing more but writes every reply already on its way: nothing paid is lost."""
     cfg = config(tmp_path, None, make_records(60))
-    with ChatServer(lambda i, n, body, headers: (200, {}, good_reply(i), 0.3)) as server:
+    gate, asked = threading.Event(), itertools.count(1)
+
+    def held(i, n, body, headers):   # from the 7th request on, no answer before Ctrl-C: the run cannot end first
+        if next(asked) > 6:
+            gate.wait(300)
+        return 200, {}, good_reply(i), 0.3
+
+    with ChatServer(held) as server:
         # A child inherits an ignored SIGINT (a test run started with `&` from a script has one), and Python then
         # leaves Ctrl-C ignored; with a handler set here, the child starts with the default and Python's own.
         inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -325,11 +341,12 @@ def test_interrupt_keeps_the_replies_in_flight(tmp_path):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         finally:
             signal.signal(signal.SIGINT, inherited)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300       # a bound against hanging only
         while sum(server.calls.values()) < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        gate.set()                              # the replies on their way arrive after Ctrl-C
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "interrupted" in err
     assert sorted(ids(cfg.out)) == sorted(server.calls) and len(server.calls) < 60
 
