@@ -62,3 +62,23 @@ def smollm2_dir() -> Path:
     if not (path / "model.safetensors").exists():
         pytest.skip(f"no SmolLM2 checkpoint at {path}: build it with ../shared/tools/make-smollm2 (CI does)")
     return path
+
+
+@pytest.fixture
+def decoder(monkeypatch):
+    """eval.generate, replaced by one that records the size of each batch it decodes (.batches) and raises
+    KeyboardInterrupt, as a stop of the process would, at the batch numbers listed in .stop."""
+    import eval
+
+    class Decoder:
+        def __init__(self):
+            self.decode, self.batches, self.stop = eval.generate, [], []
+
+        def __call__(self, model, prompts, *args):
+            self.batches.append(len(prompts))
+            if len(self.batches) in self.stop:
+                raise KeyboardInterrupt
+            return self.decode(model, prompts, *args)
+
+    monkeypatch.setattr(eval, "generate", Decoder())
+    return eval.generate

@@ -225,7 +225,7 @@ def test_batched_equals_one_by_one(tiny, stg_data, tmp_path):
             assert row["correct"] == ev.is_correct("stg_e", row["output"], row["target"])
 
 
-def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data, tmp_path, monkeypatch):
+def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data, tmp_path, decoder):
     """Stopped in the second split's second batch, then called again with the same weights and settings: only the
     batches not done are decoded, a line cut by the stop is dropped, and the results equal an evaluation never
     stopped. Called with other weights, another batch size, another precision or fewer records, everything is
@@ -234,31 +234,22 @@ def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data,
     settings = dict(batch_size=2, max_new_tokens=6, dtype="float32")
     whole = ev.evaluate(model, tokenizer, stg_data, out_dir=tmp_path / "whole", **settings)
     assert not list((tmp_path / "whole").glob("*.partial.jsonl")), "without weights nothing is kept"
-    decode, batches, stop = ev.generate, [], [5]   # iid: batches of 2, 2 and 1; then ood's second batch
-
-    def generate(model, prompts, *args):
-        batches.append(len(prompts))
-        if len(batches) in stop:
-            raise KeyboardInterrupt
-        return decode(model, prompts, *args)
-
-    monkeypatch.setattr(ev, "generate", generate)
     out = tmp_path / "stopped"
     everything = [2, 2, 1, 2, 2, 1]
     for changed, decoded in [({}, [2, 1]), ({"weights": "w2"}, everything), ({"batch_size": 3}, [3, 2, 3, 2]),
                              ({"dtype": "bfloat16"}, everything), ({"limit": 4}, [2, 2, 2, 2])]:
-        batches.clear()
-        stop[:] = [5]
+        decoder.batches.clear()
+        decoder.stop[:] = [5]   # iid: batches of 2, 2 and 1; then ood's second batch
         with pytest.raises(KeyboardInterrupt):
             ev.evaluate(model, tokenizer, stg_data, out_dir=out, weights="w1", **settings)
-        stop.clear()
+        decoder.stop.clear()
         partial = out / "predictions_stg_tiny_ood.partial.jsonl"
         assert len(partial.read_text().splitlines()) == 2   # the header and the first batch
         with open(partial, "a") as f:
             f.write('{"indices": [7, ')                      # a stop in the middle of a write
-        batches.clear()
+        decoder.batches.clear()
         results = ev.evaluate(model, tokenizer, stg_data, out_dir=out, **{**settings, "weights": "w1", **changed})
-        assert batches == decoded, changed
+        assert decoder.batches == decoded, changed
         assert not list(out.glob("*.partial.jsonl"))
         if "dtype" not in changed and "limit" not in changed:
             assert results == whole
@@ -267,7 +258,7 @@ def test_a_stopped_evaluation_continues_from_the_answers_it_kept(tiny, stg_data,
                 assert read_jsonl(out / name) == read_jsonl(tmp_path / "whole" / name)
 
 
-def test_eval_cli_continues_where_it_stopped_and_names_the_base_of_an_adapter(tiny, stg_data, tmp_path, monkeypatch):
+def test_eval_cli_continues_where_it_stopped_and_names_the_base_of_an_adapter(tiny, stg_data, tmp_path, decoder):
     """eval.py run again after a stop decodes only what it had not; an adapter's files name its base model's too,
     so that another base would start over."""
     model, tokenizer = tiny
@@ -280,25 +271,17 @@ def test_eval_cli_continues_where_it_stopped_and_names_the_base_of_an_adapter(ti
                                                                    "config.json", "model.safetensors",
                                                                    "tokenizer.json"}
     assert set(M.source_files(str(base))) < set(M.source_files(str(adapter)))
-    decode, batches, stop = ev.generate, [], [5]   # iid: batches of 2, 2 and 1; then ood's second batch
-
-    def generate(model, prompts, *args):
-        batches.append(len(prompts))
-        if len(batches) in stop:
-            raise KeyboardInterrupt
-        return decode(model, prompts, *args)
-
-    monkeypatch.setattr(ev, "generate", generate)
     tests = ",".join(f"{split}={path}" for split, path in stg_data.tests.items())
     argv = ["--model", str(adapter), "--data", str(stg_data.tests["iid"]), "--test", tests, "--out",
             str(tmp_path / "out"), "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu", "--dtype",
             "float32"]
+    decoder.stop[:] = [5]   # iid: batches of 2, 2 and 1; then ood's second batch
     with pytest.raises(KeyboardInterrupt):
         ev.main(argv)
-    stop.clear()
-    batches.clear()
+    decoder.stop.clear()
+    decoder.batches.clear()
     ev.main(argv)
-    assert batches == [2, 1]
+    assert decoder.batches == [2, 1]
 
 
 def test_resume_point_keeps_only_answers_it_can_trust(tmp_path, capsys):

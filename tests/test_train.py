@@ -211,41 +211,33 @@ def test_a_run_stopped_while_it_is_tested_resumes_and_is_tested_again(stg_file, 
 
 
 @pytest.mark.parametrize("save_every", [0, 3])
-def test_a_test_stopped_midway_continues_from_the_answers_it_kept(stg_file, tmp_path, monkeypatch, save_every):
+def test_a_test_stopped_midway_continues_from_the_answers_it_kept(stg_file, tmp_path, decoder, save_every):
     """A checkpoint saved at the last step names the weights under test: a run stopped in its second test split and
     resumed decodes that split only, and its predictions equal those of a run never stopped. With checkpoints every
     3 of the 5 steps the last one is older than the weights tested, so nothing is kept and everything is decoded
     again after the resume (which trains steps 4 and 5 again)."""
-    import eval as evaluation
-    decode, batches, stop = evaluation.generate, [], [2]   # val is done (one batch), test is the next
-
-    def generate(model, prompts, *args):
-        batches.append(len(prompts))
-        if len(batches) in stop:
-            raise KeyboardInterrupt
-        return decode(model, prompts, *args)
-
     cfg = dict(epochs=1, save_every=save_every, eval=True, eval_limit=2, val_frac=0.25)   # 36 records, 5 steps
     whole = train.train(tiny_config(stg_file, tmp_path / "whole", **cfg))
-    monkeypatch.setattr(evaluation, "generate", generate)
+    decoder.batches.clear()
+    decoder.stop[:] = [2]   # val is done (one batch), test is the next
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_config(stg_file, tmp_path / "stopped", **cfg))
     (run,) = [path.parent for path in (tmp_path / "stopped").glob("*/train_config.json")]
     assert train.folder_state(run) == f"a run interrupted at step {5 if save_every == 0 else 3}"
     partial = run / "predictions_stg_small_val.partial.jsonl"
     assert len(partial.read_text().splitlines()) == 2 if save_every == 0 else not partial.exists()  # header, batch
-    batches.clear()
-    stop.clear()
+    decoder.batches.clear()
+    decoder.stop.clear()
     train.train(train.TrainConfig(resume=str(run)))
     assert not list(run.glob("*.partial.jsonl"))
     if save_every == 0:
-        assert batches == [2], "only the test split is decoded again"
+        assert decoder.batches == [2], "only the test split is decoded again"
         for split in ("val", "test"):
             name = f"predictions_stg_small_{split}.jsonl"
             assert stg.read_records(run / name) == stg.read_records(whole / name)
         assert json.loads((run / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
     else:
-        assert batches == [2, 2], "val and test decoded again"
+        assert decoder.batches == [2, 2], "val and test decoded again"
 
 
 def test_cat_without_annotations_stops_with_a_clear_message(tmp_path):
