@@ -786,9 +786,12 @@ def finish(run: Run, step: int, started: float) -> None:
     if cfg.eval and run.data.tests:
         import eval as evaluation
         # the last checkpoint holds these weights when it was saved at this step: a test stopped midway then
-        # continues from the answers it kept (eval.resume_point) when the run is resumed
+        # continues from the answers it kept (eval.resume_point) when the run is resumed. A LoRA run's weights are
+        # its base model's files too
         checkpoint = run_dir / "checkpoint" / "trainable.safetensors"
-        weights = evaluation.weights_key(checkpoint) if run.saved_step == step and checkpoint.exists() else None
+        base = M.source_files(cfg.model) if cfg.lora and cfg.model != "scratch" else []
+        weights = evaluation.weights_key(checkpoint, *base) if run.saved_step == step and checkpoint.exists() \
+            else None
         results = evaluation.evaluate(final, run.tok, run.data, out_dir=run_dir, limit=cfg.eval_limit or None,
                                       dtype=cfg.dtype, max_len=cfg.max_len, weights=weights)
     # the run is complete: nothing to resume. Removed only now, so that a run stopped while it is tested (GSM8K's

@@ -1,5 +1,6 @@
 """train.py: the loop lowers the loss, CAT raises C/N, LoRA trains only the adapter, resume equals no interruption."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,25 @@ def test_a_test_stopped_midway_continues_from_the_answers_it_kept(stg_file, tmp_
         assert json.loads((run / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
     else:
         assert decoder.batches == [2, 2], "val and test decoded again"
+
+
+def test_a_lora_run_keeps_its_answers_for_the_same_base_model_only(stg_file, tmp_path, decoder):
+    """A LoRA run's answers depend on its frozen base model too: a run stopped in its second test split and resumed
+    after the base model's weights file was written again decodes both splits again."""
+    base = train.train(tiny_config(stg_file, tmp_path / "base", epochs=1))       # a model folder in HF layout
+    cfg = tiny_config(stg_file, tmp_path / "lora", model=str(base), lora=True, lora_r=2, lora_alpha=4, epochs=1,
+                      eval=True, eval_limit=2, val_frac=0.25)
+    decoder.stop[:] = [2]   # val is done (one batch), test is the next
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    (run,) = [path.parent for path in (tmp_path / "lora").glob("*/train_config.json")]
+    assert (run / "predictions_stg_small_val.partial.jsonl").exists()
+    stat = (base / "model.safetensors").stat()
+    os.utime(base / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    decoder.batches.clear()
+    decoder.stop.clear()
+    train.train(train.TrainConfig(resume=str(run)))
+    assert decoder.batches == [2, 2], "val and test decoded again"
 
 
 def test_cat_without_annotations_stops_with_a_clear_message(tmp_path):
