@@ -485,9 +485,9 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     was_training = model.training
     model.eval()
     results, numbers, example = {}, {}, None
-    model_key = None if weights is None else {"weights": weights, "device": device.type,
-                                              "precision": M.precision(device, dtype)}
-    with torch.no_grad(), M.autocast(device, M.precision(device, dtype)):
+    precision = M.precision(device, dtype)
+    model_key = None if weights is None else {"weights": weights, "device": device.type, "precision": precision}
+    with torch.no_grad(), M.autocast(device, precision):
         for split, path in data.tests.items():
             records = stg.read_records(path)[:limit]
             if not records:

@@ -69,8 +69,8 @@ def test_an_interrupted_run_is_named_with_its_step(stg_file, tmp_path, capsys):
     (["--alpha", "0.3", "--alpha-scale", "2"], "give one of them"), (["--contrast", "words"], "--contrast 'words'"),
     (["--contrast", "attributes"], "add --attn explicit"),
     (["--contrast", "input"], "add --attn explicit"),
-    (["--rows", "prompt"], "--rows 'prompt'"), (["--pad-multiple", "0"], "--pad-multiple 0")], ids=lambda v: " ".join(v) if isinstance(v, list)
-                                                                      else None)
+    (["--rows", "prompt"], "--rows 'prompt'"), (["--pad-multiple", "0"], "--pad-multiple 0")],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_every_numeric_and_choice_flag_is_checked_before_any_work(stg_file, tmp_path, capsys, flags, named):
     err = cli_error(train_cli([*TINY, "--data", str(stg_file), "--out", str(tmp_path), *flags]), capsys)
     assert named in err
