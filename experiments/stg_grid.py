@@ -83,9 +83,18 @@ class Job:
     commands: list             # argument lists, run in order; the first is train.py (resumable) or eval.py
 
 
+def write_attempts(path: Path, attempts: list[dict]) -> None:
+    """wall_time.json: the seconds of every attempt that has ended, and each attempt."""
+    total = sum(a["seconds"] for a in attempts if a["seconds"] is not None)
+    stg.write_text(path, json.dumps({"seconds": round(total, 1), "attempts": attempts}, indent=2) + "\n")
+
+
 def run_job(job: Job, env: dict, record: dict | None = None) -> dict:
     """Run the job's commands (skipping a finished job, resuming from a checkpoint), output to run/log.txt;
-    the seconds of every attempt, with `record` (e.g. the revision it ran from), go to run/wall_time.json."""
+    the seconds of every attempt, with `record` (e.g. the revision it ran from), go to run/wall_time.json. An
+    attempt is on record from its start, so one that was killed (a session's end kills the worker, which then
+    writes nothing) is counted at the next attempt: from its start to the last write of log.txt, which train.py's
+    progress bars update every step."""
     if (job.run / "results.json").exists():
         return {"run": str(job.run), "status": "skipped"}
     commands = job.commands
@@ -95,20 +104,26 @@ def run_job(job: Job, env: dict, record: dict | None = None) -> dict:
     else:         # a partial run without a checkpoint starts again from nothing (metrics.jsonl is appended to)
         shutil.rmtree(job.run, ignore_errors=True)
     job.run.mkdir(parents=True, exist_ok=True)
-    wall_path = job.run / "wall_time.json"
+    wall_path, log_path = job.run / "wall_time.json", job.run / "log.txt"
     attempts = json.loads(wall_path.read_text())["attempts"] if resumed and wall_path.exists() else []
-    start, returncode = time.time(), 0
-    with open(job.run / "log.txt", "a") as log:
+    for attempt in attempts:
+        if attempt["seconds"] is None and "started" in attempt and log_path.exists():   # killed: it ended
+            # with the log's last write
+            attempt.update(seconds=round(max(0.0, log_path.stat().st_mtime - attempt["started"]), 1), killed=True)
+    start = time.time()
+    attempts.append({"started": round(start, 1), "seconds": None, "resumed": resumed,
+                     "commands": [" ".join(c) for c in commands], **(record or {})})
+    write_attempts(wall_path, attempts)
+    returncode = 0
+    with open(log_path, "a") as log:
         for command in commands:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
             returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
             if returncode:
                 break
-    attempts.append({"seconds": round(time.time() - start, 1), "resumed": resumed, "returncode": returncode,
-                     "commands": [" ".join(c) for c in commands], **(record or {})})
-    stg.write_text(wall_path, json.dumps({"seconds": sum(a["seconds"] for a in attempts), "attempts": attempts},
-                                         indent=2) + "\n")
+    attempts[-1].update(seconds=round(time.time() - start, 1), returncode=returncode)
+    write_attempts(wall_path, attempts)
     ok = returncode == 0 and (job.run / "results.json").exists()
     return {"run": str(job.run), "status": "done" if ok else "failed", "seconds": attempts[-1]["seconds"]}
 

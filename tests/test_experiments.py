@@ -193,6 +193,30 @@ def test_a_run_stopped_after_an_epoch_resumes_there(tmp_path):
     assert not (job.run / "checkpoint").exists() and "stg_small" in json.loads((job.run / "results.json").read_text())
 
 
+def test_a_killed_attempt_is_counted_at_the_next(tmp_path):
+    """run_job puts an attempt on record when it starts, so that one killed without a word (a session's end kills
+    the worker) still counts: the next attempt closes it at the last write of its log.txt."""
+    run, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
+    wall = run / "wall_time.json"
+    probe = ("import json, sys; a = json.load(open(sys.argv[1]))['attempts']; "
+             "sys.exit(7 if a[-1]['seconds'] is None else 0)")
+    job = stg_grid.Job(run, [[sys.executable, "-c", probe, str(wall)]])
+    assert stg_grid.run_job(job, env)["status"] == "failed"    # exit 7: on record, still open, while it ran
+    first = json.loads(wall.read_text())["attempts"][0]
+    assert first["returncode"] == 7 and first["seconds"] >= 0 and "killed" not in first
+    # what a kill leaves: the attempt as it was while it ran, its log last written 100 s after it started
+    del first["returncode"]
+    wall.write_text(json.dumps({"seconds": 0.0, "attempts": [{**first, "seconds": None}]}))
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "state.pt").write_bytes(b"")   # a checkpoint: the next attempt resumes (and fails on it)
+    os.utime(run / "log.txt", (first["started"] + 100, first["started"] + 100))
+    stg_grid.run_job(job, env)
+    timing = json.loads(wall.read_text())
+    killed, second = timing["attempts"]
+    assert killed["seconds"] == 100.0 and killed["killed"] and second["resumed"] and second["seconds"] > 0
+    assert timing["seconds"] == pytest.approx(100.0 + second["seconds"], abs=0.1)
+
+
 # ---------------------------------------------------------------------------------------------
 # experiments/alpha_study.py: its statistics against hand-worked numbers, its queue, its summary of run folders
 
