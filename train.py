@@ -770,7 +770,7 @@ def train_step(run: Run, step: int) -> dict:
     return record
 
 
-def finish(run: Run, step: int, started: float) -> None:
+def finish(run: Run, step: int, started: float, resumed_at: int = 0) -> None:
     """Save the final model (or say how to resume), evaluate on the test files, and say where everything is."""
     cfg, run_dir = run.cfg, run.run_dir
     if step < run.total:
@@ -797,12 +797,14 @@ def finish(run: Run, step: int, started: float) -> None:
     # the run is complete: nothing to resume. Removed only now, so that a run stopped while it is tested (GSM8K's
     # four files of worked solutions take hours on a CPU) resumes at its last step and is tested again
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
-    print(summary(run, results, time.time() - started))
+    print(summary(run, results, time.time() - started, resumed_at))
 
 
-def summary(run: Run, results: dict | None, seconds: float) -> str:
-    """The last lines of a run: accuracy per test split beside the majority baseline, where the run is, what next."""
-    lines = [f"{run.cfg.name}: {run.total} steps in {seconds / 60:.1f} min ({method(run.cfg)}"
+def summary(run: Run, results: dict | None, seconds: float, resumed_at: int = 0) -> str:
+    """The last lines of a run: accuracy per test split beside the majority baseline, where the run is, what next.
+    The minutes are this process's: a resumed run names the step it resumed at."""
+    steps = f"{run.total} steps, resumed at step {resumed_at}:" if resumed_at else f"{run.total} steps in"
+    lines = [f"{run.cfg.name}: {steps} {seconds / 60:.1f} min ({method(run.cfg)}"
              + (f", α = {run.cfg.alpha:.3g}" if run.cfg.alpha > 0 else "") + f", {run.cfg.dtype})"]
     for split, result in (results or {}).items():
         lines.append(f"  {split:>5}: accuracy {result['accuracy']:.1%} of {result['n']} records "
@@ -820,6 +822,7 @@ def train(cfg: TrainConfig) -> Path:
     returns the run folder."""
     started = time.time()
     run, step = setup(cfg)
+    resumed_at = step
     metrics = open(run.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
     bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=run.cfg.name)
     run.model.train()
@@ -843,7 +846,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     if metrics:
         metrics.close()
-    finish(run, step, started)   # its last collective gathers the model; rank 0 then evaluates alone
+    finish(run, step, started, resumed_at)   # its last collective gathers the model; rank 0 then evaluates alone
     if dist.is_initialized():
         dist.destroy_process_group()
     return run.run_dir

@@ -1,6 +1,7 @@
 """train.py: the loop lowers the loss, CAT raises C/N, LoRA trains only the adapter, resume equals no interruption."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,13 +170,16 @@ def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_pa
     assert json.loads((run / "adapter_config.json").read_text())["r"] == 4
 
 
-def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path):
-    """Stop after 5 steps (mid-epoch, with dropout on), resume: same final weights and losses as one run."""
+def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path, capsys):
+    """Stop after 5 steps (mid-epoch, with dropout on), resume: same final weights and losses as one run. The
+    resumed run's last lines say where it resumed, so that its minutes are not read as the whole run's."""
     whole = train.train(tiny_config(stg_file, tmp_path / "a", alpha=2.0, lora_dropout=0.1))
     cfg = tiny_config(stg_file, tmp_path / "b", alpha=2.0, lora_dropout=0.1, stop_after=5, save_every=1)
     part = train.train(cfg)
     assert not (part / "model.safetensors").exists()
+    total = re.search(r": (\d+) steps in [\d.]+ min \(cat", capsys.readouterr().out).group(1)
     train.train(train.TrainConfig(resume=str(part)))
+    assert f": {total} steps, resumed at step 5: " in capsys.readouterr().out
     a, b = (M.load_model(str(run))[0].state_dict() for run in (whole, part))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
