@@ -1,6 +1,8 @@
 """Do a downstream study's answers repeat a number of the question? Per data set and setting: test accuracy, the
 share of test answers that equal a number written in the question (an operand copied instead of a result
-computed), and that share for the gold answers; one row block per study folder (a precision each). For a
+computed), and that share for the gold answers; the share of outputs from which the checker read no answer (a
+GSM8K-trained model's answer without its final "#### N"), and the accuracy among the others; one row block per
+study folder (a precision each). For a
 multiple-choice task (ARC-E) a second table instead: how the answers spread over the option labels, beside the
 gold answers' spread, to show whether a setting settles on one label.
 
@@ -59,7 +61,8 @@ def commonest(answers: list) -> str:
 
 def table(cfg: CopiesConfig) -> str:
     lines = ["| study | data set | setting | seeds | accuracy | answers that repeat a number of the question | "
-             "gold answers that do |", "|---|---|---|---|---|---|---|"]
+             "gold answers that do | outputs with no answer read | accuracy where one is read |",
+             "|---|---|---|---|---|---|---|---|---|"]
     choices = ["| study | data set | setting | seeds | accuracy | answers per option label, % | "
                "the commonest label's share |", "|---|---|---|---|---|---|---|"]
     folders = list(map(Path, items(cfg.studies))) if cfg.studies else \
@@ -92,9 +95,12 @@ def table(cfg: CopiesConfig) -> str:
                     answers = [a for o in outcomes for a in o["answer"]]
                     rows, cells = choices, [spread(answers), commonest(answers)]
                 else:
+                    answers = [a for o in outcomes for a in o["answer"]]
                     copies = [evaluation.repeats_a_number(r["input"], a)
                               for o in outcomes for r, a in zip(records, o["answer"])]
-                    rows, cells = lines, [share(copies), share(gold)]
+                    read = [c for a, c in zip(answers, accuracy) if a is not None]
+                    rows, cells = lines, [share(copies), share(gold), share([a is None for a in answers]),
+                                          share(read)]
                 rows.append("| " + " | ".join([folder.name, data, setting, str(len(outcomes)), share(accuracy),
                                                *cells]) + " |")
     return "\n\n".join("\n".join(rows) for rows in (lines, choices) if len(rows) > 2)

@@ -611,19 +611,22 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path, mo
                                                           {"input": questions[1], "target": "Answer: 10.0"}])
     folder = tmp_path / "mawps-smollm2"
     folder.mkdir()
-    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="mawps", settings="vanilla,k2",
+    config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="mawps", settings="vanilla,k2,k1",
                                                           seeds="42", out=str(folder))), "revision": "abc"}
     (folder / "study_config.json").write_text(json.dumps(config))
-    for setting, answers in (("vanilla", ["7.0", "8.0"]), ("k2", ["3.0", "2"])):
+    for setting, answers, correct in (("vanilla", ["7.0", "8.0"], [True, False]), ("k2", ["3.0", "2"], [False, False]),
+                                      ("k1", [None, "7"], [False, False])):
         run = folder / f"mawps-{setting}-s42"
-        fake_run(run, 0.0, [True, False], "abc", val=0.5)
-        (run / "outcomes.json").write_text(json.dumps({"test": {"answer": answers, "correct": [True, False]}}))
+        fake_run(run, 0.0, correct, "abc", val=0.5)
+        (run / "outcomes.json").write_text(json.dumps({"test": {"answer": answers, "correct": correct}}))
     text = copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
     assert (tmp_path / "c.md").read_text() == text + "\n"
     rows = {line.split(" | ")[2]: line.strip("| ").split(" | ") for line in text.splitlines()[2:]}
     assert rows["vanilla"][:2] == ["mawps-smollm2", "mawps"]          # the study folder names the precision
-    assert rows["vanilla"][4:] == ["50.0 %", "0.0 %", "50.0 %"]     # gold: the second target 10.0 is in its question
-    assert rows["k2"][4:] == ["50.0 %", "100.0 %", "50.0 %"]        # 3 and 2 are both the question's numbers
+    # gold: the second target 10.0 is in its question; no answer read: None, as from a "####"-less GSM8K output
+    assert rows["vanilla"][4:] == ["50.0 %", "0.0 %", "50.0 %", "0.0 %", "50.0 %"]
+    assert rows["k2"][4:] == ["0.0 %", "100.0 %", "50.0 %", "0.0 %", "0.0 %"]    # 3 and 2: the question's numbers
+    assert rows["k1"][4:] == ["0.0 %", "0.0 %", "50.0 %", "50.0 %", "0.0 %"]     # 7 is not in the second question
     monkeypatch.chdir(tmp_path)                        # no --studies: every Table 2 study folder under results/
     with pytest.raises(stg.InputError, match="results/ holds no Table 2 study folder"):
         copies.main(["--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
