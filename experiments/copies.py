@@ -2,9 +2,8 @@
 share of test answers that equal a number written in the question (an operand copied instead of a result
 computed), and that share for the gold answers; the share of outputs from which the checker read no answer (a
 GSM8K-trained model's answer without its final "#### N"), and the accuracy among the others; one row block per
-study folder (a precision each). For a
-multiple-choice task (ARC-E) a second table instead: how the answers spread over the option labels, beside the
-gold answers' spread, to show whether a setting settles on one label.
+study folder (a precision each). For a multiple-choice task (ARC-E) a second table instead: how the answers spread
+over the option labels, beside the gold answers' spread, to show whether a setting settles on one label.
 
     python experiments/copies.py                      # every Table 2 study under results/, its --authors-data
     python experiments/copies.py --studies results/mawps-smollm2 --authors-data <CAT repo folder>

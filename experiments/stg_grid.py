@@ -106,9 +106,8 @@ def run_job(job: Job, env: dict, record: dict | None = None) -> dict:
     job.run.mkdir(parents=True, exist_ok=True)
     wall_path, log_path = job.run / "wall_time.json", job.run / "log.txt"
     attempts = json.loads(wall_path.read_text())["attempts"] if resumed and wall_path.exists() else []
-    for attempt in attempts:
-        if attempt["seconds"] is None and "started" in attempt and log_path.exists():   # killed: it ended
-            # with the log's last write
+    for attempt in attempts:   # one killed without a word ended with the last write of its log
+        if attempt["seconds"] is None and "started" in attempt and log_path.exists():
             attempt.update(seconds=round(max(0.0, log_path.stat().st_mtime - attempt["started"]), 1), killed=True)
     start = time.time()
     attempts.append({"started": round(start, 1), "seconds": None, "resumed": resumed,
