@@ -22,6 +22,7 @@ ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.
            "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M"}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json"]
+BIN_WEIGHTS = "pytorch_model*.bin"   # the older weights format: fetched only without safetensors, converted once
 
 
 @dataclass
@@ -514,7 +515,7 @@ def resolve(name_or_path: str) -> Path:
     try:
         folder = Path(snapshot_download(name, allow_patterns=HUB_FILES, token=os.environ.get("HF_TOKEN")))
         if not list(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
-            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"],
+            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + [BIN_WEIGHTS],
                                             token=os.environ.get("HF_TOKEN")))
     except Exception as error:
         raise RuntimeError(f"could not download {name} from the Hugging Face hub ({type(error).__name__}: {error}). "
@@ -531,7 +532,7 @@ def _read_weights(folder: Path, device) -> dict:
         files = [folder / "model.safetensors"]
     elif index.exists():
         files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif bins := sorted(folder.glob("pytorch_model*.bin")):
+    elif bins := sorted(folder.glob(BIN_WEIGHTS)):
         tensors = {}
         for path in bins:
             tensors.update(torch.load(path, map_location="cpu", weights_only=True))
@@ -554,7 +555,7 @@ def source_files(name_or_path: str) -> list[Path]:
     """The files load_model makes a model from: weights, configuration and tokenizer files, and for a LoRA adapter
     its base model's too."""
     folder = resolve(name_or_path)
-    files = sorted({path for pattern in HUB_FILES + ["pytorch_model*.bin"] for path in folder.glob(pattern)})
+    files = sorted({path for pattern in HUB_FILES + [BIN_WEIGHTS] for path in folder.glob(pattern)})
     if (folder / "adapter_config.json").exists():
         files += source_files(_read_json(folder / "adapter_config.json")["base_model_name_or_path"])
     return files
