@@ -273,14 +273,20 @@ def build_model(cfg: TrainConfig, train_records, device, dtype):
         model, tok = M.load_model(cfg.model, dtype=dtype, device="cpu")
     lora_cfg = None
     if cfg.lora:
-        lora_cfg = M.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                target_modules=tuple(cfg.lora_targets.split(",")))
-        torch.manual_seed(cfg.seed)
-        model = M.apply_lora(model, lora_cfg)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()     # trainable LoRA weights in float32 even on bfloat16 base weights
+        model, lora_cfg = with_lora(model, cfg)
     return model.to(device), tok, lora_cfg
+
+
+def with_lora(model: M.Transformer, cfg: TrainConfig) -> tuple[M.Transformer, M.LoRAConfig]:
+    """The model with --lora's adapters (seeded by --seed), every other weight frozen."""
+    lora_cfg = M.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=tuple(cfg.lora_targets.split(",")))
+    torch.manual_seed(cfg.seed)
+    model = M.apply_lora(model, lora_cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()     # trainable LoRA weights in float32 even on bfloat16 base weights
+    return model, lora_cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python benchmarks/step.py --model smollm2-135m --batch 4 --seq-len 128,512 --repeats 5 --out step.json
     python benchmarks/step.py --shape tinyllama --device cuda --batch 8 --seq-len 512,1024,2048
     python benchmarks/step.py --model smollm2-135m --batch 8 --seq-len 96 --vs-transformers   # against transformers
+    python benchmarks/step.py --model smollm2-135m --batch 4 --seq-len 128,512 --lora         # LoRA steps
 
 A step is what train.py does for one optimiser step of one micro-batch: train.losses (forward, L_next, and
 L_attn for CAT, §4.2) -> (L_next + γ·L_attn).backward() with γ = 1 -> clip the gradient norm -> AdamW step ->
@@ -13,6 +14,8 @@ Three variants of it, on the same weights and tokens:
   fast      alpha > 0, attn "fast": the causal mass (B, R) of the R rows that hold causal tokens only
 AdamW runs at lr 0: it does all its arithmetic, but the weights never change, so every variant and every
 repeat sees the same model, and L_next and L_attn of the three variants must agree (fast == explicit).
+With --lora the model is train.py --lora's (its rank, scaling, dropout and target layers; on CUDA in bf16
+autocast the frozen base weights are stored in bf16, as train.py stores them): only the adapters train.
 The batch is built once by train.collate, outside the timed step, as train.py builds it before each step (the
 loss positions, the causal rows and their counts, on the CPU).
 
@@ -26,7 +29,8 @@ CPU: each variant runs in its own subprocess (`--variant NAME --seq-len T`, the 
 out); memory = its peak RSS (train.peak_rss_gib), variants interleaved over --rounds. GPU (--device cuda):
 one process, variants interleaved step by step, bf16 autocast as train.py, torch.cuda.synchronize around each
 step, torch.cuda.max_memory_allocated reset before each step; model FLOPs utilisation = 6·N·B·T / step time /
---peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted).
+--peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted);
+with --lora, (4·N + 2·N_lora)·B·T: no weight gradient for the frozen weights.
 
 --vs-transformers (optional; needs transformers, which no project module imports): in one process, interleaved,
 our vanilla step against transformers' (LlamaForCausalLM with labels: logits at every position) in float32, its
@@ -74,6 +78,7 @@ class BenchConfig:
     rounds: int = 1               # CPU: worker subprocesses per variant, run interleaved vanilla, explicit, fast, ...
     device: str = "cpu"           # cpu | cuda
     dtype: str = "auto"           # compute precision, as train.py's --dtype: auto | float32 | bfloat16
+    lora: bool = False            # LoRA steps as train.py --lora takes them (its defaults): only the adapters train
     vs_transformers: bool = False  # also time transformers' training step and generate on the same weights and batch
     threads: int = 0              # CPU: torch threads per worker (0 = torch's default, one per core)
     alpha: float = 2.0            # CAT hinge threshold: above C_i/N_i of pretrained and random models alike, so
@@ -89,19 +94,27 @@ class BenchConfig:
 # Model and data
 
 def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
-    """The checkpoint of --model (float32, as train.py's full fine-tuning), or random weights of --shape."""
+    """The checkpoint of --model (float32, as train.py's full fine-tuning), or random weights of --shape; with
+    --lora, train.py's adapters on it (frozen base weights in bf16 where train.py keeps them so: CUDA, bf16)."""
     if bool(cfg.model) == bool(cfg.shape):
         raise SystemExit("give exactly one of --model (a checkpoint) and --shape (random weights: "
                          f"{', '.join(SHAPES)})")
-    if cfg.model:
-        return M.load_model(cfg.model, torch.float32, device)
-    if cfg.shape not in SHAPES:
+    if cfg.shape and cfg.shape not in SHAPES:
         raise SystemExit(f"--shape {cfg.shape!r}: choose one of {', '.join(SHAPES)}")
-    texts = [r["input"] + r["target"] for r in stg.make_records("stg_s_train", cfg.seed)]
-    _, tok = train.build_scratch(texts, train.TrainConfig(scratch_vocab=1000, seed=cfg.seed))
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        return M.Transformer(M.ModelArgs(**SHAPES[cfg.shape])), tok
+    on_cuda_bf16 = str(device).startswith("cuda") and M.precision(str(device), cfg.dtype) == "bfloat16"
+    weights = torch.bfloat16 if cfg.lora and on_cuda_bf16 else torch.float32
+    if cfg.model:
+        model, tok = M.load_model(cfg.model, weights, device)
+    else:
+        texts = [r["input"] + r["target"] for r in stg.make_records("stg_s_train", cfg.seed)]
+        _, tok = train.build_scratch(texts, train.TrainConfig(scratch_vocab=1000, seed=cfg.seed))
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):
+            model = M.Transformer(M.ModelArgs(**SHAPES[cfg.shape])).to(weights)
+    if cfg.lora:
+        model, _ = train.with_lora(model, train.TrainConfig(lora=True, seed=cfg.seed))   # train.py's defaults
+        model.to(device)
+    return model, tok
 
 
 def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) -> train.Batch:
@@ -122,9 +135,10 @@ def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) ->
     return train.collate(rows, tok.pad_id)
 
 
-def matmul_params(model: nn.Module) -> int:
+def matmul_params(model: nn.Module, trainable_only: bool = False) -> int:
     """N of 6·N FLOPs per token: weights of the linear layers, lm_head included (tied or not)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and (m.weight.requires_grad or not trainable_only))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +179,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
             if on_cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            torch.manual_seed(cfg.seed)            # the same dropout masks (--lora) in every variant and process
             t0 = time.perf_counter()
             try:
                 losses = train_step(model, optimizer, params, batch, v, cfg.alpha, autocast)
@@ -184,6 +199,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
     for v in variants:
         out[v]["supervised_rows"] = batch.rows.rows.shape[-1] if v != "vanilla" else 0
         out[v]["n_matmul_params"] = matmul_params(model)
+        out[v]["n_trained_matmul_params"] = matmul_params(model, trainable_only=True)
         if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step
             out[v]["peak_mem_bytes"] = int(train.peak_rss_gib() * 2**30)
             out[v]["rss_before_steps_bytes"] = rss_before
@@ -297,7 +313,8 @@ def summarise(cfg: BenchConfig, raw: dict, T: int) -> dict:
         row = {k: m[k] for k in ("l_next", "l_attn", "supervised_rows", "error") if k in m}
         if m["times_s"]:
             median = statistics.median(m["times_s"])
-            flops = 6 * m["n_matmul_params"] * cfg.batch * T
+            n, n_trained = m["n_matmul_params"], m["n_trained_matmul_params"]
+            flops = (4 * n + 2 * n_trained) * cfg.batch * T       # forward 2N, backward 2N + 2N of the trained
             row.update(median_s=median, times_s=m["times_s"], peak_mem_bytes=m["peak_mem_bytes"],
                        tflops=flops / median / 1e12)
             if cfg.device.startswith("cuda"):
@@ -349,6 +366,8 @@ def main(argv=None) -> dict | None:
             raise SystemExit(f"--variant {cfg.variant!r} takes one of {VARIANTS} and one --seq-len")
         print(json.dumps(run_variants(cfg, [cfg.variant], seq_lens[0])))
         return None
+    if cfg.lora and cfg.vs_transformers:
+        raise SystemExit("--vs-transformers compares full fine-tuning steps: leave out --lora")
     start = time.strftime("%Y-%m-%d %H:%M:%S")
     results = {}
     for T in seq_lens:

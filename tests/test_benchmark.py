@@ -18,11 +18,16 @@ import generate as decoding  # noqa: E402  (benchmarks/generate.py)
 import step  # noqa: E402
 
 
-def test_cpu_run_reports_three_variants_with_equal_losses(tmp_path):
+def step_rows(tmp_path, *flags) -> dict:
+    """benchmarks/step.py on the tiny shape, T = 96, one timed step per variant: {variant: row}."""
     out = tmp_path / "step.json"
     step.main(["--shape", "tiny", "--batch", "2", "--seq-len", "96", "--repeats", "1", "--warmup", "0",
-               "--threads", "1", "--dtype", "float32", "--out", str(out)])
-    rows = json.loads(out.read_text())["results"]["96"]
+               "--threads", "1", "--dtype", "float32", "--out", str(out), *flags])
+    return json.loads(out.read_text())["results"]["96"]
+
+
+def test_cpu_run_reports_three_variants_with_equal_losses(tmp_path):
+    rows = step_rows(tmp_path)
     assert set(rows) == set(step.VARIANTS)
     for name, row in rows.items():
         assert "error" not in row, f"{name}: {row.get('error')}"
@@ -35,6 +40,22 @@ def test_cpu_run_reports_three_variants_with_equal_losses(tmp_path):
     assert abs(rows["fast"]["l_attn"] - rows["explicit"]["l_attn"]) < 1e-5, \
         f"fast L_attn {rows['fast']['l_attn']} != explicit {rows['explicit']['l_attn']}"
     assert rows["vanilla"]["l_attn"] == 0 and rows["vanilla"]["supervised_rows"] == 0
+
+
+def test_lora_steps_train_only_the_adapters_and_start_from_the_base_model(tmp_path):
+    model, _ = step.build(step.BenchConfig(shape="tiny", lora=True), "cpu")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    targets = train.TrainConfig().lora_targets.split(",")
+    assert len(trainable) == step.SHAPES["tiny"]["n_layers"] * len(targets) * 2, trainable   # A and B of each
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable), trainable
+    lora, full = step_rows(tmp_path, "--lora"), step_rows(tmp_path)
+    for name in step.VARIANTS:
+        assert "error" not in lora[name], f"{name}: {lora[name].get('error')}"
+        # B = 0 at the start (Hu et al. 2021), so the first step's losses are the full model's on the same weights
+        assert abs(lora[name]["l_next"] - full[name]["l_next"]) < 1e-5, name
+        assert abs(lora[name]["l_attn"] - full[name]["l_attn"]) < 1e-5, name
+    with pytest.raises(SystemExit, match="leave out --lora"):
+        step.main(["--shape", "tiny", "--lora", "--vs-transformers"])
 
 
 def labels_of(batch: train.Batch) -> torch.Tensor:
