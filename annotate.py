@@ -149,7 +149,7 @@ def read_rows(path) -> list[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+            raise stg.InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
                              f"or pass a .json/.jsonl copy with --source") from None
         return pq.read_table(path).to_pylist()
     if path.suffix == ".xml":   # github.com/chaochun/nlu-asdiv-dataset: <Problem><Body/><Question/><Answer/>...
@@ -247,7 +247,7 @@ def download(source: Source) -> dict[str, Path]:
 def fetch(task: str, sources: list[str] | None = None, out_dir="data") -> dict[str, Path]:
     """Writes out_dir/<task>_{train,val,test}.jsonl. sources: local files, 'FILE' (all data) or 'SPLIT=FILE'."""
     if task not in SOURCES:
-        raise SystemExit(f"unknown task {task!r}: choose from {sorted(SOURCES)} (STG: stg.py makes its own files)")
+        raise stg.InputError(f"unknown task {task!r}: choose from {sorted(SOURCES)} (STG: stg.py makes its own files)")
     if sources:              # 'SPLIT=FILE' keeps an upstream split, a bare FILE joins the pool of everything
         files = [tuple(s.split("=", 1)) if s.split("=", 1)[0] in ("train", "validation", "test") else ("all", s)
                  for s in sources]
@@ -337,7 +337,7 @@ def price_for(model: str, price_in: float | None = None, price_out: float | None
     """(input, output, currency) per 1M tokens, or None when unknown and not given."""
     known = PRICES.get(re.sub(r"-\d{4}-\d{2}-\d{2}$", "", model.lower()))   # gpt-4o-2024-08-06 -> gpt-4o
     if (price_in is None) != (price_out is None):
-        raise SystemExit("give both --price-in and --price-out (per 1M tokens)")
+        raise stg.InputError("give both --price-in and --price-out (per 1M tokens)")
     if price_in is not None:
         return (price_in, price_out, known[2] if known else "")
     return known
@@ -520,7 +520,7 @@ def ctrl_c_stops(stop: threading.Event, stats: dict):
 def annotate(cfg: AnnotateConfig) -> dict:
     """Annotates every record of cfg.inp not yet in cfg.out or the rejects; returns counts and cost."""
     if cfg.task not in TEMPLATES:
-        raise SystemExit(f"no prompt template for task {cfg.task!r} (have {sorted(TEMPLATES)}); STG records "
+        raise stg.InputError(f"no prompt template for task {cfg.task!r} (have {sorted(TEMPLATES)}); STG records "
                          f"carry rule-made `important` fields and need no LLM")
     for name, value, low in (("concurrency", cfg.concurrency, 1), ("max_retries", cfg.max_retries, 0)):
         if value < low:
@@ -535,10 +535,10 @@ def annotate(cfg: AnnotateConfig) -> dict:
     if cfg.dry_run:
         return dry_run(cfg, pending, price)
     if cfg.max_cost is not None and price is None:
-        raise SystemExit(f"--max-cost needs prices for {cfg.model!r}: pass --price-in and --price-out")
+        raise stg.InputError(f"--max-cost needs prices for {cfg.model!r}: pass --price-in and --price-out")
     api_key = os.environ.get(cfg.api_key_env, "")
     if not api_key:
-        raise SystemExit(f"no API key: set the environment variable {cfg.api_key_env} (or name another with "
+        raise stg.InputError(f"no API key: set the environment variable {cfg.api_key_env} (or name another with "
                          f"--api-key-env)")
     stop = threading.Event()
     client = ChatClient(cfg, api_key, stop)

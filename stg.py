@@ -389,9 +389,9 @@ def parse_tests(text: str) -> dict[str, Path]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         split, sep, path = item.partition("=")
         if not sep or not split.strip() or not path.strip():
-            raise SystemExit(f"--test {text!r}: write each test file as split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl")
+            raise InputError(f"--test {text!r}: write each test file as split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl")
         if not Path(path.strip()).is_file():
-            raise SystemExit(f"--test: {path.strip()} (split {split.strip()!r}) is not a file")
+            raise InputError(f"--test: {path.strip()} (split {split.strip()!r}) is not a file")
         tests[split.strip()] = Path(path.strip())
     return tests
 

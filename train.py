@@ -186,7 +186,7 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[Example]:
         print(f"annotation coverage: {found}/{found + len(missing)} phrases found ({coverage:.1%})"
               + (f"; not found, e.g. {sorted(set(missing))[:5]}" if missing else ""))
     if not examples:
-        raise SystemExit(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
+        raise stg.InputError(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
     return examples
 
 
@@ -412,7 +412,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
     if not (folder / "state.pt").exists():   # interrupted between the two renames of save_checkpoint
         folder = run_dir / "checkpoint.old"
     if not (folder / "state.pt").exists():
-        raise SystemExit(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
+        raise stg.InputError(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
     weights = load_file(str(folder / "trainable.safetensors"))
     state = torch.load(folder / "state.pt", weights_only=True)  # tensors and plain containers only
     if fsdp:   # every rank reads the whole state and keeps its own shard of it
@@ -472,7 +472,7 @@ def gather_model(model, fsdp: bool, rank: int):
 def init_distributed(device: str, fsdp: bool) -> tuple[int, int]:
     """(rank, world size): a process group when torchrun started several processes, or one for FSDP."""
     if "WORLD_SIZE" not in os.environ and fsdp:
-        raise SystemExit("--fsdp needs torchrun: torchrun --nproc_per_node N train.py ... --fsdp")
+        raise stg.InputError("--fsdp needs torchrun: torchrun --nproc_per_node N train.py ... --fsdp")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp:
         return 0, 1
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

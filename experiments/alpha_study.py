@@ -139,7 +139,7 @@ def setting_flags(setting: str) -> list[str]:
     except ValueError:
         number = -1.0
     if value[:1] not in ("k", "a") or number <= 0:
-        raise SystemExit(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
+        raise stg.InputError(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
                          "nor one of these but vanilla after attr-, in- or tgt-")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
     return flags + (["--attn-loss", "div"] if kind == "div" else [])

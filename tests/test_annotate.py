@@ -256,12 +256,12 @@ def test_dry_run_calls_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_user_errors_say_what_to_do(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="--price-in"):
+    with pytest.raises(stg.InputError, match="--price-in"):
         A.annotate(config(tmp_path, None, make_records(1), max_cost=1.0))
-    with pytest.raises(SystemExit, match="no prompt template for task 'stg_e'"):
+    with pytest.raises(stg.InputError, match="no prompt template for task 'stg_e'"):
         A.annotate(config(tmp_path, None, make_records(1), task="stg_e"))
     monkeypatch.delenv("CAT_TEST_KEY")
-    with pytest.raises(SystemExit, match="CAT_TEST_KEY"):
+    with pytest.raises(stg.InputError, match="CAT_TEST_KEY"):
         A.annotate(config(tmp_path, None, make_records(1)))
 
 
@@ -521,7 +521,7 @@ def test_json_in_pandas_column_layout(tmp_path):
 def test_parquet_needs_pyarrow_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(SystemExit, match="pip install pyarrow"):
+    with pytest.raises(stg.InputError, match="pip install pyarrow"):
         A.read_rows(tmp_path / "train-00000-of-00001.parquet")
 
 

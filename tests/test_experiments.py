@@ -598,7 +598,7 @@ def test_setting_names_give_their_train_flags():
     assert study.setting_flags("tgt-div-k2") == ["--alpha-scale", "2", "--attn-loss", "div", "--rows", "target"]
     for bad in ("k0", "b2", "div-x1", "k", "attr-vanilla", "attr-", "attr-attr-k2", "in-attr-k2", "in-vanilla",
                 "tgt-vanilla", "tgt-in-k2"):
-        with pytest.raises(SystemExit, match="is not vanilla"):
+        with pytest.raises(stg.InputError, match="is not vanilla"):
             study.setting_flags(bad)
 
 

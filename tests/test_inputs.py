@@ -220,6 +220,10 @@ def test_user_errors_end_in_one_line(stg_file, tmp_path, capsys, smollm2_dir=Non
     assert "num_attention_heads" in cli_error(lambda: M.load_model(str(folder)), capsys)
     (folder / "config.json").unlink()
     assert "config.json not found" in cli_error(lambda: M.load_model(str(folder)), capsys)
+    data = [*TINY, "--data", str(stg_file), "--out", str(tmp_path / "r")]
+    assert "write each test file as split=FILE" in cli_error(train_cli([*data, "--test", "iid"]), capsys)
+    assert "is not a file" in cli_error(train_cli([*data, "--test", f"iid={tmp_path / 'none.jsonl'}"]), capsys)
+    assert "--fsdp needs torchrun" in cli_error(train_cli([*data, "--fsdp"]), capsys)
     assert "no such folder" in cli_error(lambda: evaluation.main(["--model", str(tmp_path / "absent")]), capsys)
     assert "no such run folder" in cli_error(lambda: evaluation.main(["--compare", str(tmp_path / "absent")]), capsys)
 
