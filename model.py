@@ -19,7 +19,8 @@ from stg import InputError, atomic_files, atomic_path, run_cli
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
-           "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M"}
+           "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+           "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json"]
 BIN_WEIGHTS = "pytorch_model*.bin"   # the older weights format: fetched only without safetensors, converted once

@@ -723,7 +723,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
 
 def train_step(run: Run, step: int) -> dict:
     """One optimiser step over the global batch of `step`: L_total = L_next + γ·L_attn (§4.2), backward over this
-    rank's micro-batches, clip, AdamW. Returns its metrics; the one host synchronisation is reading them."""
+    rank's micro-batches, clip, AdamW. Returns its metrics, read in two host synchronisations: the losses
+    (checked for NaN before the update) and the gradient norm."""
     cfg, model = run.cfg, run.model
     epoch, k = divmod(step, run.steps_per_epoch)
     gamma = cat.gamma(epoch, cfg.gamma_schedule)                            # §5.1: γ = e^{-epoch}
