@@ -136,7 +136,8 @@ def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) ->
 
 
 def matmul_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """N of 6·N FLOPs per token: weights of the linear layers, lm_head included (tied or not)."""
+    """N of 6·N FLOPs per token: weights of the linear layers, lm_head included (tied or not); trainable_only: those
+    that get a weight gradient (the adapters' N_lora with --lora)."""
     return sum(m.weight.numel() for m in model.modules()
                if isinstance(m, nn.Linear) and (m.weight.requires_grad or not trainable_only))
 
