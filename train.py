@@ -277,6 +277,12 @@ def build_model(cfg: TrainConfig, train_records, device, dtype):
     return model.to(device), tok, lora_cfg
 
 
+def stored_dtype(lora: bool, device: str, precision: str) -> torch.dtype:
+    """The dtype the weights are kept in: float32 (master weights under autocast), except a LoRA run's frozen base
+    weights on CUDA in bf16 autocast, which no update touches: bf16, half the memory."""
+    return torch.bfloat16 if lora and device.startswith("cuda") and precision == "bfloat16" else torch.float32
+
+
 def with_lora(model: M.Transformer, cfg: TrainConfig) -> tuple[M.Transformer, M.LoRAConfig]:
     """The model with --lora's adapters (seeded by --seed), every other weight frozen."""
     lora_cfg = M.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -675,8 +681,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
         raise stg.InputError(f"{data.train}: no training records" + (f" left after --val-frac {cfg.val_frac}"
                                                                      if val_records else ""))
     torch.manual_seed(cfg.seed)
-    weights = torch.bfloat16 if (cfg.lora and on_cuda and cfg.dtype == "bfloat16") else torch.float32
-    model, tok, lora_cfg = build_model(cfg, records, device, weights)   # LoRA on CUDA: frozen base weights in bf16
+    model, tok, lora_cfg = build_model(cfg, records, device, stored_dtype(cfg.lora, device, cfg.dtype))
     examples = encode_all(records, tok, cfg, data.task)
     if method(cfg) == "cat" and not any(ex.n_cat_rows for ex in examples):
         where = " on the answer's rows (--rows target; --rows all counts the input's too)" \

@@ -101,8 +101,7 @@ def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
                          f"{', '.join(SHAPES)})")
     if cfg.shape and cfg.shape not in SHAPES:
         raise SystemExit(f"--shape {cfg.shape!r}: choose one of {', '.join(SHAPES)}")
-    on_cuda_bf16 = str(device).startswith("cuda") and M.precision(str(device), cfg.dtype) == "bfloat16"
-    weights = torch.bfloat16 if cfg.lora and on_cuda_bf16 else torch.float32
+    weights = train.stored_dtype(cfg.lora, str(device), M.precision(str(device), cfg.dtype))
     if cfg.model:
         model, tok = M.load_model(cfg.model, weights, device)
     else:
