@@ -173,6 +173,11 @@ def cat_setting(d: dict) -> tuple[str | None, str]:
     return (ran[0], "*") if ran else (None, "")
 
 
+def setting_label(setting: str | None, row: dict | None) -> str:
+    """"k2: α 0.862": the CAT setting a cell shows and its α (the mean over seeds)."""
+    return f"{setting}: α {row['alpha']['mean']:.3f}" if row else "—"
+
+
 def cell(row: dict | None, split: str, mark: str = "") -> str:
     if not row or split not in row:
         return "—"
@@ -198,7 +203,7 @@ def table2(found: dict) -> list[str]:
         paired = d["paired_by_split"].get(setting, {}).get(split)
         diff.append(alpha_study.difference(paired))
         row = d["rows"].get(setting)
-        alpha.append(f"{setting}: α {row['alpha']['mean']:.3f}" if row else "—")
+        alpha.append(setting_label(setting, row))
         timed = d["rows"].get("vanilla") or row
         minutes.append(alpha_study.number(timed["minutes"], 0) if timed else "—")
     lines += ["| ours, SmolLM2-135M, Vanilla | " + " | ".join(vanilla) + " |",
@@ -229,7 +234,7 @@ def table5(found: dict) -> list[str]:
     if "mawps" not in found:
         return ["No MAWPS study in this precision yet."]
     lines = ["| annotations | paper, TinyLlama-1.1B, CAT (mean ± std over α 0.05–0.3) | ours, SmolLM2-135M, CAT | "
-             "CAT − Vanilla, paired (95 % CI) | C/N at the end |", "|---|---|---|---|---|"]
+             "CAT − Vanilla, paired (95 % CI) | C/N at the end | CAT setting |", "|---|---|---|---|---|---|"]
     data_of = {"GPT-4o": "mawps-gpt4o", "GLM-4-air": "mawps"}
     summary = found.get("mawps", {})
     for name, (mean, std) in PAPER_TABLE5.items():
@@ -238,9 +243,10 @@ def table5(found: dict) -> list[str]:
         row = d["rows"].get(setting) if setting else None
         paired = d["paired_by_split"].get(setting, {}).get("test") if row else {}
         lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {cell(row, 'test', mark)} | "
-                     f"{alpha_study.difference(paired)} | {alpha_study.number(row['cn_end']) if row else '—'} |")
+                     f"{alpha_study.difference(paired)} | {alpha_study.number(row['cn_end']) if row else '—'} | "
+                     f"{setting_label(setting, row)} |")
     d = summary.get("data", {}).get("mawps")
-    lines.append(f"| none (Vanilla) | — | {cell(d['rows'].get('vanilla') if d else None, 'test')} | | |")
+    lines.append(f"| none (Vanilla) | — | {cell(d['rows'].get('vanilla') if d else None, 'test')} | | | |")
     return lines
 
 

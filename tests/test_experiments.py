@@ -426,7 +426,7 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert row["ours, SmolLM2-135M, Vanilla"][0] == "25.00 (1)" and row["ours, SmolLM2-135M, CAT"][0] == "—"
     assert row["ours, SmolLM2-135M, CAT"][2] == "—"                           # ARC-E: no study folder
     assert row["GPT-4o"][1] == "75.00 (1)*" and row["GLM-4-air"][1] == "—"     # * : seed 1 not finished
-    assert row["GPT-4o"][2].startswith("+50.00 (")
+    assert row["GPT-4o"][2].startswith("+50.00 (") and row["GPT-4o"][4] == "k2: α 0.900 |"   # which setting
     cells = {c[0]: c[1:] for c in ([c.strip() for c in line.strip("|").split("|")] for line in bf16.splitlines()
                                    if line.startswith("| *ours"))}                   # a variant: rows of its own
     assert list(cells) == ["*ours, past the paper: tgt-k2 (Eq. 10 over the answer's rows only)*",
