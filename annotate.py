@@ -31,6 +31,7 @@ import requests
 from tqdm import tqdm
 
 import cat
+import cli
 import stg
 
 # ----------------------------------------------------------------------------- prompts (Appendix B)
@@ -149,7 +150,7 @@ def read_rows(path) -> list[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise stg.InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+            raise cli.InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
                              f"or pass a .json/.jsonl copy with --source") from None
         return pq.read_table(path).to_pylist()
     if path.suffix == ".xml":   # github.com/chaochun/nlu-asdiv-dataset: <Problem><Body/><Question/><Answer/>...
@@ -247,7 +248,7 @@ def download(source: Source) -> dict[str, Path]:
 def fetch(task: str, sources: list[str] | None = None, out_dir="data") -> dict[str, Path]:
     """Writes out_dir/<task>_{train,val,test}.jsonl. sources: local files, 'FILE' (all data) or 'SPLIT=FILE'."""
     if task not in SOURCES:
-        raise stg.InputError(f"unknown task {task!r}: choose from {sorted(SOURCES)} (STG: stg.py makes its own files)")
+        raise cli.InputError(f"unknown task {task!r}: choose from {sorted(SOURCES)} (STG: stg.py makes its own files)")
     if sources:              # 'SPLIT=FILE' keeps an upstream split, a bare FILE joins the pool of everything
         files = [tuple(s.split("=", 1)) if s.split("=", 1)[0] in ("train", "validation", "test") else ("all", s)
                  for s in sources]
@@ -264,7 +265,7 @@ def fetch(task: str, sources: list[str] | None = None, out_dir="data") -> dict[s
     out = {}
     for name in SPLITS:
         out[name] = Path(out_dir) / f"{task}_{name}.jsonl"
-        stg.write_jsonl(out[name], splits[name])
+        cli.write_jsonl(out[name], splits[name])
     print(f"{task}: " + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS) + f" (dropped {dropped}) -> {out_dir}")
     return out
 
@@ -276,11 +277,11 @@ def record_key(record: dict) -> str:
 
 
 def done_keys(path: Path, repair: bool = True) -> set[str]:
-    """Keys already written to an append-only JSONL (stg.complete_lines: only an unparsable last line, a kill
+    """Keys already written to an append-only JSONL (cli.complete_lines: only an unparsable last line, a kill
     mid-write, is dropped; with repair=False, a dry run, the file is not touched)."""
     if not path.exists():
         return set()
-    lines = [line for line in stg.complete_lines(path, repair) if line.strip()]
+    lines = [line for line in cli.complete_lines(path, repair) if line.strip()]
     return {record_key(json.loads(line)) for line in lines}
 
 
@@ -337,7 +338,7 @@ def price_for(model: str, price_in: float | None = None, price_out: float | None
     """(input, output, currency) per 1M tokens, or None when unknown and not given."""
     known = PRICES.get(re.sub(r"-\d{4}-\d{2}-\d{2}$", "", model.lower()))   # gpt-4o-2024-08-06 -> gpt-4o
     if (price_in is None) != (price_out is None):
-        raise stg.InputError("give both --price-in and --price-out (per 1M tokens)")
+        raise cli.InputError("give both --price-in and --price-out (per 1M tokens)")
     if price_in is not None:
         return (price_in, price_out, known[2] if known else "")
     return known
@@ -520,14 +521,14 @@ def ctrl_c_stops(stop: threading.Event, stats: dict):
 def annotate(cfg: AnnotateConfig) -> dict:
     """Annotates every record of cfg.inp not yet in cfg.out or the rejects; returns counts and cost."""
     if cfg.task not in TEMPLATES:
-        raise stg.InputError(f"no prompt template for task {cfg.task!r} (have {sorted(TEMPLATES)}); STG records "
+        raise cli.InputError(f"no prompt template for task {cfg.task!r} (have {sorted(TEMPLATES)}); STG records "
                          f"carry rule-made `important` fields and need no LLM")
     for name, value, low in (("concurrency", cfg.concurrency, 1), ("max_retries", cfg.max_retries, 0)):
         if value < low:
-            raise stg.InputError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+            raise cli.InputError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
     for name in ("timeout", "backoff_base", "backoff_max", "max_cost", "price_in", "price_out"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0 or (name == "timeout" and cfg.timeout == 0):
-            raise stg.InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive")
+            raise cli.InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive")
     out, rejects = Path(cfg.out), Path(cfg.rejects or Path(cfg.out).with_suffix(".rejects.jsonl"))
     done = done_keys(out, repair=not cfg.dry_run) | done_keys(rejects, repair=not cfg.dry_run)
     pending = list({record_key(r): r for r in stg.read_records(cfg.inp) if record_key(r) not in done}.values())
@@ -535,10 +536,10 @@ def annotate(cfg: AnnotateConfig) -> dict:
     if cfg.dry_run:
         return dry_run(cfg, pending, price)
     if cfg.max_cost is not None and price is None:
-        raise stg.InputError(f"--max-cost needs prices for {cfg.model!r}: pass --price-in and --price-out")
+        raise cli.InputError(f"--max-cost needs prices for {cfg.model!r}: pass --price-in and --price-out")
     api_key = os.environ.get(cfg.api_key_env, "")
     if not api_key:
-        raise stg.InputError(f"no API key: set the environment variable {cfg.api_key_env} (or name another with "
+        raise cli.InputError(f"no API key: set the environment variable {cfg.api_key_env} (or name another with "
                          f"--api-key-env)")
     stop = threading.Event()
     client = ChatClient(cfg, api_key, stop)
@@ -602,7 +603,7 @@ def main(argv=None) -> int:
                          help="folder for <task>_{train,val,test}.jsonl (default: %(default)s)")
     p_ann = sub.add_parser("annotate", help="annotate records with an assistant LLM (resumable)",
                            description="Each option is a field of AnnotateConfig in annotate.py, commented there.")
-    stg.add_config_arguments(p_ann, AnnotateConfig, rename={"inp": "--in"})
+    cli.add_config_arguments(p_ann, AnnotateConfig, rename={"inp": "--in"})
     args = parser.parse_args(argv)
     if args.command == "fetch":
         fetch(args.task, args.source, args.out)
@@ -624,4 +625,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    stg.run_cli(lambda: sys.exit(main()))
+    cli.run_cli(lambda: sys.exit(main()))

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import cat
+import cli
 import stg
 import model as M
 from model import generate, load_model
@@ -238,7 +239,7 @@ def resume_point(path: Path, header: dict) -> dict[int, list[int]]:
     decoded. With the same header here, {prompt index: new ids}; otherwise the file is started again."""
     if path.exists():
         try:
-            lines = stg.complete_lines(path)        # a kill during a write leaves a last line that is dropped
+            lines = cli.complete_lines(path)        # a kill during a write leaves a last line that is dropped
             if lines and json.loads(lines[0]) == header:
                 done = {}
                 for line in lines[1:]:
@@ -248,7 +249,7 @@ def resume_point(path: Path, header: dict) -> dict[int, list[int]]:
                 return done
         except (ValueError, KeyError, TypeError) as error:   # damaged otherwise: the answers are made again
             print(f"{path}: unreadable ({type(error).__name__}: {error}); its split is answered again")
-    stg.write_text(path, json.dumps(header) + "\n")
+    cli.write_text(path, json.dumps(header) + "\n")
     return {}
 
 
@@ -367,7 +368,7 @@ def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path,
         ax.locator_params(axis="x", nbins=5)
         ax.legend()
     fig.tight_layout()
-    with stg.atomic_path(density) as tmp:
+    with cli.atomic_path(density) as tmp:
         fig.savefig(tmp, dpi=150, format="png")
     plt.close(fig)
 
@@ -385,7 +386,7 @@ def plot_attention(numbers: dict[str, list[dict]], example: dict, out_dir: Path,
     ax.set_title(f"average attention map, {name} (green causal, red spurious, gray irrelevant)")
     fig.tight_layout()
     attention_map = out_dir / f"attention_map_{name}.png"
-    with stg.atomic_path(attention_map) as tmp:
+    with cli.atomic_path(attention_map) as tmp:
         fig.savefig(tmp, dpi=150, format="png")
     plt.close(fig)
     return [density, attention_map]
@@ -472,7 +473,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     else by its own file's task (split_task). With out_dir, writes
     predictions_<data>_<split>.jsonl and merges {data.name: result} into out_dir/results.json; with
     attention (STG only), adds the per-kind attention numbers and draws the two pictures. dtype: the compute
-    precision (model.precision), as in training. max_len: records whose prompt and max_new_tokens do not fit are
+    precision (cli.precision), as in training. max_len: records whose prompt and max_new_tokens do not fit are
     skipped and counted (result "skipped_too_long"), as training skips them. weights (weights_key), with out_dir:
     each split's answers are kept as they come in predictions_<data>_<split>.partial.jsonl, so that an evaluation
     stopped midway continues where it stopped when called again with the same weights, device and precision;
@@ -485,13 +486,13 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     was_training = model.training
     model.eval()
     results, numbers, example = {}, {}, None
-    precision = M.precision(device, dtype)
+    precision = cli.precision(device, dtype)
     model_key = None if weights is None else {"weights": weights, "device": device.type, "precision": precision}
-    with torch.no_grad(), M.autocast(device, precision):
+    with torch.no_grad(), cli.autocast(device, precision):
         for split, path in data.tests.items():
             records = stg.read_records(path)[:limit]
             if not records:
-                raise stg.InputError(f"{path}: no records to evaluate")
+                raise cli.InputError(f"{path}: no records to evaluate")
             fits = [max_len is None or len(prompt_ids(tokenizer, r["input"])) + max_new_tokens <= max_len
                     for r in records]
             skipped = fits.count(False)
@@ -500,7 +501,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
                       f"{max_new_tokens} new ones; they are skipped")
                 records = [r for r, fit in zip(records, fits) if fit]
             if not records:
-                raise stg.InputError(f"{path}: no prompt fits in {max_len} tokens (--max-len)")
+                raise cli.InputError(f"{path}: no prompt fits in {max_len} tokens (--max-len)")
             checker = task or split_task(data, split)
             partial = partial_path(out_dir, data.name, split) if out_dir is not None else None
             rows = answer_rows(model, tokenizer, records, checker, batch_size=batch_size,
@@ -514,12 +515,12 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
                 for row, n in zip(rows, numbers[split]):
                     row["attention"] = n["mean"]
             if out_dir is not None:
-                stg.write_jsonl(predictions_path(out_dir, data.name, split), rows)
+                cli.write_jsonl(predictions_path(out_dir, data.name, split), rows)
     model.train(was_training)
     if out_dir is not None:
         path = out_dir / "results.json"
         merged = json.loads(path.read_text()) if path.exists() else {}
-        stg.write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
+        cli.write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
         if attention:
             plot_attention(numbers, example, out_dir, data.name)
         for split in data.tests:   # kept until every split is done: a split finished before a stop is not redone
@@ -561,9 +562,9 @@ def compare_runs(runs: list[str]) -> str:
     for run in map(Path, runs):
         path = run / "results.json"
         if not run.is_dir():
-            raise stg.InputError(f"--compare {run}: no such run folder")
+            raise cli.InputError(f"--compare {run}: no such run folder")
         if not path.exists():
-            raise stg.InputError(f"{path} does not exist: evaluate the run first "
+            raise cli.InputError(f"{path} does not exist: evaluate the run first "
                                  f"(python eval.py --model {run} --data <data set>)")
         label = run_label(run)
         rows += [label] if label not in rows else []
@@ -598,7 +599,7 @@ def default_out_dir(model: str) -> Path:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = stg.config_parser(EvalConfig, __doc__)
+    p = cli.config_parser(EvalConfig, __doc__)
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if not cfg.compare and cfg.model is None:
         p.error("give --model to evaluate, or --compare RUN ... to tabulate results")
@@ -619,7 +620,7 @@ def check_model_folder(model: str) -> None:
     path = Path(model)
     if (path / "checkpoint" / "state.pt").exists() and not (path / "model.safetensors").exists() \
             and not (path / "adapter_config.json").exists():
-        raise stg.InputError(f"{path} is an unfinished training run (it has a checkpoint, no model yet): "
+        raise cli.InputError(f"{path} is an unfinished training run (it has a checkpoint, no model yet): "
                              f"finish it with python train.py --resume {path}")
 
 
@@ -629,10 +630,10 @@ def main(argv=None) -> None:
         table = compare_runs(cfg.compare)
         print(table)
         if cfg.out:
-            stg.write_text(Path(cfg.out), table + "\n")
+            cli.write_text(Path(cfg.out), table + "\n")
         return
     check_model_folder(cfg.model)
-    precision = M.precision(cfg.device, cfg.dtype)
+    precision = cli.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     folder = str(M.resolve(cfg.model))    # a hub id is looked up once, here
@@ -651,4 +652,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

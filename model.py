@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from stg import InputError, atomic_files, atomic_path, run_cli
+from cli import InputError, atomic_files, atomic_path, run_cli
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
@@ -133,33 +133,6 @@ def apply_rope(x, cos, sin):
     x32 = x.float()
     rotated = torch.cat([-x32[..., x.shape[-1] // 2:], x32[..., :x.shape[-1] // 2]], dim=-1)  # rotate_half
     return (x32 * cos + rotated * sin).type_as(x)
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (x86 AVX512-BF16 or AMX, read from /proc/cpuinfo):
-    there bf16 autocast runs matmuls about twice as fast as float32; elsewhere it is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def precision(device, dtype: str = "auto") -> str:
-    """The compute precision a run uses on `device`: "bfloat16" (autocast, float32 master weights) or "float32".
-    auto = bfloat16 on CUDA and on CPUs with native bf16 matmuls, float32 elsewhere."""
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"--dtype {dtype!r}: choose auto, float32 or bfloat16")
-    if dtype != "auto":
-        return dtype
-    device = torch.device(device)
-    return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()) else "float32"
-
-
-def autocast(device, dtype: str):
-    """The autocast context of precision(device, dtype): matmuls in bf16; softmax, norms and losses stay float32
-    here because the code casts them (scores.float(), RMSNorm, logits.float())."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 class KVCache:
@@ -475,7 +448,7 @@ class Tokenizer:
         return cls(backend, bos_id, eos_ids, pad_id, config)
 
     def save(self, out_dir) -> None:
-        """tokenizer.json, tokenizer_config.json and generation_config.json, written together (stg.atomic_files)."""
+        """tokenizer.json, tokenizer_config.json and generation_config.json, written together (cli.atomic_files)."""
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.backend.id_to_token(self.eos_ids[0]),
                   "pad_token": self.backend.id_to_token(self.pad_id), **self.config,
                   "add_bos_token": self.bos_id is not None}   # read back by from_dir: the same prompt prefix

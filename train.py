@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import cat
 import model as M
+import cli
 import stg
 
 
@@ -186,7 +187,7 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[Example]:
         print(f"annotation coverage: {found}/{found + len(missing)} phrases found ({coverage:.1%})"
               + (f"; not found, e.g. {sorted(set(missing))[:5]}" if missing else ""))
     if not examples:
-        raise stg.InputError(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
+        raise cli.InputError(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
     return examples
 
 
@@ -418,7 +419,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
     if not (folder / "state.pt").exists():   # interrupted between the two renames of save_checkpoint
         folder = run_dir / "checkpoint.old"
     if not (folder / "state.pt").exists():
-        raise stg.InputError(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
+        raise cli.InputError(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
     weights = load_file(str(folder / "trainable.safetensors"))
     state = torch.load(folder / "state.pt", weights_only=True)  # tensors and plain containers only
     if fsdp:   # every rank reads the whole state and keeps its own shard of it
@@ -441,7 +442,7 @@ def put_weights(model, weights: dict, source) -> None:
         for name, value in weights.items():
             if name not in params or params[name].shape != value.shape:
                 found = f"shape {tuple(params[name].shape)}" if name in params else "no such parameter"
-                raise stg.InputError(f"{source}: tensor {name} {tuple(value.shape)} does not fit the model ({found}); "
+                raise cli.InputError(f"{source}: tensor {name} {tuple(value.shape)} does not fit the model ({found}); "
                                      "load it over the model it was trained from")
             params[name].copy_(value)
 
@@ -478,7 +479,7 @@ def gather_model(model, fsdp: bool, rank: int):
 def init_distributed(device: str, fsdp: bool) -> tuple[int, int]:
     """(rank, world size): a process group when torchrun started several processes, or one for FSDP."""
     if "WORLD_SIZE" not in os.environ and fsdp:
-        raise stg.InputError("--fsdp needs torchrun: torchrun --nproc_per_node N train.py ... --fsdp")
+        raise cli.InputError("--fsdp needs torchrun: torchrun --nproc_per_node N train.py ... --fsdp")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp:
         return 0, 1
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -504,7 +505,7 @@ def resolve(cfg: TrainConfig, data: stg.DataSet, device: str) -> None:
         cfg.epochs = 10 if cfg.model == "scratch" else 6 if is_stg else 4
     if cfg.lr is None:
         cfg.lr = 1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5
-    cfg.dtype = M.precision(device, cfg.dtype)
+    cfg.dtype = cli.precision(device, cfg.dtype)
     lora = "-lora" if cfg.lora else ""
     cfg.name = cfg.name or f"{model_label(cfg.model)}-{data.name}-{method(cfg)}{lora}-s{cfg.seed}"
 
@@ -536,29 +537,29 @@ def validate(cfg: TrainConfig) -> None:
     for name, low in AT_LEAST.items():
         value = getattr(cfg, name)
         if value is not None and value < low:
-            raise stg.InputError(f"{flag(name)} {value}: must be at least {low}")
+            raise cli.InputError(f"{flag(name)} {value}: must be at least {low}")
     for name in POSITIVE:
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
-            raise stg.InputError(f"{flag(name)} {getattr(cfg, name)}: must be positive (leave it out for the default)")
+            raise cli.InputError(f"{flag(name)} {getattr(cfg, name)}: must be positive (leave it out for the default)")
     for name in FRACTION:
         if not 0 <= getattr(cfg, name) < 1:
-            raise stg.InputError(f"{flag(name)} {getattr(cfg, name)}: must be in [0, 1)")
+            raise cli.InputError(f"{flag(name)} {getattr(cfg, name)}: must be in [0, 1)")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise stg.InputError(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+            raise cli.InputError(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     if cfg.alpha > 0 and cfg.alpha_scale > 0 and not cfg.resume:   # a resumed run holds the α its scale gave
-        raise stg.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
+        raise cli.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
     if cfg.contrast != "all" and cfg.attn != "explicit":
-        raise stg.InputError(f"--contrast {cfg.contrast}: N_i is then read from the attention maps; add --attn explicit")
+        raise cli.InputError(f"--contrast {cfg.contrast}: N_i is then read from the attention maps; add --attn explicit")
     if cfg.scratch_dim % cfg.scratch_heads:
-        raise stg.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
+        raise cli.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
                              f"{cfg.scratch_heads}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise stg.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
+        raise cli.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise stg.InputError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or auto)")
+        raise cli.InputError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or auto)")
     if cfg.fsdp and cfg.lora:
-        raise stg.InputError("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under "
+        raise cli.InputError("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under "
                              "torchrun")
 
 
@@ -581,12 +582,12 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
     state = folder_state(run_dir)
     if cfg.resume:
         if state is None:
-            raise stg.InputError(f"--resume {run_dir}: no run there (no train_config.json)")
+            raise cli.InputError(f"--resume {run_dir}: no run there (no train_config.json)")
         if "interrupted" not in state:
-            raise stg.InputError(f"--resume {run_dir}: it holds {state}, with no checkpoint to continue from"
+            raise cli.InputError(f"--resume {run_dir}: it holds {state}, with no checkpoint to continue from"
                                  + ("" if "finished" in state else "; start it again with --overwrite"))
     elif state is not None and not cfg.overwrite:
-        raise stg.InputError(f"{run_dir} already holds {state}. "
+        raise cli.InputError(f"{run_dir} already holds {state}. "
                              + (f"Continue it with --resume {run_dir}, or c" if "interrupted" in state else "C")
                              + "hoose another --name, or replace it with --overwrite")
 
@@ -616,7 +617,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     params: list                     # the trainable parameters
     examples: list[Example]
-    autocast: object                 # the compute precision's autocast context (model.autocast)
+    autocast: object                 # the compute precision's autocast context (cli.autocast)
     steps_per_epoch: int
     total: int                       # optimiser steps of the whole run
     saved_step: int = -1             # the step of the checkpoint on disk (-1: none yet)
@@ -663,9 +664,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     on_cuda = device.startswith("cuda")
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if data.train is None:
-        raise stg.InputError(f"--data {cfg.data}: no training file")
+        raise cli.InputError(f"--data {cfg.data}: no training file")
     if cfg.contrast == "attributes" and data.task not in stg.FACTORS:
-        raise stg.InputError(f"--contrast attributes: {data.train} is not STG data (task {data.task!r}); its records "
+        raise cli.InputError(f"--contrast attributes: {data.train} is not STG data (task {data.task!r}); its records "
                              "have no known \"Name: value\" attributes to contrast the causes with")
     resolve(cfg, data, device)
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
@@ -678,7 +679,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
               + f" on {device}")
     records, val_records = split_validation(stg.training_records(data), cfg)
     if not records:
-        raise stg.InputError(f"{data.train}: no training records" + (f" left after --val-frac {cfg.val_frac}"
+        raise cli.InputError(f"{data.train}: no training records" + (f" left after --val-frac {cfg.val_frac}"
                                                                      if val_records else ""))
     torch.manual_seed(cfg.seed)
     model, tok, lora_cfg = build_model(cfg, records, device, stored_dtype(cfg.lora, device, cfg.dtype))
@@ -686,10 +687,10 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     if method(cfg) == "cat" and not any(ex.n_cat_rows for ex in examples):
         where = " on the answer's rows (--rows target; --rows all counts the input's too)" \
             if cfg.rows == "target" else ""
-        raise stg.InputError(f"--alpha {cfg.alpha or cfg.alpha_scale}: no record of {data.train} carries an "
+        raise cli.InputError(f"--alpha {cfg.alpha or cfg.alpha_scale}: no record of {data.train} carries an "
                              f"`important` annotation that was found in its text{where}; annotate the data "
                              "(annotate.py) or train vanilla with --alpha 0")
-    autocast = M.autocast(device, cfg.dtype)
+    autocast = cli.autocast(device, cfg.dtype)
     if not cfg.resume and rank == 0 and (counts := row_counts(examples))["annotated"]:
         cfg.extra["cat_rows"] = counts
         if method(cfg) == "cat":
@@ -703,9 +704,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.extra["world_size"] = world
-        stg.write_text(run_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        cli.write_text(run_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     if rank == 0 and val_records:   # the validation split travels with the run, evaluated beside the test files
-        stg.write_jsonl(run_dir / "val.jsonl", val_records)
+        cli.write_jsonl(run_dir / "val.jsonl", val_records)
         data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
     # The CAT loss needs nothing from other ranks: each sequence's attention, and so its L_attn, stays on its rank.
     if cfg.fsdp:
@@ -721,8 +722,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, int]:
     run.saved_step = step if cfg.resume else -1
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         path = run_dir / "metrics.jsonl"
-        lines = stg.complete_lines(path) if path.exists() else []    # a line cut by a kill is dropped
-        stg.write_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        lines = cli.complete_lines(path) if path.exists() else []    # a line cut by a kill is dropped
+        cli.write_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
     return run, step
 
 
@@ -865,11 +866,11 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    return TrainConfig(**vars(stg.config_parser(TrainConfig, __doc__, skip=("extra",)).parse_args(argv)))
+    return TrainConfig(**vars(cli.config_parser(TrainConfig, __doc__, skip=("extra",)).parse_args(argv)))
 
 
 if __name__ == "__main__":
-    stg.run_cli(lambda: train(parse_args()))
+    cli.run_cli(lambda: train(parse_args()))
     if "WORLD_SIZE" in os.environ:
         # Under torchrun, leave without the interpreter's shutdown: a gloo worker thread may still be freeing the
         # tensors of the last collective, and one that needs the GIL while Python finalises aborts the process

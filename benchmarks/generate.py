@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
+import cli  # noqa: E402
 import stg  # noqa: E402
 import train  # noqa: E402
 
@@ -39,7 +40,7 @@ class BenchConfig:
     batch: int = 64                   # prompts decoded together (eval.py's --batch-size)
     max_new_tokens: int = 512
     device: str = "cpu"
-    dtype: str = "auto"               # auto | bfloat16 | float32 (model.precision)
+    dtype: str = "auto"               # auto | bfloat16 | float32 (cli.precision)
     threads: int = 0                  # CPU torch threads (0 = torch's default)
     out: str = ""                     # optional: the figures as JSON
 
@@ -93,12 +94,12 @@ def timed(fn, *args) -> tuple[list[list[int]], float]:
 
 
 def main(argv=None) -> dict:
-    cfg = BenchConfig(**vars(stg.config_parser(BenchConfig, __doc__).parse_args(argv)))
+    cfg = BenchConfig(**vars(cli.config_parser(BenchConfig, __doc__).parse_args(argv)))
     if not cfg.model or not cfg.data:
-        raise stg.InputError("--model and --data are both needed (see the docstring's command)")
+        raise cli.InputError("--model and --data are both needed (see the docstring's command)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    precision = M.precision(cfg.device, cfg.dtype)
+    precision = cli.precision(cfg.device, cfg.dtype)
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     model, tokenizer = M.load_model(cfg.model, dtype=weights, device=cfg.device)
     if cfg.weights:
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
     prompts, records = [ids for ids, _ in encoded], [r for _, r in encoded]
     task = stg.guess_task(Path(cfg.data).stem)
     ours, plain, seconds = [], [], {"generate": 0.0, "plain": 0.0}
-    with M.autocast(cfg.device, precision):
+    with cli.autocast(cfg.device, precision):
         for n, start in enumerate(range(0, len(prompts), cfg.batch)):
             batch = prompts[start:start + cfg.batch]
             args = (model, batch, cfg.max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
@@ -131,9 +132,9 @@ def main(argv=None) -> dict:
                               "at_limit": sum(n == cfg.max_new_tokens for n in lengths)}}
     print(json.dumps(figures, indent=2))
     if cfg.out:
-        stg.write_text(Path(cfg.out), json.dumps(figures, indent=2) + "\n")
+        cli.write_text(Path(cfg.out), json.dumps(figures, indent=2) + "\n")
     return figures
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -54,6 +54,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+import cli  # noqa: E402
 import stg  # noqa: E402
 import train  # noqa: E402
 
@@ -101,7 +102,7 @@ def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
                          f"{', '.join(SHAPES)})")
     if cfg.shape and cfg.shape not in SHAPES:
         raise SystemExit(f"--shape {cfg.shape!r}: choose one of {', '.join(SHAPES)}")
-    weights = train.stored_dtype(cfg.lora, str(device), M.precision(str(device), cfg.dtype))
+    weights = train.stored_dtype(cfg.lora, str(device), cli.precision(str(device), cfg.dtype))
     if cfg.model:
         model, tok = M.load_model(cfg.model, weights, device)
     else:
@@ -169,7 +170,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
     batch = packed_batch(tok, cfg.batch, T, cfg.annotated, cfg.seed).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.adamw(params, lr=0.0)                 # all of AdamW's work, weights unchanged
-    autocast = M.autocast(cfg.device, M.precision(cfg.device, cfg.dtype))
+    autocast = cli.autocast(cfg.device, cli.precision(cfg.device, cfg.dtype))
     rss_before = int(train.peak_rss_gib() * 2**30)
     out = {v: {"times_s": [], "peak_mem_bytes": 0} for v in variants}
     for r in range(cfg.warmup + cfg.repeats):
@@ -251,8 +252,8 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
         M.save_model(ours, tok, folder)
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                attn_implementation="sdpa").to(cfg.device)
-    precision = M.precision(cfg.device, cfg.dtype)
-    same, plain = M.autocast(cfg.device, precision), M.autocast(cfg.device, "float32")
+    precision = cli.precision(cfg.device, cfg.dtype)
+    same, plain = cli.autocast(cfg.device, precision), cli.autocast(cfg.device, "float32")
     batch = packed_batch(tok, cfg.batch, T, cfg.annotated, cfg.seed).to(cfg.device)
     labels = torch.full_like(batch.ids, -100)
     labels.view(-1)[batch.target_pos + 1] = batch.targets          # transformers shifts the labels itself
@@ -355,7 +356,7 @@ def device_name(cfg: BenchConfig) -> str:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    return BenchConfig(**vars(stg.config_parser(BenchConfig, __doc__).parse_args(argv)))
+    return BenchConfig(**vars(cli.config_parser(BenchConfig, __doc__).parse_args(argv)))
 
 
 def main(argv=None) -> dict | None:
@@ -392,9 +393,9 @@ def main(argv=None) -> dict | None:
             for name, ratio in (row or {}).get("speedups", {}).items():
                 print(f"T = {T}, {name}: {ratio:.2f}x")
     if cfg.out:
-        stg.write_text(Path(cfg.out), json.dumps(report, indent=2) + "\n")
+        cli.write_text(Path(cfg.out), json.dumps(report, indent=2) + "\n")
     return report
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import eval as evaluation  # noqa: E402
-import model as M  # noqa: E402
+import cli  # noqa: E402
 import stg  # noqa: E402
 from stg_grid import Job, child_env, items, mean_std, run_job  # noqa: E402
 
@@ -139,7 +139,7 @@ def setting_flags(setting: str) -> list[str]:
     except ValueError:
         number = -1.0
     if value[:1] not in ("k", "a") or number <= 0:
-        raise stg.InputError(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
+        raise cli.InputError(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
                          "nor one of these but vanilla after attr-, in- or tgt-")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
     return flags + (["--attn-loss", "div"] if kind == "div" else [])
@@ -151,12 +151,12 @@ def data_files(cfg: StudyConfig, data: str) -> tuple[Path, dict[str, Path]]:
         resolved = stg.resolve_data(data.removeprefix("gen-"))
         return resolved.train, resolved.tests
     if data not in AUTHORS_FILES:
-        raise stg.InputError(f"--data {data}: expected one of {', '.join(AUTHORS_FILES)} or gen-<name> (stg.py's)")
+        raise cli.InputError(f"--data {data}: expected one of {', '.join(AUTHORS_FILES)} or gen-<name> (stg.py's)")
     train_stem, tests = AUTHORS_FILES[data]
     path = {split: Path(cfg.authors_data) / f"{stem}.jsonl" for split, stem in {"train": train_stem, **tests}.items()}
     missing = [p for p in path.values() if not p.is_file()]
     if missing:
-        raise stg.InputError(f"{missing[0]} not found: --authors-data names the folder of the authors' repository "
+        raise cli.InputError(f"{missing[0]} not found: --authors-data names the folder of the authors' repository "
                              "(github.com/Kairong-Han/CAT), which holds STG/, STG_H/, MAWPS/, ...")
     return path.pop("train"), path
 
@@ -242,7 +242,7 @@ def collect_outcomes(run: Path) -> None:
     for split in results:
         rows = stg.read_records(evaluation.predictions_path(run, name, split))
         outcomes[split] = {"answer": [r["answer"] for r in rows], "correct": [bool(r["correct"]) for r in rows]}
-    stg.write_text(run / "outcomes.json", json.dumps(outcomes) + "\n")
+    cli.write_text(run / "outcomes.json", json.dumps(outcomes) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def split_outcomes(folder: Path, study: StudyConfig, data: str, setting: str, sp
             if (r := read_run(folder / run_name(run_source(study, data, setting), setting, seed)))]
     outcomes = [run["outcomes"][split] for run in runs]
     if any(len(o["answer"]) != records for o in outcomes):
-        raise stg.InputError(f"{folder}: the runs of {setting} answered another number of records than {test_file} "
+        raise cli.InputError(f"{folder}: the runs of {setting} answered another number of records than {test_file} "
                              "holds; is --authors-data the folder they were run on?")
     return outcomes
 
@@ -316,7 +316,7 @@ def recall_by_label(cfg: StudyConfig, data: str, split: str, runs: dict) -> dict
     task has more than MAX_LABELS distinct answers, or when the runs answered another number of records."""
     try:
         gold = [str(r["target"]).strip() for r in stg.read_records(data_files(cfg, data)[1][split])]
-    except (stg.InputError, KeyError):
+    except (cli.InputError, KeyError):
         return {}
     counts = collections.Counter(gold)
     labels = sorted(counts, key=lambda label: (-counts[label], label))      # the majority answer first
@@ -340,7 +340,7 @@ def machine() -> str:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, {'native' if M.native_bf16_cpu() else 'no native'} bf16"
+    return f"{name}, {os.cpu_count()} cores, {'native' if cli.native_bf16_cpu() else 'no native'} bf16"
 
 
 def git_revision() -> str:
@@ -557,7 +557,7 @@ def figure(summary: dict, out: Path) -> list[Path]:
         right.set(xlabel="α", ylabel="mean C/N of the causal rows, last epoch", title="did attention move?")
         fig.tight_layout()
         path = out / f"figure4_{data}.png"
-        with stg.atomic_path(path) as tmp:
+        with cli.atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         paths.append(path)
@@ -569,8 +569,8 @@ def figure(summary: dict, out: Path) -> list[Path]:
 def write_summary(cfg: StudyConfig, out: Path) -> dict:
     """The study's summary from its run folders, written to <out>/summary.json and summary.md."""
     summary = summarize(cfg, out)
-    stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    stg.write_text(out / "summary.md", markdown(summary))
+    cli.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    cli.write_text(out / "summary.md", markdown(summary))
     return summary
 
 
@@ -589,7 +589,7 @@ def selected(queue: list[Job], only: str) -> list[Job]:
     for pattern in items(only):
         matches = [job for job in queue if fnmatch.fnmatchcase(job.run.name, pattern)]
         if not matches:
-            raise stg.InputError(f"--only {pattern}: no run of this study is named so; its runs are "
+            raise cli.InputError(f"--only {pattern}: no run of this study is named so; its runs are "
                                  f"{', '.join(job.run.name for job in queue)}")
         picked += [job for job in matches if job not in picked]
     return picked
@@ -605,7 +605,7 @@ def saved_config(out: Path) -> StudyConfig:
 def parse_args(argv=None) -> StudyConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    p = stg.config_parser(StudyConfig, __doc__, skip=("train_args",))
+    p = cli.config_parser(StudyConfig, __doc__, skip=("train_args",))
     cfg = StudyConfig(**vars(p.parse_args(argv[:cut])), train_args=argv[cut + 1:])
     for setting in items(cfg.settings):
         setting_flags(setting)
@@ -625,8 +625,8 @@ def main(argv=None) -> Path:
         queue = selected(jobs(cfg, out), cfg.only)     # a mistake in --only stops here, before a file is written
         # the revision the runs come from (run the study from a worktree at a commit)
         config = {**study_fields(cfg), "revision": git_revision()}
-        stg.write_text(config_path, json.dumps(config, indent=2) + "\n")
-        stg.write_text(out / ".gitignore", "# written by alpha_study.py: only the small files of each run\n*/*\n"
+        cli.write_text(config_path, json.dumps(config, indent=2) + "\n")
+        cli.write_text(out / ".gitignore", "# written by alpha_study.py: only the small files of each run\n*/*\n"
                        + "".join(f"!*/{name}\n" for name in KEEP))
         env = child_env(jobs=1)   # one run at a time, with every core (OMP_NUM_THREADS, when set, wins)
         for job in queue:
@@ -648,4 +648,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+import cli  # noqa: E402
 import stg  # noqa: E402
 from alpha_study import data_files, number, saved_config, split_outcomes  # noqa: E402
 from stg_grid import items, mean_std  # noqa: E402
@@ -96,7 +97,7 @@ def study_rows(folder: Path, cfg: AttributesConfig) -> list[dict]:
     for data in items(study.data):
         train, tests = data_files(study, data)
         if cfg.split not in tests:
-            raise stg.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
+            raise cli.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
         records = stg.read_records(tests[cfg.split])
         attributes = [stg.parse_attributes(r["input"], "stg_e") for r in records]
         if any(set(a) != set(ATTRIBUTES) for a in attributes):
@@ -171,21 +172,21 @@ def figure(d: dict) -> Path | None:
                  fontsize=10)
     fig.tight_layout()
     path = d["folder"] / f"attributes_{d['data']}.png"
-    with stg.atomic_path(path) as tmp:
+    with cli.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
 def main(argv=None) -> str:
-    cfg = AttributesConfig(**vars(stg.config_parser(AttributesConfig, __doc__).parse_args(argv)))
+    cfg = AttributesConfig(**vars(cli.config_parser(AttributesConfig, __doc__).parse_args(argv)))
     found = []
     for folder in map(Path, items(cfg.studies)):
         if not (folder / "study_config.json").exists():
-            raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
+            raise cli.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
         found += study_rows(folder, cfg)
     text = markdown(found)
-    stg.write_text(Path(cfg.out), text + "\n")
+    cli.write_text(Path(cfg.out), text + "\n")
     print(text)
     if cfg.figure:
         for d in found:
@@ -195,4 +196,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

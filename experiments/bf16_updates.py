@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import model as M  # noqa: E402
-import stg  # noqa: E402
+import cli  # noqa: E402
 import train  # noqa: E402
 from stg_grid import items  # noqa: E402
 
@@ -62,13 +62,13 @@ def table(cfg: UpdatesConfig) -> str:
 
 
 def main(argv=None) -> str:
-    cfg = UpdatesConfig(**vars(stg.config_parser(UpdatesConfig, __doc__).parse_args(argv)))
+    cfg = UpdatesConfig(**vars(cli.config_parser(UpdatesConfig, __doc__).parse_args(argv)))
     if not cfg.model:
-        raise stg.InputError("--model: the checkpoint whose weights to read (a folder, alias or hub id)")
+        raise cli.InputError("--model: the checkpoint whose weights to read (a folder, alias or hub id)")
     text = table(cfg)
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import eval as evaluation  # noqa: E402
+import cli  # noqa: E402
 import stg  # noqa: E402
 import tables  # noqa: E402
 from alpha_study import data_files, saved_config, split_outcomes  # noqa: E402
@@ -67,17 +68,17 @@ def table(cfg: CopiesConfig) -> str:
     folders = list(map(Path, items(cfg.studies))) if cfg.studies else \
         [folder for suffix in tables.PRECISIONS for folder in tables.study_folders(Path("results"), suffix).values()]
     if not folders:
-        raise stg.InputError("results/ holds no Table 2 study folder (<task>-smollm2[-fp32]); --studies names "
+        raise cli.InputError("results/ holds no Table 2 study folder (<task>-smollm2[-fp32]); --studies names "
                              "alpha_study.py output folders")
     for folder in folders:
         if not (folder / "study_config.json").exists():
-            raise stg.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
+            raise cli.InputError(f"{folder}: no study_config.json; --studies names alpha_study.py output folders")
         study = saved_config(folder)
         study.authors_data = cfg.authors_data or study.authors_data
         for data in items(study.data):
             tests = data_files(study, data)[1]
             if cfg.split not in tests:
-                raise stg.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
+                raise cli.InputError(f"--split {cfg.split}: {data} has {', '.join(tests)}")
             records = stg.read_records(tests[cfg.split])
             multiple_choice = stg.guess_task(tests[cfg.split].stem) == "arc_e"
             if multiple_choice:
@@ -106,12 +107,12 @@ def table(cfg: CopiesConfig) -> str:
 
 
 def main(argv=None) -> str:
-    cfg = CopiesConfig(**vars(stg.config_parser(CopiesConfig, __doc__).parse_args(argv)))
+    cfg = CopiesConfig(**vars(cli.config_parser(CopiesConfig, __doc__).parse_args(argv)))
     text = table(cfg)
-    stg.write_text(Path(cfg.out), text + "\n")
+    cli.write_text(Path(cfg.out), text + "\n")
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import model as M  # noqa: E402
+import cli  # noqa: E402
 import stg  # noqa: E402
 import train  # noqa: E402
 from alpha_study import StudyConfig, data_files  # noqa: E402
@@ -46,7 +47,7 @@ def table(cfg: RowsConfig) -> str:
         records = records[:cfg.limit] if cfg.limit > 0 else records
         examples = [ex for ex in (train.encode(record, tok)[0] for record in records) if len(ex.ids) <= max_len]
         if not examples:   # as training: records over --max-len are left out
-            raise stg.InputError(f"{train_file}: no record of at most {max_len} tokens to count")
+            raise cli.InputError(f"{train_file}: no record of at most {max_len} tokens to count")
         counts = train.row_counts(examples)
         lines.append(f"| {data} | {len(examples)} | {statistics.fmean(len(ex.ids) for ex in examples):.0f} | "
                      f"{statistics.fmean(ex.n_targets for ex in examples):.1f} | {counts['rows']:.1f} | "
@@ -55,14 +56,14 @@ def table(cfg: RowsConfig) -> str:
 
 
 def main(argv=None) -> str:
-    cfg = RowsConfig(**vars(stg.config_parser(RowsConfig, __doc__).parse_args(argv)))
+    cfg = RowsConfig(**vars(cli.config_parser(RowsConfig, __doc__).parse_args(argv)))
     if not cfg.model:
-        raise stg.InputError("--model: the model whose tokenizer splits the records (a folder, alias or hub id)")
+        raise cli.InputError("--model: the model whose tokenizer splits the records (a folder, alias or hub id)")
     text = table(cfg)
-    stg.write_text(Path(cfg.out), text + "\n")
+    cli.write_text(Path(cfg.out), text + "\n")
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402  (the repository root is put on the path above)
+import cli  # noqa: E402
 import stg  # noqa: E402
 from train import model_label  # noqa: E402
 
@@ -86,7 +87,7 @@ class Job:
 def write_attempts(path: Path, attempts: list[dict]) -> None:
     """wall_time.json: the seconds of every attempt that has ended, and each attempt."""
     total = sum(a["seconds"] for a in attempts if a["seconds"] is not None)
-    stg.write_text(path, json.dumps({"seconds": round(total, 1), "attempts": attempts}, indent=2) + "\n")
+    cli.write_text(path, json.dumps({"seconds": round(total, 1), "attempts": attempts}, indent=2) + "\n")
 
 
 def run_job(job: Job, env: dict, record: dict | None = None) -> dict:
@@ -422,7 +423,7 @@ def main(argv=None) -> Path:
         print("note: a scratch model starts at C/N ≈ 1 (docs/design.md), so the hinge max(0, α − C/N) stays zero for "
               "α < 1: these CAT runs will train much as vanilla does. Try --alphas 1.5,2,3 to engage it.")
     out.mkdir(parents=True, exist_ok=True)
-    stg.write_text(out / "grid_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    cli.write_text(out / "grid_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     env = child_env(cfg.jobs)
     # α selection and the vanilla runs do not depend on α*: they share the first round
     first = [selection_job(cfg, out, d, a, seeds[0]) for d in datas for a in alphas]
@@ -442,8 +443,8 @@ def main(argv=None) -> Path:
                               if (out / final_name(cfg.attention_data, m, seeds[0]) / "results.json").exists()],
                              cfg.jobs, env)
     summary = summarize(cfg, out)
-    stg.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    stg.write_text(out / "summary.md", markdown(summary))
+    cli.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    cli.write_text(out / "summary.md", markdown(summary))
     print(markdown(summary))
     failed = [o["run"] for o in outcomes if o["status"] == "failed"]
     if failed:
@@ -453,4 +454,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-import stg  # noqa: E402
+import cli  # noqa: E402
 import alpha_study  # noqa: E402
 
 # Table 2's columns: (header, study folder stem, data set of that study, split)
@@ -156,13 +156,13 @@ def fill_readme(path: Path, stg_tables: dict[str, list[str]], downstream: dict[s
         kind, key = match.group(1), match.group(2)
         sections = stg_tables if kind == "stg-table" else downstream
         if key not in sections:
-            raise stg.InputError(f"{path}: <!-- {kind}: {key} --> names no study " + (
+            raise cli.InputError(f"{path}: <!-- {kind}: {key} --> names no study " + (
                 "folder and data set" if kind == "stg-table" else "folder suffix") + " with finished runs; there "
                 f"are: {', '.join(sections) or 'none'}")
         lines = [line for line in sections[key] if line.startswith("|")] if kind == "stg-table" else sections[key]
         return f"<!-- {kind}: {key} -->\n" + "\n".join(lines) + f"\n<!-- /{kind} -->"
     text = path.read_text(encoding="utf-8")
-    stg.write_text(path, re.sub(r"<!-- (stg-table|tables): (.+?) -->\n.*?<!-- /\1 -->", fill, text, flags=re.S))
+    cli.write_text(path, re.sub(r"<!-- (stg-table|tables): (.+?) -->\n.*?<!-- /\1 -->", fill, text, flags=re.S))
 
 
 def cat_setting(d: dict) -> tuple[str | None, str]:
@@ -265,7 +265,7 @@ def downstream_section(found: dict) -> list[str]:
 
 
 def main(argv=None) -> str:
-    cfg = TablesConfig(**vars(stg.config_parser(TablesConfig, __doc__).parse_args(argv)))
+    cfg = TablesConfig(**vars(cli.config_parser(TablesConfig, __doc__).parse_args(argv)))
     sections = stg_sections(Path(cfg.results))
     stg_lines = [line for key, section in sections.items() for line in (f"## STG: {key}", "", *section, "")]
     downstream = {suffix: downstream_section(found) for suffix in PRECISIONS
@@ -274,7 +274,7 @@ def main(argv=None) -> str:
         f"## Table 2 and Table 5 on the authors' annotations (SmolLM2-135M-Instruct, {PRECISIONS[suffix]}; "
         f"folders *-{suffix})", "", *section, "")]
     text = "\n".join(["# The README's result tables (full fine-tuning)", "", *stg_lines, *downstream_lines])
-    stg.write_text(Path(cfg.out), text)
+    cli.write_text(Path(cfg.out), text)
     if cfg.readme:
         fill_readme(Path(cfg.readme), sections, downstream)
     print(text)
@@ -282,4 +282,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    stg.run_cli(main)
+    cli.run_cli(main)

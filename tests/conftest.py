@@ -49,9 +49,10 @@ def sentencepiece_bpe() -> Tokenizer:
 def stg_file(tmp_path_factory, request) -> Path:
     """The first N records of the generated STG_S training file as a JSONL path; N is the test module's
     STG_RECORDS (default 48)."""
+    import cli
     import stg
     path = tmp_path_factory.mktemp("data") / "stg_small.jsonl"
-    stg.write_jsonl(path, stg.make_records("stg_s_train", 42)[:getattr(request.module, "STG_RECORDS", 48)])
+    cli.write_jsonl(path, stg.make_records("stg_s_train", 42)[:getattr(request.module, "STG_RECORDS", 48)])
     return path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import annotate as A
+import cli
 import stg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def ok(i, n, body, headers):
 
 def config(tmp_path, server, records, **kw) -> A.AnnotateConfig:
     inp = tmp_path / "in.jsonl"
-    stg.write_jsonl(inp, records)
+    cli.write_jsonl(inp, records)
     defaults = dict(task="mawps", inp=str(inp), out=str(tmp_path / "out.jsonl"), base_url=server.url if server
                     else "http://127.0.0.1:9/v1", model="test-model", api_key_env="CAT_TEST_KEY", timeout=5.0,
                     backoff_base=0.01, backoff_max=0.05, concurrency=8)
@@ -256,12 +257,12 @@ def test_dry_run_calls_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_user_errors_say_what_to_do(tmp_path, monkeypatch):
-    with pytest.raises(stg.InputError, match="--price-in"):
+    with pytest.raises(cli.InputError, match="--price-in"):
         A.annotate(config(tmp_path, None, make_records(1), max_cost=1.0))
-    with pytest.raises(stg.InputError, match="no prompt template for task 'stg_e'"):
+    with pytest.raises(cli.InputError, match="no prompt template for task 'stg_e'"):
         A.annotate(config(tmp_path, None, make_records(1), task="stg_e"))
     monkeypatch.delenv("CAT_TEST_KEY")
-    with pytest.raises(stg.InputError, match="CAT_TEST_KEY"):
+    with pytest.raises(cli.InputError, match="CAT_TEST_KEY"):
         A.annotate(config(tmp_path, None, make_records(1)))
 
 
@@ -521,7 +522,7 @@ def test_json_in_pandas_column_layout(tmp_path):
 def test_parquet_needs_pyarrow_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(stg.InputError, match="pip install pyarrow"):
+    with pytest.raises(cli.InputError, match="pip install pyarrow"):
         A.read_rows(tmp_path / "train-00000-of-00001.parquet")
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import eval as evaluation
+import cli
 import stg
 import train
 
@@ -68,7 +69,7 @@ def test_phrases_that_do_not_occur_are_counted_not_fatal(tmp_path, capsys):
     records = [dict(LAYOUTS["mawps_train"], important=[{"7.0": ["3 apples", "seven oranges"]},
                                                        {"a phrase nowhere": ["4 more"]}])] * 4
     path = tmp_path / "mawps_train.jsonl"
-    stg.write_jsonl(path, records)
+    cli.write_jsonl(path, records)
     cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300)
     _, tok, _ = train.build_model(cfg, records, "cpu", None)

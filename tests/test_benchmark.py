@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import model as M
-import stg
+import cli
 import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -124,7 +124,7 @@ def test_decoding_benchmark_runs_end_to_end_and_refuses_weights_of_another_model
     save_file({n: p.contiguous() for n, p in tiny_decoder(1, byte_bpe.get_vocab_size(),
                                                           torch.float32).named_parameters()}, str(weights))
     data = tmp_path / "gsm8k_test.jsonl"
-    stg.write_jsonl(data, [{"input": f"Tom has {n} apples and buys {n + 2}. How many now?",
+    cli.write_jsonl(data, [{"input": f"Tom has {n} apples and buys {n + 2}. How many now?",
                             "target": f"{n} + {n + 2} = {2 * n + 2}\n#### {2 * n + 2}"} for n in range(1, 5)])
     out = tmp_path / "report.json"
     args = ["--model", str(folder), "--data", str(data), "--prompts", "3", "--batch", "2", "--max-new-tokens", "5",
@@ -136,5 +136,5 @@ def test_decoding_benchmark_runs_end_to_end_and_refuses_weights_of_another_model
     assert 0 <= figures["answers_differ"] <= 3 and figures["new_tokens"]["max"] <= 5
     bad = tmp_path / "other.safetensors"
     save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, str(bad))
-    with pytest.raises(stg.InputError, match=r"other\.safetensors: tensor model\.layers\.0\.mlp\.up_proj\.weight"):
+    with pytest.raises(cli.InputError, match=r"other\.safetensors: tensor model\.layers\.0\.mlp\.up_proj\.weight"):
         decoding.main(args + ["--weights", str(bad)])

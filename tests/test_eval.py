@@ -12,6 +12,7 @@ import torch
 
 import cat
 import eval as ev
+import cli
 import stg
 import model as M
 from model import ModelArgs, Tokenizer, Transformer
@@ -166,7 +167,7 @@ def test_compare_runs_table1_layout(tmp_path):
         "| smollm2-135m LoRA CAT α=0.3 γ=1 | 80.00% | 70.00% | – | – |",
         "| d-no-config | – | – | 95.00% | 70.00% |",
         "| majority baseline | 69.00% | 66.50% | 69.00% | 66.50% |"]
-    with pytest.raises(stg.InputError, match="evaluate the run first"):
+    with pytest.raises(cli.InputError, match="evaluate the run first"):
         ev.compare_runs([str(tmp_path)])
 
 
@@ -192,7 +193,7 @@ def stg_data(tmp_path):
     tests = {}
     for split in ("iid", "ood"):
         tests[split] = tmp_path / f"stg_e_test_{split}.jsonl"
-        stg.write_jsonl(tests[split], stg.make_records(f"stg_e_test_{split}", 42)[:5])
+        cli.write_jsonl(tests[split], stg.make_records(f"stg_e_test_{split}", 42)[:5])
     return stg.DataSet("stg_tiny", "stg_e", None, None, tests)
 
 
@@ -407,7 +408,7 @@ def test_each_test_file_is_checked_by_its_own_task(tiny, tmp_path, monkeypatch):
     tests = {}
     for split, (stem, rows) in files.items():
         tests[split] = tmp_path / f"{stem}.jsonl"
-        stg.write_jsonl(tests[split], [{"input": q, "target": t} for q, t, _ in rows])
+        cli.write_jsonl(tests[split], [{"input": q, "target": t} for q, t, _ in rows])
     data = stg.DataSet("gsm8k_val", "gsm8k", None, None, tests)
     assert [ev.split_task(data, split) for split in tests] == ["gsm8k", "gsm8k-ood", "gsm8k"]
     outputs = {q: out for _, rows in files.values() for q, _, out in rows}

@@ -14,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
+import cli  # noqa: E402
 import stg  # noqa: E402
 import stg_grid  # noqa: E402
 
@@ -21,7 +22,7 @@ GRID = ROOT / "experiments" / "stg_grid.py"
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    stg.write_jsonl(path, records)
+    cli.write_jsonl(path, records)
 
 
 def write_results(run: Path, payload: dict) -> None:
@@ -293,7 +294,7 @@ def test_only_picks_runs_of_the_queue_in_its_own_order(tmp_path):
                                                 "mawps-k2-s42"]
     assert "only" not in study.study_fields(cfg)                  # a choice of one call, not part of the study
     out = tmp_path / "study"
-    with pytest.raises(stg.InputError, match="--only mawps-k9-s1: no run of this study is named so; its runs are "
+    with pytest.raises(cli.InputError, match="--only mawps-k9-s1: no run of this study is named so; its runs are "
                                              "mawps-vanilla-s42, mawps-k2-s42"):
         study.main(["--model", "m", "--authors-data", str(authors), "--data", "mawps", "--settings", "vanilla,k2",
                     "--seeds", "42", "--out", str(out), "--only", "mawps-k2-s42,mawps-k9-s1"])
@@ -507,7 +508,7 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
     assert readme.read_text() == ("intro\n<!-- stg-table: alpha-study-tiny, stg_s -->\n" + "\n".join(table)
                                   + "\n<!-- /stg-table -->\nrest\n")
     readme.write_text("<!-- stg-table: alpha-study-tiny, stg_h -->\n<!-- /stg-table -->\n")
-    with pytest.raises(stg.InputError, match="stg_h -->.* no study folder"):
+    with pytest.raises(cli.InputError, match="stg_h -->.* no study folder"):
         tables.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "t.md"), "--readme", str(readme)])
     if importlib.util.find_spec("matplotlib"):               # Figure 4, with the attr- rows' own C/N scale
         paths = study.figure(study.summarize(study.saved_config(folder), folder), folder)
@@ -552,9 +553,9 @@ def test_two_workers_of_a_study_never_take_the_same_run(tmp_path):
 
 def test_the_machine_names_whether_it_multiplies_bf16_natively(monkeypatch):
     study = alpha_study()            # two CPUs of one model name can differ there, and --dtype auto follows it
-    monkeypatch.setattr(study.M, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(study.cli, "native_bf16_cpu", lambda: True)
     assert study.machine().endswith(f", {os.cpu_count()} cores, native bf16")
-    monkeypatch.setattr(study.M, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(study.cli, "native_bf16_cpu", lambda: False)
     assert study.machine().endswith(f", {os.cpu_count()} cores, no native bf16")
 
 
@@ -566,7 +567,7 @@ def test_row_counts_reads_each_data_set_through_the_training_encoder(tmp_path):
                 "important": [{"4 more": ["3 apples"]}, {"7.0": ["3 apples", "4 more"]}]},
                {"input": "Ann has 2 pears.", "target": "Answer: 2.0", "important": [{"2.0": ["2 pears"]}]},
                {"input": "Ann has 5 figs.", "target": "Answer: 5.0", "important": [{"5.0": ["5 figs"]}]}]
-    stg.write_jsonl(authors / "MAWPS/mawps_train.jsonl", records)
+    cli.write_jsonl(authors / "MAWPS/mawps_train.jsonl", records)
     cfg = train.TrainConfig(model="scratch", data="x", scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300)
     _, tok, _ = train.build_model(cfg, records, "cpu", None)
@@ -578,7 +579,7 @@ def test_row_counts_reads_each_data_set_through_the_training_encoder(tmp_path):
     expected = train.row_counts([train.encode(r, tok)[0] for r in records[:2]])      # the first two records only
     assert row[1] == "2" and row[4] == f"{expected['rows']:.1f}" and row[5] == f"{expected['target_rows']:.1f}"
     assert float(row[4]) > float(row[5]) > 0          # rows inside the prompt, and rows predicting the answer
-    with pytest.raises(stg.InputError, match="--data nope"):
+    with pytest.raises(cli.InputError, match="--data nope"):
         row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "nope",
                          "--out", str(tmp_path / "rows.md")])
 
@@ -598,7 +599,7 @@ def test_setting_names_give_their_train_flags():
     assert study.setting_flags("tgt-div-k2") == ["--alpha-scale", "2", "--attn-loss", "div", "--rows", "target"]
     for bad in ("k0", "b2", "div-x1", "k", "attr-vanilla", "attr-", "attr-attr-k2", "in-attr-k2", "in-vanilla",
                 "tgt-vanilla", "tgt-in-k2"):
-        with pytest.raises(stg.InputError, match="is not vanilla"):
+        with pytest.raises(cli.InputError, match="is not vanilla"):
             study.setting_flags(bad)
 
 
@@ -607,7 +608,7 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path, mo
     study = alpha_study()
     authors = fake_authors_data(tmp_path / "authors")
     questions = ["Ann has 3 pears and buys 4 more. How many?", "Tom has 10 figs and eats 2. How many are left?"]
-    stg.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": questions[0], "target": "Answer: 7.0"},
+    cli.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": questions[0], "target": "Answer: 7.0"},
                                                           {"input": questions[1], "target": "Answer: 10.0"}])
     folder = tmp_path / "mawps-smollm2"
     folder.mkdir()
@@ -628,13 +629,13 @@ def test_copies_counts_answers_that_repeat_a_number_of_the_question(tmp_path, mo
     assert rows["k2"][4:] == ["0.0 %", "100.0 %", "50.0 %", "0.0 %", "0.0 %"]    # 3 and 2: the question's numbers
     assert rows["k1"][4:] == ["0.0 %", "0.0 %", "50.0 %", "50.0 %", "0.0 %"]     # 7 is not in the second question
     monkeypatch.chdir(tmp_path)                        # no --studies: every Table 2 study folder under results/
-    with pytest.raises(stg.InputError, match="results/ holds no Table 2 study folder"):
+    with pytest.raises(cli.InputError, match="results/ holds no Table 2 study folder"):
         copies.main(["--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
     (tmp_path / "results").mkdir()
     folder = folder.rename(tmp_path / "results" / "mawps-smollm2")
     assert copies.main(["--authors-data", str(authors), "--out", str(tmp_path / "c.md")]) == text
     (authors / "MAWPS/mawps_test.jsonl").write_text('{"input": "1 + 1 = ", "target": "2"}\n')
-    with pytest.raises(stg.InputError, match="another number of records"):
+    with pytest.raises(cli.InputError, match="another number of records"):
         copies.main(["--studies", str(folder), "--authors-data", str(authors), "--out", str(tmp_path / "c.md")])
 
 
@@ -642,7 +643,7 @@ def test_copies_spreads_a_multiple_choice_tasks_answers_over_its_labels(tmp_path
     import copies
     study = alpha_study()
     authors = fake_authors_data(tmp_path / "authors")
-    stg.write_jsonl(authors / "ARC_E/ARC_E_test.jsonl", [{"input": f"Q{i}\nA. x\nB. y\nC. z\nD. w\nAnswer: ",
+    cli.write_jsonl(authors / "ARC_E/ARC_E_test.jsonl", [{"input": f"Q{i}\nA. x\nB. y\nC. z\nD. w\nAnswer: ",
                                                            "target": t} for i, t in enumerate("ABCD")])
     folder = tmp_path / "arc_e-smollm2"
     folder.mkdir()
@@ -714,7 +715,7 @@ def test_bf16_updates_counts_the_entries_whose_bf16_copy_moves(tmp_path):
 def test_the_summary_splits_a_label_tasks_accuracy_by_gold_answer(tmp_path):
     study = alpha_study()
     authors = fake_authors_data(tmp_path / "authors")
-    stg.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": "q", "target": t} for t in "AABBB"])
+    cli.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": "q", "target": t} for t in "AABBB"])
     out = tmp_path / "out"
     fake_run(out / "mawps-vanilla-s42", 0.0, [True, True, False, False, True], "r", val=0.5)
     fake_run(out / "mawps-vanilla-s1", 0.0, [True, False, False, False, False], "r", val=0.5)
@@ -729,7 +730,7 @@ def test_the_summary_splits_a_label_tasks_accuracy_by_gold_answer(tmp_path):
     assert k2["A"]["mean"] == 0.0 and k2["B"]["mean"] == 1.0 and k2["B"]["std"] is None      # one seed
     text = study.markdown(study.summarize(cfg, out))
     assert "| setting | B (3 records) | A (2 records) |" in text and "| k2 | 100.00 | 0.00 |" in text
-    stg.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": "q", "target": t} for t in "ABCDE"])
+    cli.write_jsonl(authors / "MAWPS/mawps_test.jsonl", [{"input": "q", "target": t} for t in "ABCDE"])
     assert study.summarize(cfg, out)["data"]["mawps"]["recall"] == {}      # five answers: not a label task
     cfg.authors_data = str(tmp_path / "elsewhere")                         # the test file not readable here
     assert study.summarize(cfg, out)["data"]["mawps"]["recall"] == {}
@@ -745,8 +746,8 @@ def test_attributes_measures_how_the_answers_depend_on_each_attribute(tmp_path):
         text = ", ".join(f"{n}: {smoking if n == 'Smoking' else 5}" for n in names)
         return {"input": f"{stg.QUESTION_E}{text} Answer: ", "target": target}
     test = [record(1, "Low Risk"), record(1, "High Risk"), record(2, "High Risk"), record(2, "High Risk")]
-    stg.write_jsonl(authors / "STG/spurious_token_game_ood3_2.jsonl", test)
-    stg.write_jsonl(authors / "STG/spurious_token_game_train3_S.jsonl", [record(1, "Low Risk")])
+    cli.write_jsonl(authors / "STG/spurious_token_game_ood3_2.jsonl", test)
+    cli.write_jsonl(authors / "STG/spurious_token_game_train3_S.jsonl", [record(1, "Low Risk")])
     folder = tmp_path / "alpha-study"
     folder.mkdir()
     config = {**study.dataclasses.asdict(study.StudyConfig(model="m", data="stg_s", settings="vanilla,k2",
@@ -792,5 +793,5 @@ def test_attributes_measures_how_the_answers_depend_on_each_attribute(tmp_path):
         attributes.main(["--studies", str(folder), "--authors-data", str(authors), *out])
         assert (folder / "attributes_stg_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (authors / "STG/spurious_token_game_ood3_2.jsonl").write_text(json.dumps(test[0]) + "\n")
-    with pytest.raises(stg.InputError, match="another number of records"):
+    with pytest.raises(cli.InputError, match="another number of records"):
         attributes.main(["--studies", str(folder), "--authors-data", str(authors), "--no-figure", *out])

@@ -11,6 +11,7 @@ import torch
 import annotate as A
 import eval as evaluation
 import model as M
+import cli
 import stg
 import train
 
@@ -23,10 +24,10 @@ STG_RECORDS = 16   # the conftest fixture stg_file: 2 steps an epoch at batch 8
 
 
 def cli_error(main, capsys) -> str:
-    """Run a command line's main through stg.run_cli; it must exit 2 with one line on stderr, no traceback."""
+    """Run a command line's main through cli.run_cli; it must exit 2 with one line on stderr, no traceback."""
     capsys.readouterr()                                   # what ran before (progress bars) is not the error
     with pytest.raises(SystemExit) as stop:
-        stg.run_cli(main)
+        cli.run_cli(main)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
@@ -118,7 +119,7 @@ def test_annotate_keeps_a_complete_last_line_and_a_dry_run_writes_nothing(tmp_pa
 
 def test_annotate_dry_run_leaves_the_output_untouched(tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    stg.write_jsonl(inp, [{"input": "Tom has 2 apples. How many?", "target": "2"}])
+    cli.write_jsonl(inp, [{"input": "Tom has 2 apples. How many?", "target": "2"}])
     out.write_text(json.dumps({"input": "x", "target": "y", "important": []}))
     A.annotate(A.AnnotateConfig(task="gsm8k", inp=str(inp), out=str(out), dry_run=True))
     assert out.read_text() == json.dumps({"input": "x", "target": "y", "important": []})
@@ -126,7 +127,7 @@ def test_annotate_dry_run_leaves_the_output_untouched(tmp_path, capsys):
 
 def test_annotate_refuses_a_concurrency_of_zero(tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
-    stg.write_jsonl(inp, [{"input": "q", "target": "1"}])
+    cli.write_jsonl(inp, [{"input": "q", "target": "1"}])
     err = cli_error(lambda: A.main(["annotate", "--in", str(inp), "--out", str(tmp_path / "o.jsonl"),
                                     "--concurrency", "0"]), capsys)
     assert "--concurrency 0" in err
@@ -166,20 +167,20 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
     path = tmp_path / "results.json"
     path.write_text("old")
     with pytest.raises(RuntimeError):
-        with stg.atomic_path(path) as tmp:
+        with cli.atomic_path(path) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_one_atomic_writer_for_the_whole_project():
-    """Files are written through stg.atomic_path (write_text, atomic_files, figures), never in place; the one other
+    """Files are written through cli.atomic_path (write_text, atomic_files, figures), never in place; the one other
     rename is train.py's swap of the whole checkpoint folder."""
     for name in ("model.py", "train.py", "eval.py", "annotate.py", "benchmarks/step.py", "experiments/stg_grid.py",
                  "experiments/alpha_study.py"):
         for n, line in enumerate((ROOT / name).read_text().splitlines(), 1):
             where = f"{name}:{n}: {line.strip()}"
-            assert ".write_text(" not in line or "stg.write_text(" in line or "path(" in line, where
+            assert ".write_text(" not in line or "cli.write_text(" in line or "path(" in line, where
             assert "savefig(" not in line or "savefig(tmp" in line, where
             assert "os.replace(" not in line or name == "train.py", where
 
@@ -283,23 +284,23 @@ def test_a_vanilla_run_prints_no_hinge_and_ends_with_what_a_person_wants(stg_fil
 @pytest.mark.parametrize("parser", ["train", "eval", "annotate", "benchmark", "stg", "alpha_study"])
 def test_every_flag_of_every_command_line_has_help(parser):
     if parser == "train":
-        p = stg.config_parser(train.TrainConfig, "", skip=("extra",))
+        p = cli.config_parser(train.TrainConfig, "", skip=("extra",))
     elif parser == "eval":
-        p = stg.config_parser(evaluation.EvalConfig, "")
+        p = cli.config_parser(evaluation.EvalConfig, "")
     elif parser == "annotate":
         import argparse
         p = argparse.ArgumentParser()
-        stg.add_config_arguments(p, A.AnnotateConfig, rename={"inp": "--in"})
+        cli.add_config_arguments(p, A.AnnotateConfig, rename={"inp": "--in"})
     elif parser == "benchmark":
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import step
-        p = stg.config_parser(step.BenchConfig, "")
+        p = cli.config_parser(step.BenchConfig, "")
     elif parser == "stg":
-        p = stg.config_parser(stg.StgConfig, "")
+        p = cli.config_parser(stg.StgConfig, "")
     else:
         sys.path.insert(0, str(ROOT / "experiments"))
         import alpha_study
-        p = stg.config_parser(alpha_study.StudyConfig, "", skip=("train_args",))
+        p = cli.config_parser(alpha_study.StudyConfig, "", skip=("train_args",))
     for action in p._actions:
         if action.dest != "help":
             assert action.help and not action.help.startswith(" (default"), f"{parser}: {action.option_strings}"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli
 import stg
 
 TABLE_4 = {"stg_s_train": 400, "stg_m_train": 800, "stg_l_train": 1600, "stg_e_test_iid": 400,
@@ -203,7 +204,7 @@ def test_resolve_stg_names_generates_missing_files(stg_dir, tmp_path, capsys):
 
 
 def test_resolve_downstream_names(tmp_path):
-    with pytest.raises(stg.InputError, match=r"python annotate.py fetch gsm8k"):
+    with pytest.raises(cli.InputError, match=r"python annotate.py fetch gsm8k"):
         stg.resolve_data("gsm8k", tmp_path)
     for split in ("train", "val", "test"):
         (tmp_path / f"gsm8k_{split}.jsonl").write_text('{"input": "q", "target": "1"}\n')
@@ -219,11 +220,11 @@ def test_training_records_merge_annotations(tmp_path, capsys):
     """Annotations join the training file by (input, target), in the training file's order; a record without one
     (a reject, an unfinished run) stays in without `important`; an annotation of no record is reported."""
     train = [{"input": f"q{i} ", "target": str(i)} for i in range(4)]
-    stg.write_jsonl(tmp_path / "svamp_train.jsonl", train)
+    cli.write_jsonl(tmp_path / "svamp_train.jsonl", train)
     for split in ("val", "test"):
-        stg.write_jsonl(tmp_path / f"svamp_{split}.jsonl", train[:1])
+        cli.write_jsonl(tmp_path / f"svamp_{split}.jsonl", train[:1])
     important = {"3": ["q3"]}
-    stg.write_jsonl(tmp_path / "svamp_train_annotated.jsonl", [   # completion order, not the file's
+    cli.write_jsonl(tmp_path / "svamp_train_annotated.jsonl", [   # completion order, not the file's
         {**train[3], "important": [important]}, {**train[0], "important": []},
         {"input": "stale ", "target": "9", "important": [{"9": ["stale"]}]}])
     records = stg.training_records(stg.resolve_data("svamp", tmp_path))
@@ -232,7 +233,7 @@ def test_training_records_merge_annotations(tmp_path, capsys):
     assert "2 of 4 records" in out and "the other 2" in out and "1 annotations" in out
     assert stg.training_records(stg.DataSet("x", "generic", tmp_path / "svamp_train.jsonl", None, {})) == train
     # a record repeated in the training file does not hide an annotation that matches nothing
-    stg.write_jsonl(tmp_path / "svamp_train.jsonl", [train[0], train[0]])
+    cli.write_jsonl(tmp_path / "svamp_train.jsonl", [train[0], train[0]])
     stg.training_records(stg.resolve_data("svamp", tmp_path))
     out = capsys.readouterr().out
     assert "2 of 2 records" in out and "warning: 2 annotations" in out   # train[3]'s and the stale one
@@ -247,7 +248,7 @@ def test_resolve_paths_and_unknown_names(tmp_path):
         assert (data.name, data.task, data.train, data.tests) == (path.stem, task, path, {"test": path})
     with pytest.raises(ValueError, match="unknown data set 'stg_x'.*stg_s"):
         stg.resolve_data("stg_x", tmp_path)
-    with pytest.raises(stg.InputError, match="absent.jsonl: no such file"):
+    with pytest.raises(cli.InputError, match="absent.jsonl: no such file"):
         stg.resolve_data(str(tmp_path / "absent.jsonl"), tmp_path)
 
 

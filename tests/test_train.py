@@ -11,6 +11,7 @@ import torch
 
 import cat
 import model as M
+import cli
 import stg
 import train
 
@@ -267,7 +268,7 @@ def test_a_lora_run_keeps_its_answers_for_the_same_base_model_only(stg_file, tmp
 def test_cat_without_annotations_stops_with_a_clear_message(tmp_path):
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"input": "2 + 2 = Answer: ", "target": "4"}) + "\n")
-    with pytest.raises(stg.InputError, match="important"):
+    with pytest.raises(cli.InputError, match="important"):
         train.train(tiny_config(path, tmp_path, alpha=1.0))
 
 
@@ -344,7 +345,7 @@ def test_a_bfloat16_step_stays_close_to_the_float32_step(stg_file, tmp_path):
         cfg = tiny_config(stg_file, tmp_path, alpha=2.0, dtype=dtype)
         model, batch = fixed_batch(cfg, stg_file)
         model.eval()
-        with M.autocast("cpu", cfg.dtype):
+        with cli.autocast("cpu", cfg.dtype):
             out = step_losses(model, batch, cfg)
             (out.l_next + out.l_attn).backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -357,10 +358,10 @@ def test_a_bfloat16_step_stays_close_to_the_float32_step(stg_file, tmp_path):
 
 
 def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16_and_is_recorded(stg_file, tmp_path):
-    assert M.precision("cpu", "auto") == ("bfloat16" if M.native_bf16_cpu() else "float32")
-    assert M.precision("cuda", "auto") == "bfloat16" and M.precision("cpu", "float32") == "float32"
+    assert cli.precision("cpu", "auto") == ("bfloat16" if cli.native_bf16_cpu() else "float32")
+    assert cli.precision("cuda", "auto") == "bfloat16" and cli.precision("cpu", "float32") == "float32"
     run = train.train(tiny_config(stg_file, tmp_path, epochs=1))
-    assert json.loads((run / "train_config.json").read_text())["dtype"] == M.precision("cpu", "auto")
+    assert json.loads((run / "train_config.json").read_text())["dtype"] == cli.precision("cpu", "auto")
 
 
 def test_row_counts_match_a_loop_over_the_shifted_adjacency(tmp_path):
@@ -501,7 +502,7 @@ def test_rows_target_keeps_the_answer_rows_of_the_adjacency_and_drops_those_insi
 
 def test_rows_target_loss_equals_the_hinge_over_the_answer_rows_of_the_full_mask(tmp_path):
     path = tmp_path / "mawps_train.jsonl"
-    stg.write_jsonl(path, MATH_RECORDS)
+    cli.write_jsonl(path, MATH_RECORDS)
     cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300, rows="target", alpha=3.0)
     model, tok, _ = train.build_model(cfg, MATH_RECORDS, "cpu", torch.float32)
@@ -527,8 +528,8 @@ def test_rows_target_loss_equals_the_hinge_over_the_answer_rows_of_the_full_mask
 
 def test_contrast_attributes_refuses_data_without_attributes(tmp_path, capsys):
     path = tmp_path / "mawps_train.jsonl"
-    stg.write_jsonl(path, [{"input": "Tom has 3 apples.", "target": "Answer: 3.0", "important": [{"3.0": ["3 apples"]}]}])
+    cli.write_jsonl(path, [{"input": "Tom has 3 apples.", "target": "Answer: 3.0", "important": [{"3.0": ["3 apples"]}]}])
     cfg = train.TrainConfig(model="scratch", data=str(path), contrast="attributes", attn="explicit", alpha=1.0,
                             out=str(tmp_path / "runs"))
-    with pytest.raises(stg.InputError, match="not STG data"):
+    with pytest.raises(cli.InputError, match="not STG data"):
         train.setup(cfg)
