@@ -39,6 +39,8 @@ def field_comments(cls) -> dict[str, str]:
             name, comments[m[1]] = m[1], m[2]
         elif name and (m := re.match(r"\s+#\s?(.*)", line)):
             comments[name] += " " + m[1]
+        elif not line.strip():   # a blank line ends a comment: what follows it heads a group of fields
+            name = None
     return comments
 
 

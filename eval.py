@@ -21,8 +21,10 @@ from tqdm import tqdm
 import cat
 import cli
 import stg
-import model as M
-from model import generate, load_model
+import batches
+import hf
+from hf import load_model
+from model import generate
 
 KINDS = ("causal", "spurious", "irrelevant")           # CAT §5.2.1: the three factor types of STG
 COLORS = {"causal": "tab:green", "spurious": "tab:red", "irrelevant": "tab:gray"}
@@ -34,7 +36,7 @@ ATTENTION_BATCH = 16                                    # per-layer (B, H, T, T)
 
 @dataclass
 class EvalConfig:
-    model: str | None = None          # run folder, base model alias, local folder or hub id (model.load_model)
+    model: str | None = None          # run folder, base model alias, local folder or hub id (hf.load_model)
     data: str = "stg_s"               # data set name or JSONL path (stg.resolve_data)
     test: str = ""                    # test files as split=FILE,split=FILE instead of the data set's own
     task: str | None = None           # answer checker of every test split instead of each file's own (split_task;
@@ -259,7 +261,7 @@ def resume_point(path: Path, header: dict) -> dict[int, list[int]]:
 def prompt_kinds(tokenizer, text: str, task: str) -> tuple[list[int], list[str], list[str | None], list[str | None]]:
     """Prompt ids ([bos?] + ids(text)), each token's text, each token's factor kind and attribute name (None
     outside the "Name: value" phrases stg.attribute_spans finds; a token overlapping two phrases takes the later's)."""
-    ids, offsets = cat.token_offsets(text, tokenizer.backend)
+    ids, offsets = batches.token_offsets(text, tokenizer.backend)
     labels = [text[start:end].strip() or "␣" for start, end in offsets]  # ␣: a token that is only a space
     kinds: list[str | None] = [None] * len(ids)
     names: list[str | None] = [None] * len(ids)
@@ -636,9 +638,9 @@ def main(argv=None) -> None:
     precision = cli.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
-    folder = str(M.resolve(cfg.model))    # a hub id is looked up once, here
+    folder = str(hf.resolve(cfg.model))    # a hub id is looked up once, here
     model, tokenizer = load_model(folder, dtype=weights, device=cfg.device)
-    key = weights_key(*M.source_files(folder))
+    key = weights_key(*hf.source_files(folder))
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if cfg.task:
         data = replace(data, task=cfg.task)

@@ -3,27 +3,16 @@ probabilities (CAT §3.1) or the attention mass on causal tokens (CAT §4.2), KV
 generation, Hugging Face-layout loading and saving, and hand-written LoRA (Hu et al. 2021)."""
 import argparse
 import contextlib
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from cli import InputError, atomic_files, atomic_path, run_cli
+from cli import InputError, run_cli
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
-           "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
-           "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json"]
-BIN_WEIGHTS = "pytorch_model*.bin"   # the older weights format: fetched only without safetensors, converted once
 
 
 @dataclass
@@ -92,9 +81,9 @@ class ModelArgs:
 @dataclass
 class ModelOutput:
     logits: torch.Tensor                        # (B, T, V); (N, V) with logits_at; (B, 1, V) with last_only
-    attentions: list[torch.Tensor] | None       # per layer (B, H, T, S) softmax probabilities, float32
-    causal_mass: torch.Tensor | None            # (B, R) mean over layers and heads of sum_j P_ij * M_ij, row i of
-                                                # causal_rows
+    attentions: list[torch.Tensor] | None       # per layer, what CAT reads (cat.average_attention, Eq. 7): the
+                                                # softmax probabilities (B, H, T, S), float32 (return_attn), or the
+                                                # causal rows' mass sum_j P_ij M_ij (B, H, R) (causal_rows); else None
     cache: "KVCache | None"
 
 
@@ -164,13 +153,6 @@ class KVCache:
             self.keys[layer], self.values[layer] = self.keys[layer][rows], self.values[layer][rows]
 
 
-def _row_visibility(rows, visible, S: int):
-    """The keys that query rows (B, R) may attend to: their rows of visible (B, 1, T, S), or j <= i when None."""
-    if visible is None:
-        return (torch.arange(S, device=rows.device) <= rows[..., None])[:, None]        # (B, 1, R, S)
-    return visible.gather(2, rows[:, None, :, None].expand(-1, 1, -1, S))
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -182,9 +164,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.attention_bias)
 
     def forward(self, x, cos, sin, visible, cache=None, return_attn=False, causal_rows=None, causal_row_mask=None):
-        """x (B, T, dim); visible (B, 1, T, S) bool, True = query i may attend to key j, or None = j <= i (S == T);
-        causal_rows (B, R) long and causal_row_mask (B, R, S) bool, the rows of the CAT mask that hold causal tokens.
-        Returns the output (B, T, dim), the probabilities (B, H, T, S) or None, the causal mass (B, R) or None."""
+        """x (B, T, dim); visible (B, 1, T, S) bool, True = query i may attend to key j, or None = j <= i (S == T).
+        Returns the output (B, T, dim) and what CAT reads of the attention: the probabilities (B, H, T, S) with
+        return_attn; with causal_rows (B, R) and causal_row_mask (B, R, S), the rows of the CAT mask that hold
+        causal tokens, their causal mass (B, H, R) (causal_mass); else None."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)       # (B, H, T, D)
@@ -193,34 +176,38 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                             # (B, H_kv, S, D)
-        n_rep = self.n_heads // self.n_kv_heads
-        probs = None
-        if return_attn or causal_rows is not None:
-            # grouped-query attention: kv head g serves query heads g*n .. g*n + n - 1
-            k_all = k.repeat_interleave(n_rep, dim=1)                          # (B, H, S, D)
-        if return_attn:  # CAT §3.1 written out: softmax(Q Kᵀ / sqrt(d_k)) · V
-            k, v = k_all, v.repeat_interleave(n_rep, dim=1)                    # (B, H, S, D)
+        n_rep = self.n_heads // self.n_kv_heads   # grouped-query attention: kv head g serves query heads g*n ..
+        for_cat = None
+        if return_attn:  # CAT §3.1 written out: softmax(Q Kᵀ / sqrt(d_k)) · V, the map kept for Eq. 7
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)   # (B, H, S, D)
             S = k.shape[2]
             allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if visible is None else visible
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)         # (B, H, T, S)
-            probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # float32 attention map
-            out = probs.to(v.dtype) @ v                                       # (B, H, T, D)
-        else:  # the same, fused, without forming the map
+            for_cat = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)   # float32 attention map
+            out = for_cat.to(v.dtype) @ v                                     # (B, H, T, D)
+        else:            # the same, fused, without forming the map
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None,
-                                                 enable_gqa=n_rep > 1)   # kv head g serves query heads g*n ..
-        mass = None
-        if causal_rows is not None:
-            # CAT §4.2 fast path (docs/design.md, "Speed"): the loss reads, of the attention map, only the
-            # rows that hold causal tokens, and of each such row only m_i = sum_j P_ij M_ij. So §3.1's softmax is
-            # written out for those R rows alone, (R × S) a head instead of (T × S), beside the fused call.
-            R = causal_rows.shape[1]
-            q_rows = q.gather(2, causal_rows[:, None, :, None].expand(B, self.n_heads, R, D))   # (B, H, R, D)
-            scores = (q_rows @ k_all.transpose(-2, -1)).float() / math.sqrt(D)   # (B, H, R, S)
-            row_visible = _row_visibility(causal_rows, visible, k.shape[2])   # (B, 1, R, S)
-            p_rows = scores.masked_fill(~row_visible, float("-inf")).softmax(dim=-1)
-            mass = (p_rows * causal_row_mask[:, None]).sum(-1).mean(dim=1)     # (B, R), mean over heads
+                                                 enable_gqa=n_rep > 1)
+            if causal_rows is not None:
+                for_cat = self.causal_mass(q, k.repeat_interleave(n_rep, dim=1), visible, causal_rows,
+                                           causal_row_mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)             # heads concatenated
-        return self.o_proj(out), probs, mass
+        return self.o_proj(out), for_cat
+
+    def causal_mass(self, q, k_all, visible, causal_rows, causal_row_mask):
+        """CAT §4.2's fast path (docs/design.md, "Speed"): the loss reads, of the attention map, only the rows that
+        hold causal tokens, and of each such row only m_i = sum_j P_ij M_ij. So §3.1's softmax is written out for
+        those R rows alone, (R × S) a head instead of (T × S), beside the fused call. Returns m (B, H, R)."""
+        B, H, _, D = q.shape
+        S, R = k_all.shape[2], causal_rows.shape[1]
+        q_rows = q.gather(2, causal_rows[:, None, :, None].expand(B, H, R, D))       # (B, H, R, D)
+        scores = (q_rows @ k_all.transpose(-2, -1)).float() / math.sqrt(D)          # (B, H, R, S)
+        if visible is None:                                                          # j <= i
+            row_visible = (torch.arange(S, device=q.device) <= causal_rows[..., None])[:, None]   # (B, 1, R, S)
+        else:
+            row_visible = visible.gather(2, causal_rows[:, None, :, None].expand(-1, 1, -1, S))
+        p_rows = scores.masked_fill(~row_visible, float("-inf")).softmax(dim=-1)
+        return (p_rows * causal_row_mask[:, None]).sum(-1)                          # (B, H, R)
 
 
 class MLP(nn.Module):
@@ -243,11 +230,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, visible, cache, return_attn, causal_rows, causal_row_mask):
-        h, probs, mass = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache=cache,
-                                        return_attn=return_attn, causal_rows=causal_rows,
-                                        causal_row_mask=causal_row_mask)
+        h, for_cat = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache=cache, return_attn=return_attn,
+                                    causal_rows=causal_rows, causal_row_mask=causal_row_mask)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), probs, mass
+        return x + self.mlp(self.post_attention_layernorm(x)), for_cat
 
 
 class Transformer(nn.Module):
@@ -285,7 +271,8 @@ class Transformer(nn.Module):
         """input_ids (B, T); attention_mask (B, S), 1 = real token, S = cached + new tokens, None = all real (or
         right padding, whose pad positions no real token sees under j <= i); position_ids (B, T), by default counted
         over the real tokens; causal_rows (B, R) long and causal_row_mask (B, R, T) bool: the rows of the CAT mask
-        that hold causal tokens (cat.causal_rows), to return their causal_mass (B, R); logits_at (N,) long, flat
+        that hold causal tokens (cat.causal_rows), to return each layer's causal mass of those rows (B, H, R) in
+        attentions (return_attn: each layer's map); logits_at (N,) long, flat
         positions b·T + t: logits there only, (N, V), as L_next reads them; last_only: logits of the last
         position only, (B, 1, V), as generation needs."""
         B, T = input_ids.shape
@@ -293,8 +280,8 @@ class Transformer(nn.Module):
         S = past + T
         if self.args.sliding_window is not None and S > self.args.sliding_window:
             raise ValueError(f"{S} tokens exceed the sliding window ({self.args.sliding_window}), not implemented")
-        if causal_rows is not None and past:
-            raise ValueError("causal_rows needs the whole sequence in one call, without a KV cache")
+        if causal_rows is not None and (past or return_attn):
+            raise ValueError("causal_rows needs the whole sequence in one call, without a KV cache or return_attn")
         visible = None   # (B, 1, T, S) True = query i may attend to key j; None = j <= i, for the fused kernel
         if attention_mask is None:
             position_ids = position_ids if position_ids is not None else \
@@ -314,19 +301,17 @@ class Transformer(nn.Module):
                 visible = None  # no real token after a pad (right padding): j <= i alone is exact for real rows
         cos, sin = self.rope(position_ids)
         x = self.model.embed_tokens(input_ids)                                # (B, T, dim)
-        attentions, masses = [], []
+        attentions = []
         for layer in self.model.layers:
-            x, probs, mass = layer(x, cos, sin, visible, cache, return_attn, causal_rows, causal_row_mask)
-            attentions.append(probs)
-            masses.append(mass)
+            x, for_cat = layer(x, cos, sin, visible, cache, return_attn, causal_rows, causal_row_mask)
+            attentions.append(for_cat)
         if logits_at is not None:
             x = x.flatten(0, 1).index_select(0, logits_at)                    # (N, dim): the loss positions only
         elif last_only:
             x = x[:, -1:]                                                     # (B, 1, dim)
         logits = self.lm_head(self.model.norm(x))                             # (B, T, V), (N, V) or (B, 1, V)
-        causal_mass = torch.stack(masses).mean(0) if causal_rows is not None else None   # (B, R), mean over layers
-        return ModelOutput(logits=logits, attentions=attentions if return_attn else None,
-                           causal_mass=causal_mass, cache=cache)
+        return ModelOutput(logits=logits, attentions=attentions if return_attn or causal_rows is not None else None,
+                           cache=cache)
 
 
 @contextlib.contextmanager
@@ -387,205 +372,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             logits = model(token[:, None], mask, cache=cache, last_only=True).logits
     model.train(was_training)
     return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in new.tolist()]
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON file of a model folder as a dict; {} when it does not exist."""
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); restore the file from the model's "
-                         "source") from None
-
-
-def _token(value) -> str | None:
-    """A special token of tokenizer_config.json: a string, a dict with "content", or null."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
-class Tokenizer:
-    """Thin wrapper over tokenizers.Tokenizer with the model's special ids."""
-
-    def __init__(self, backend: tokenizers.Tokenizer, bos_id, eos_ids: list[int], pad_id: int, config=None):
-        self.backend, self.bos_id, self.eos_ids, self.pad_id = backend, bos_id, eos_ids, pad_id
-        self.config = config or {}  # tokenizer_config.json, written back by save()
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=True)
-
-    @classmethod
-    def from_dir(cls, path) -> "Tokenizer":
-        path = Path(path)
-        if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the model folder needs this tokenizer file")
-        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        config, gen, model_cfg = (_read_json(path / n) for n in
-                                  ("tokenizer_config.json", "generation_config.json", "config.json"))
-
-        def token_id(name):
-            token = _token(config.get(name))
-            return backend.token_to_id(token) if token is not None else None
-
-        # BOS when the model's tokenizer adds it: said in tokenizer_config, else done by the post-processor
-        bos_id = token_id("bos_token") if config.get("add_bos_token") else None
-        if "add_bos_token" not in config:
-            plain, special = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
-            bos_id = special[0] if len(special) > len(plain) and special[0] != plain[0] else None
-        eos_ids = [token_id("eos_token")]  # the tokenizer's own first: it ends training texts
-        for source in (gen, model_cfg):
-            value = source.get("eos_token_id")
-            eos_ids += value if isinstance(value, list) else [value]
-        eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
-        if not eos_ids:
-            raise ValueError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
-        pad_id = next((i for i in (token_id("pad_token"), gen.get("pad_token_id"), model_cfg.get("pad_token_id"))
-                       if i is not None), eos_ids[0])
-        return cls(backend, bos_id, eos_ids, pad_id, config)
-
-    def save(self, out_dir) -> None:
-        """tokenizer.json, tokenizer_config.json and generation_config.json, written together (cli.atomic_files)."""
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.backend.id_to_token(self.eos_ids[0]),
-                  "pad_token": self.backend.id_to_token(self.pad_id), **self.config,
-                  "add_bos_token": self.bos_id is not None}   # read back by from_dir: the same prompt prefix
-        if self.bos_id is not None:
-            config.setdefault("bos_token", self.backend.id_to_token(self.bos_id))
-        generation = {"bos_token_id": self.bos_id, "eos_token_id": self.eos_ids, "pad_token_id": self.pad_id}
-        with atomic_files(out_dir) as path:
-            self.backend.save(str(path("tokenizer.json")))
-            path("tokenizer_config.json").write_text(json.dumps(config, indent=2))
-            path("generation_config.json").write_text(json.dumps(generation, indent=2))
-
-
-def _check_tensors(expected: dict, found: dict, source, optional=()) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped tensor. expected: name -> shape."""
-    for name in found:
-        if name not in expected:
-            raise ValueError(f"{source}: unexpected tensor {name} {tuple(found[name].shape)}")
-        if tuple(found[name].shape) != tuple(expected[name]):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(found[name].shape)}, "
-                             f"the config expects {tuple(expected[name])}")
-    for name in expected:
-        if name not in found and name not in optional:
-            raise ValueError(f"{source}: missing tensor {name}, expected shape {tuple(expected[name])}")
-
-
-def resolve(name_or_path: str) -> Path:
-    """An alias, a local folder or a hub id -> a local folder."""
-    name = ALIASES.get(name_or_path, name_or_path)
-    if Path(name).is_dir():
-        return Path(name)
-    local = Path(name).parts[0] if Path(name).parts else ""
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (local != name and Path(local).is_dir()):
-        raise InputError(f"{name_or_path}: no such folder (a path, so it is not looked up on the hub)")
-    if "/" not in name:
-        raise InputError(f"{name_or_path!r} is neither a model folder nor a hub id (owner/name) "
-                         f"nor an alias: {sorted(ALIASES)}")
-    from huggingface_hub import snapshot_download
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES, token=os.environ.get("HF_TOKEN")))
-        if not list(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
-            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + [BIN_WEIGHTS],
-                                            token=os.environ.get("HF_TOKEN")))
-    except Exception as error:
-        raise RuntimeError(f"could not download {name} from the Hugging Face hub ({type(error).__name__}: {error}). "
-                           "Gated models need HF_TOKEN; without a network, pass a local folder in HF layout "
-                           "(config.json, *.safetensors, tokenizer.json)") from error
-    return folder
-
-
-def _read_weights(folder: Path, device) -> dict:
-    """All tensors of a checkpoint: model.safetensors, shards listed in model.safetensors.index.json, or
-    pytorch_model*.bin converted once to model.safetensors beside them."""
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").exists():
-        files = [folder / "model.safetensors"]
-    elif index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif bins := sorted(folder.glob(BIN_WEIGHTS)):
-        tensors = {}
-        for path in bins:
-            tensors.update(torch.load(path, map_location="cpu", weights_only=True))
-        with atomic_path(folder / "model.safetensors") as tmp:   # an interruption leaves no half file
-            save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        files = [folder / "model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-    tensors = {}
-    for path in files:
-        try:
-            tensors.update(load_file(str(path), device=str(device)))
-        except Exception as error:   # safetensors raises its own error type for a damaged or empty file
-            raise InputError(f"{path}: not a readable safetensors file ({error}); it is damaged or incomplete: "
-                             "download or save it again") from None
-    return tensors
-
-
-def source_files(name_or_path: str) -> list[Path]:
-    """The files load_model makes a model from: weights, configuration and tokenizer files, and for a LoRA adapter
-    its base model's too."""
-    folder = resolve(name_or_path)
-    files = sorted({path for pattern in HUB_FILES + [BIN_WEIGHTS] for path in folder.glob(pattern)})
-    if (folder / "adapter_config.json").exists():
-        files += source_files(_read_json(folder / "adapter_config.json")["base_model_name_or_path"])
-    return files
-
-
-def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """The tokenizer of an alias, a local folder or a hub id, without its weights."""
-    return Tokenizer.from_dir(resolve(name_or_path))
-
-
-def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
-    """An alias, a local folder or a hub id; a folder with adapter_config.json is its base model plus the adapter,
-    merged."""
-    folder = resolve(name_or_path)
-    if (folder / "adapter_config.json").exists():
-        base = _read_json(folder / "adapter_config.json")["base_model_name_or_path"]
-        model, tokenizer = load_model(base, dtype, device)
-        if (folder / "tokenizer.json").exists():
-            tokenizer = Tokenizer.from_dir(folder)
-        return merge_lora(load_adapter(model, folder)), tokenizer
-    if not (folder / "config.json").exists():
-        raise InputError(f"{folder / 'config.json'} not found: a model folder in Hugging Face layout holds "
-                         "config.json, *.safetensors and tokenizer.json")
-    try:
-        args = ModelArgs.from_hf_config(_read_json(folder / "config.json"))
-    except InputError as error:
-        raise InputError(f"{folder}/{error}") from None
-    with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
-        model = Transformer(args)
-    tensors = {k: v.to(dtype) for k, v in _read_weights(folder, device).items()
-               if not k.endswith("rotary_emb.inv_freq")}  # older checkpoints stored RoPE's frequencies, recomputed here
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    _check_tensors(expected, tensors, folder, optional={"lm_head.weight"} if args.tie_word_embeddings else ())
-    if args.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    # strict=False only for the tied lm_head.weight left out above: _check_tensors has already refused any missing,
-    # unexpected or mis-shaped tensor, by name
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
-    return model, Tokenizer.from_dir(folder)
-
-
-def save_model(model: Transformer, tokenizer: Tokenizer, out_dir) -> None:
-    """config.json, model.safetensors and tokenizer files, in the layout transformers reads."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("save_model: the model holds LoRA layers; save_adapter them, or merge_lora first")
-    tied = model.args.tie_word_embeddings
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-               if not (tied and k == "lm_head.weight")}
-    config = {**model.args.to_hf_config(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-              "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_ids, "pad_token_id": tokenizer.pad_id}
-
-    with atomic_files(out_dir) as path:   # all files renamed into place at the end; a run's metrics stay
-        path("config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, str(path("model.safetensors")), metadata={"format": "pt"})
-    tokenizer.save(out_dir)
 
 
 @dataclass
@@ -653,50 +439,16 @@ def merge_lora(model: Transformer) -> Transformer:
     return model
 
 
-def _lora_state(model: Transformer) -> dict:
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
-
-
-def save_adapter(model: Transformer, cfg: LoRAConfig, out_dir, base_model: str) -> None:
-    """adapter_config.json and adapter_model.safetensors in PEFT's layout and key names."""
-    tensors = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in _lora_state(model).items()}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-              "lora_dropout": cfg.dropout, "target_modules": list(cfg.target_modules), "bias": "none",
-              "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True}
-
-    with atomic_files(out_dir) as path:
-        path("adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, str(path("adapter_model.safetensors")), metadata={"format": "pt"})
-
-
-def load_adapter(model: Transformer, adapter_dir) -> Transformer:
-    """Wrap model with the LoRA layers of a PEFT-layout folder and load their weights (not merged)."""
-    adapter_dir = Path(adapter_dir)
-    config = _read_json(adapter_dir / "adapter_config.json")
-    if not isinstance(config.get("target_modules"), list) or config.get("use_rslora"):
-        raise ValueError(f"{adapter_dir}/adapter_config.json: only a list of target_modules and plain LoRA "
-                         "scaling (no use_rslora) are supported")
-    cfg = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                     target_modules=tuple(config["target_modules"]))
-    apply_lora(model, cfg)
-    device = model.lm_head.weight.device
-    tensors = {k.removeprefix("base_model.model."): v.to(model.lm_head.weight.dtype) for k, v in
-               load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(device)).items()}
-    expected = {k: v.shape for k, v in _lora_state(model).items()}
-    _check_tensors(expected, tensors, adapter_dir / "adapter_model.safetensors")
-    model.load_state_dict(tensors, strict=False)   # the base weights are loaded; _check_tensors checked the adapter's
-    return model
-
-
 def main():
+    import hf   # the files of a model folder (hf.py imports this module)
     parser = argparse.ArgumentParser(description="Greedy continuation of a prompt")
-    parser.add_argument("--model", required=True, help=f"a folder, a hub id or an alias: {sorted(ALIASES)}")
+    parser.add_argument("--model", required=True, help=f"a folder, a hub id or an alias: {sorted(hf.ALIASES)}")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = parser.parse_args()
-    model, tokenizer = load_model(a.model, getattr(torch, a.dtype), a.device)
+    model, tokenizer = hf.load_model(a.model, getattr(torch, a.dtype), a.device)
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(a.prompt)
     if not prompt:
         raise InputError("--prompt is empty and this tokenizer adds no BOS token: give some text to continue")

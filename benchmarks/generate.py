@@ -24,11 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hf  # noqa: E402
+import runs  # noqa: E402
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
 import cli  # noqa: E402
 import stg  # noqa: E402
-import train  # noqa: E402
 
 
 @dataclass
@@ -101,9 +102,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(cfg.threads)
     precision = cli.precision(cfg.device, cfg.dtype)
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
-    model, tokenizer = M.load_model(cfg.model, dtype=weights, device=cfg.device)
+    model, tokenizer = hf.load_model(cfg.model, dtype=weights, device=cfg.device)
     if cfg.weights:
-        train.put_weights(model, load_file(cfg.weights), cfg.weights)
+        runs.put_weights(model, load_file(cfg.weights), cfg.weights)
     records = stg.read_records(Path(cfg.data))[:cfg.prompts]
     encoded = sorted(((E.prompt_ids(tokenizer, r["input"]), r) for r in records), key=lambda pair: len(pair[0]))
     prompts, records = [ids for ids, _ in encoded], [r for _, r in encoded]

@@ -16,17 +16,17 @@ AdamW runs at lr 0: it does all its arithmetic, but the weights never change, so
 repeat sees the same model, and L_next and L_attn of the three variants must agree (fast == explicit).
 With --lora the model is train.py --lora's (its rank, scaling, dropout and target layers; on CUDA in bf16
 autocast the frozen base weights are stored in bf16, as train.py stores them): only the adapters train.
-The batch is built once by train.collate, outside the timed step, as train.py builds it before each step (the
+The batch is built once by batches.collate, outside the timed step, as train.py builds it before each step (the
 loss positions, the causal rows and their counts, on the CPU).
 
-Data: B sequences of exactly T tokens, each STG_S training records (stg.generate) encoded as train.encode does,
+Data: B sequences of exactly T tokens, each STG_S training records (stg.generate) encoded as batches.encode does,
 packed back to back, the last one cut at T; L_next covers each record's target + eos. Every record keeps its own
 adjacency (3 causal phrases of ~4 tokens, caused rows = the answer, shifted one row up, §4.2), so the mask has
 ~2 rows with causal tokens per packed record: --annotated first keeps only the first record's, one causal
 region per sequence whatever T is.
 
 CPU: each variant runs in its own subprocess (`--variant NAME --seq-len T`, the worker mode, one JSON line
-out); memory = its peak RSS (train.peak_rss_gib), variants interleaved over --rounds. GPU (--device cuda):
+out); memory = its peak RSS (runs.peak_rss_gib), variants interleaved over --rounds. GPU (--device cuda):
 one process, variants interleaved step by step, bf16 autocast as train.py, torch.cuda.synchronize around each
 step, torch.cuda.max_memory_allocated reset before each step; model FLOPs utilisation = 6·N·B·T / step time /
 --peak-tflops, N = weights of the linear layers (lm_head included, attention's own Q·Kᵀ and P·V not counted);
@@ -53,6 +53,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import batches  # noqa: E402
+import hf as hf_files  # noqa: E402
+import runs  # noqa: E402
 import model as M  # noqa: E402
 import cli  # noqa: E402
 import stg  # noqa: E402
@@ -94,7 +97,7 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------------
 # Model and data
 
-def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
+def build(cfg: BenchConfig, device) -> tuple[M.Transformer, hf_files.Tokenizer]:
     """The checkpoint of --model (float32, as train.py's full fine-tuning), or random weights of --shape; with
     --lora, train.py's adapters on it (frozen base weights in bf16 where train.py keeps them so: CUDA, bf16)."""
     if bool(cfg.model) == bool(cfg.shape):
@@ -102,24 +105,24 @@ def build(cfg: BenchConfig, device) -> tuple[M.Transformer, M.Tokenizer]:
                          f"{', '.join(SHAPES)})")
     if cfg.shape and cfg.shape not in SHAPES:
         raise SystemExit(f"--shape {cfg.shape!r}: choose one of {', '.join(SHAPES)}")
-    weights = train.stored_dtype(cfg.lora, str(device), cli.precision(str(device), cfg.dtype))
+    weights = runs.stored_dtype(cfg.lora, str(device), cli.precision(str(device), cfg.dtype))
     if cfg.model:
-        model, tok = M.load_model(cfg.model, weights, device)
+        model, tok = hf_files.load_model(cfg.model, weights, device)
     else:
         texts = [r["input"] + r["target"] for r in stg.make_records("stg_s_train", cfg.seed)]
-        _, tok = train.build_scratch(texts, train.TrainConfig(scratch_vocab=1000, seed=cfg.seed))
+        _, tok = runs.build_scratch(texts, train.TrainConfig(scratch_vocab=1000, seed=cfg.seed))
         torch.manual_seed(cfg.seed)
         with torch.device(device):
             model = M.Transformer(M.ModelArgs(**SHAPES[cfg.shape])).to(weights)
     if cfg.lora:
-        model, _ = train.with_lora(model, train.TrainConfig(lora=True, seed=cfg.seed))   # train.py's defaults
+        model, _ = runs.with_lora(model, train.TrainConfig(lora=True, seed=cfg.seed))   # train.py's defaults
         model.to(device)
     return model, tok
 
 
-def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) -> train.Batch:
-    """STG_S records packed into B rows of T tokens, each row one train.Example, through train.collate."""
-    examples = [train.encode(r, tok)[0] for r in stg.make_records("stg_s_train", seed)]
+def packed_batch(tok: hf_files.Tokenizer, B: int, T: int, annotated: str, seed: int) -> batches.Batch:
+    """STG_S records packed into B rows of T tokens, each row one batches.Example, through batches.collate."""
+    examples = [batches.encode(r, tok)[0] for r in stg.make_records("stg_s_train", seed)]
     rows, k = [], 0
     for _ in range(B):
         ids, labels, adj = [], [], torch.zeros(T, T, dtype=torch.bool)
@@ -131,8 +134,8 @@ def packed_batch(tok: M.Tokenizer, B: int, T: int, annotated: str, seed: int) ->
             if annotated == "all" or t == 0:
                 adj[t:t + n, t:t + n] = ex.adj[:n, :n]                        # (n, n) block on the diagonal
             k += 1
-        rows.append(train.Example(ids, labels, adj))
-    return train.collate(rows, tok.pad_id)
+        rows.append(batches.Example(ids, labels, adj))
+    return batches.collate(rows, tok.pad_id)
 
 
 def matmul_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -145,7 +148,7 @@ def matmul_params(model: nn.Module, trainable_only: bool = False) -> int:
 # ---------------------------------------------------------------------------------------------
 # The step
 
-def train_step(model, optimizer, params, batch: train.Batch, variant: str, alpha: float,
+def train_step(model, optimizer, params, batch: batches.Batch, variant: str, alpha: float,
                autocast) -> tuple[float, float]:
     """One optimiser step as train.py takes it; returns (L_next, L_attn) before the update."""
     with autocast:
@@ -171,7 +174,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.adamw(params, lr=0.0)                 # all of AdamW's work, weights unchanged
     autocast = cli.autocast(cfg.device, cli.precision(cfg.device, cfg.dtype))
-    rss_before = int(train.peak_rss_gib() * 2**30)
+    rss_before = int(runs.peak_rss_gib() * 2**30)
     out = {v: {"times_s": [], "peak_mem_bytes": 0} for v in variants}
     for r in range(cfg.warmup + cfg.repeats):
         for v in variants:
@@ -202,7 +205,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
         out[v]["n_matmul_params"] = matmul_params(model)
         out[v]["n_trained_matmul_params"] = matmul_params(model, trainable_only=True)
         if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step
-            out[v]["peak_mem_bytes"] = int(train.peak_rss_gib() * 2**30)
+            out[v]["peak_mem_bytes"] = int(runs.peak_rss_gib() * 2**30)
             out[v]["rss_before_steps_bytes"] = rss_before
     return out
 
@@ -249,7 +252,7 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
         torch.set_num_threads(cfg.threads)
     ours, tok = build(cfg, cfg.device)
     with tempfile.TemporaryDirectory() as folder:   # the same weights for both, through the HF layout
-        M.save_model(ours, tok, folder)
+        hf_files.save_model(ours, tok, folder)
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                attn_implementation="sdpa").to(cfg.device)
     precision = cli.precision(cfg.device, cfg.dtype)
@@ -263,7 +266,7 @@ def vs_transformers(cfg: BenchConfig, T: int) -> dict | None:
     steps = {"ours": lambda: train_step(ours, opt["ours"], ours_params, batch, "vanilla", 0.0, same)[0],
              f"transformers_{precision}": lambda: hf_step(hf, opt["hf"], hf_params, batch.ids, labels, same),
              "transformers_float32": lambda: hf_step(hf, opt["hf"], hf_params, batch.ids, labels, plain)}
-    tests = [train.encode(r, tok)[0] for r in stg.make_records("stg_e_test_iid", cfg.seed)[:cfg.batch]]
+    tests = [batches.encode(r, tok)[0] for r in stg.make_records("stg_e_test_iid", cfg.seed)[:cfg.batch]]
     prompts = [ex.ids[:ex.n_prompt] for ex in tests]                 # the prefix eval.py generates from
     new_tokens = 16
     width = max(map(len, prompts))

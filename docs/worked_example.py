@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import batches  # noqa: E402
+import runs  # noqa: E402
 import cat  # noqa: E402
 import stg  # noqa: E402
 import train  # noqa: E402
@@ -35,16 +37,16 @@ def main(argv=None) -> str:
     records = stg.make_records("stg_s_train", 42)
     record = records[0]
     cfg = train.TrainConfig(scratch_dim=64, scratch_layers=2, scratch_heads=4, scratch_vocab=400)
-    model, tok = train.build_scratch([r["input"] + r["target"] for r in records], cfg)
+    model, tok = runs.build_scratch([r["input"] + r["target"] for r in records], cfg)
     model.eval()
     out = [f"record: {record['input']}{record['target']}",
            f"§4.1 the word-level annotation (`important`): {record['important']}"]
 
-    ex, stats = train.encode(record, tok)                                 # A_adj over [bos] + input + target + eos
+    ex, stats = batches.encode(record, tok)                                 # A_adj over [bos] + input + target + eos
     labels = [tok.backend.id_to_token(i).replace("Ġ", "_") for i in ex.ids]
     rows = sorted(set(ex.adj.nonzero()[:, 0].tolist()))                   # the effect's tokens
     causes = sorted(set(ex.adj.nonzero()[:, 1].tolist()))                 # its causes' tokens
-    _, offsets = cat.token_offsets([record["input"], record["target"]], tok.backend)
+    _, offsets = batches.token_offsets([record["input"], record["target"]], tok.backend)
     start, end = cat.find_phrase(record["input"], "Yellow fingers")[0]     # a spurious attribute, for contrast
     end = record["input"].index(",", end) if "," in record["input"][end:] else end
     spurious = [j + int(tok.bos_id is not None) for j in cat.tokens_in_span(offsets, start, end)]
@@ -58,14 +60,15 @@ def main(argv=None) -> str:
     out += ["\n§4.2 Eq. 6, shifted up one row: the row that *predicts* each answer token attends to the causes",
             grid(shifted.int(), labels, shifted_rows, cols, lambda v: str(int(v)))]
 
-    batch = train.collate([ex], tok.pad_id)
+    batch = batches.collate([ex], tok.pad_id)
     with torch.no_grad():
         probs = model(batch.ids, return_attn=True).attentions            # L x (1, H, T, T)
     avg = cat.average_attention(probs)[0]                                 # (T, T), Eq. 7
     out += [f"\n§4.2 Eq. 7, the attention averaged over {len(probs)} layers and {probs[0].shape[1]} heads on those "
             "rows", grid(avg, labels, shifted_rows, cols, lambda v: f"{v:.3f}")]
 
-    cn = cat.causal_ratio(avg[None], shifted[None])                       # Eq. 8, 9
+    causal, other = cat.causal_and_other(shifted[None])                   # each row's causal and other j <= i
+    cn = cat.causal_ratio(*cat.attention_sums(avg[None], causal, other))  # Eq. 8, 9
     out.append(f"\n§4.2 Eq. 8-10 with α = {alpha}:")
     for i in shifted_rows:
         C, N, ratio = cn.C[0, i].item(), cn.N[0, i].item(), cn.ratio[0, i].item()
@@ -73,10 +76,9 @@ def main(argv=None) -> str:
         out.append(f"  row {i:>2} ({labels[i]:>8} → predicts {labels[i + 1]!r}): C = {C:.4f} (mean over {n_causal} "
                    f"causal tokens), N = {N:.4f} (over {i + 1 - n_causal} others), C/N = {ratio:.3f}, "
                    f"max(0, α − C/N) = {max(0.0, alpha - ratio):.3f}")
-    fast = cat.ratio_from_mass((avg * shifted).sum(-1)[None].gather(1, batch.rows.rows), batch.rows.n_causal,
-                               batch.rows.n_other)
-    out += [f"  L_attn = {cat.reattention_loss(cn, alpha).item():.4f} (the hinge summed over the rows); "
-            f"from the causal mass alone (the fast path): {cat.reattention_loss(fast, alpha).item():.4f}"]
+    fast = cat.causal_ratio(*cat.mass_sums((avg * shifted).sum(-1)[None].gather(1, batch.rows.rows), batch.rows))
+    out += [f"  L_attn = {cat.hinge(cn, alpha).item():.4f} (the hinge summed over the rows); "
+            f"from the causal mass alone (the fast path): {cat.hinge(fast, alpha).item():.4f}"]
     text = "\n".join(out)
     print(text)
     return text

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-import model as M  # noqa: E402
+import hf  # noqa: E402
 import cli  # noqa: E402
 import train  # noqa: E402
 from stg_grid import items  # noqa: E402
@@ -44,7 +44,7 @@ def moved_share(weights: list[torch.Tensor], shift: float) -> float:
 
 
 def table(cfg: UpdatesConfig) -> str:
-    model, _ = M.load_model(cfg.model)
+    model, _ = hf.load_model(cfg.model)
     matrices = [p.detach() for p in model.parameters() if p.ndim == 2]     # what autocast multiplies in bf16
     schedule = train.TrainConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio)
     on_grid = all(torch.equal(w, w.bfloat16().float()) for w in matrices)

@@ -3,7 +3,7 @@
     python experiments/row_counts.py --model <SmolLM2 folder> --authors-data <CAT repo folder>
     python experiments/row_counts.py --model <folder> --authors-data <folder> --data stg_s,mawps --limit 0
 
-L_attn = sum_i max(0, α − C_i/N_i) has one term per row that sees a causal and another token (train.row_counts;
+L_attn = sum_i max(0, α − C_i/N_i) has one term per row that sees a causal and another token (variants.row_counts;
 train.py records the counts in train_config.json, extra.cat_rows, and prints them for CAT runs). On STG_E those are
 the few rows that predict the answer; the authors' downstream annotations also link phrases inside the question, so
 most of their rows sit in the prompt, and the same α gives a sum several times larger beside the same L_next. The
@@ -19,7 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-import model as M  # noqa: E402
+import batches  # noqa: E402
+import hf  # noqa: E402
+import variants  # noqa: E402
 import cli  # noqa: E402
 import stg  # noqa: E402
 import train  # noqa: E402
@@ -37,7 +39,7 @@ class RowsConfig:
 
 
 def table(cfg: RowsConfig) -> str:
-    tok = M.load_tokenizer(cfg.model)
+    tok = hf.load_tokenizer(cfg.model)
     study, max_len = StudyConfig(authors_data=cfg.authors_data), train.TrainConfig().max_len
     lines = ["| data set | records read | tokens per record | target tokens (with EOS) | causal rows per annotated "
              "record | of them predicting target tokens |", "|---|---|---|---|---|---|"]
@@ -45,10 +47,10 @@ def table(cfg: RowsConfig) -> str:
         train_file, _ = data_files(study, data)
         records = stg.read_records(train_file)
         records = records[:cfg.limit] if cfg.limit > 0 else records
-        examples = [ex for ex in (train.encode(record, tok)[0] for record in records) if len(ex.ids) <= max_len]
+        examples = [ex for ex in (batches.encode(record, tok)[0] for record in records) if len(ex.ids) <= max_len]
         if not examples:   # as training: records over --max-len are left out
             raise cli.InputError(f"{train_file}: no record of at most {max_len} tokens to count")
-        counts = train.row_counts(examples)
+        counts = variants.row_counts(examples)
         lines.append(f"| {data} | {len(examples)} | {statistics.fmean(len(ex.ids) for ex in examples):.0f} | "
                      f"{statistics.fmean(ex.n_targets for ex in examples):.1f} | {counts['rows']:.1f} | "
                      f"{counts['target_rows']:.1f} |")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402  (the repository root is put on the path above)
 import cli  # noqa: E402
 import stg  # noqa: E402
-from train import model_label  # noqa: E402
+from runs import model_label  # noqa: E402
 
 SPLITS = ("iid", "ood")
 METHODS = ("vanilla", "cat")

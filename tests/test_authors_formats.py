@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import runs
 import eval as evaluation
 import cli
 import stg
@@ -72,8 +73,8 @@ def test_phrases_that_do_not_occur_are_counted_not_fatal(tmp_path, capsys):
     cli.write_jsonl(path, records)
     cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300)
-    _, tok, _ = train.build_model(cfg, records, "cpu", None)
-    examples = train.encode_all(records, tok, cfg)
+    _, tok, _ = runs.build_model(cfg, records, "cpu", None)
+    examples = runs.encode_all(records, tok, cfg)
     out = capsys.readouterr().out
     assert "annotation coverage: 12/20 phrases found" in out and "seven oranges" in out, out
     assert all(ex.n_cat_rows > 0 for ex in examples), "the phrases that were found still supervise their rows"

@@ -1,5 +1,5 @@
 """benchmarks/step.py: the CPU run end to end (workers in subprocesses), and its packed CAT batch against
-train.collate of each record alone. benchmarks/generate.py: its plain loop against model.generate, and a run end to
+batches.collate of each record alone. benchmarks/generate.py: its plain loop against model.generate, and a run end to
 end. No timing is asserted: only that the variants computed the same thing."""
 import json
 import sys
@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import batches
+import hf
 import model as M
 import cli
 import train
@@ -58,7 +60,7 @@ def test_lora_steps_train_only_the_adapters_and_start_from_the_base_model(tmp_pa
         step.main(["--shape", "tiny", "--lora", "--vs-transformers"])
 
 
-def labels_of(batch: train.Batch) -> torch.Tensor:
+def labels_of(batch: batches.Batch) -> torch.Tensor:
     """(B, T) labels, -100 off the loss positions: what position t predicts."""
     labels = torch.full(batch.ids.shape, -100, dtype=torch.long)
     labels.view(-1)[batch.target_pos] = batch.targets
@@ -71,13 +73,13 @@ def test_packed_batch_is_collate_of_each_record_placed_side_by_side():
     batch = step.packed_batch(tok, 2, T, "all", 42)
     ids, pad_mask, labels, mask = batch.ids, batch.pad_mask, labels_of(batch), batch.cat_mask
     assert ids.shape == labels.shape == (2, T) and mask.shape == (2, T, T) and bool(pad_mask.all())
-    examples = [train.encode(r, tok)[0] for r in step.stg.make_records("stg_s_train", 42)]
+    examples = [batches.encode(r, tok)[0] for r in step.stg.make_records("stg_s_train", 42)]
     k = 0
     for b in range(2):
         t = 0
         while t + len(examples[k].ids) <= T:   # records that fit whole: the same tensors as collate of the record alone
             n = len(examples[k].ids)
-            one = train.collate([examples[k]], tok.pad_id)
+            one = batches.collate([examples[k]], tok.pad_id)
             ids1, labels1, mask1 = one.ids, labels_of(one), one.cat_mask
             assert torch.equal(ids[b, t:t + n], ids1[0]), f"row {b}, record {k}: ids differ"
             assert torch.equal(labels[b, t:t + n], labels1[0]), f"row {b}, record {k}: labels differ"
@@ -116,10 +118,10 @@ def test_plain_loop_answers_as_model_generate_does():
 def test_decoding_benchmark_runs_end_to_end_and_refuses_weights_of_another_model(tmp_path, byte_bpe):
     """A tiny model folder, four records named as GSM8K's test file, full weights put over the model: both loops
     run every batch and the report holds what the README quotes."""
-    tok = M.Tokenizer(byte_bpe, bos_id=byte_bpe.token_to_id("<s>"), eos_ids=[byte_bpe.token_to_id("</s>")],
+    tok = hf.Tokenizer(byte_bpe, bos_id=byte_bpe.token_to_id("<s>"), eos_ids=[byte_bpe.token_to_id("</s>")],
                       pad_id=byte_bpe.token_to_id("</s>"))
     folder = tmp_path / "tiny"
-    M.save_model(tiny_decoder(0, byte_bpe.get_vocab_size(), torch.float32), tok, folder)
+    hf.save_model(tiny_decoder(0, byte_bpe.get_vocab_size(), torch.float32), tok, folder)
     weights = tmp_path / "trainable.safetensors"
     save_file({n: p.contiguous() for n, p in tiny_decoder(1, byte_bpe.get_vocab_size(),
                                                           torch.float32).named_parameters()}, str(weights))

@@ -9,7 +9,21 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+import batches
 import cat
+import variants
+
+LOSSES = {"hinge": cat.hinge, "div": variants.div_loss}   # Eq. 10, and the authors' published loss
+
+
+def map_ratio(attn, mask, pad_mask=None, contrast=None) -> cat.CausalRatio:
+    """C, N (Eq. 8, 9) the explicit path's way: sums over each row's causal and other tokens of the average map."""
+    causal, other = cat.causal_and_other(mask, pad_mask)
+    return cat.causal_ratio(*cat.attention_sums(attn, causal, variants.narrow_other(other, contrast)))
+
+
+def loss(cn, alpha, kind="hinge"):
+    return LOSSES[kind](cn, alpha)
 
 # -----------------------------------------------------------------------------
 # §4.2: the loss
@@ -32,24 +46,24 @@ def test_hand_worked_loss():
                          [1, 1, 0, 0],
                          [0, 1, 0, 1],
                          [1, 0, 1, 0]], dtype=torch.bool)[None]
-    cn = cat.causal_ratio(attn, mask)
+    cn = map_ratio(attn, mask)
     assert cn.counted.tolist() == [[False, False, True, True]]
     torch.testing.assert_close(cn.ratio[0, 2:], torch.tensor([6 / 7, 2 / 3]))
-    torch.testing.assert_close(cat.reattention_loss(cn, 1.0), torch.tensor(10 / 21))
-    torch.testing.assert_close(cat.reattention_loss(cn, 0.8), torch.tensor(2 / 15))
+    torch.testing.assert_close(loss(cn, 1.0), torch.tensor(10 / 21))
+    torch.testing.assert_close(loss(cn, 0.8), torch.tensor(2 / 15))
     # The same from the causal mass of each row: 0, 1.0, 0.3, 0.4.
-    torch.testing.assert_close(cat.reattention_loss(mass_path(attn, mask), 1.0), torch.tensor(10 / 21))
+    torch.testing.assert_close(loss(mass_path(attn, mask), 1.0), torch.tensor(10 / 21))
 
 
 def explicit_loss(attn, mask, alpha, pad_mask=None):
-    return cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask), alpha)
+    return loss(map_ratio(attn, mask, pad_mask), alpha)
 
 
 def mass_path(attn, mask, pad_mask=None) -> cat.CausalRatio:
     """C, N the fast path's way: the causal rows and their counts from the mask, the mass of each such row."""
     rows = cat.causal_rows(mask, pad_mask)
     mass = (attn * (mask & torch.ones_like(mask).tril())).sum(-1).gather(1, rows.rows)   # (B, R)
-    return cat.ratio_from_mass(mass, rows.n_causal, rows.n_other)
+    return cat.causal_ratio(*cat.mass_sums(mass, rows))
 
 
 def loop_rows(attn, mask, pad_mask, contrast=None):
@@ -106,7 +120,7 @@ def test_div_loss_equals_the_authors_loop(seed):
     attn, mask, pad_mask = random_batch(seed=seed)
     for alpha in (0.3, 1.0, 3.0):
         expected = loop_div(attn.tolist(), mask.tolist(), alpha, pad_mask.tolist())
-        got = cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask), alpha, "div")
+        got = loss(map_ratio(attn, mask, pad_mask), alpha, "div")
         assert got.item() == pytest.approx(expected, rel=1e-12), f"alpha={alpha}"
     assert expected < 0, "alpha 3 puts rows below it: the test compares non-zero losses"
 
@@ -119,14 +133,14 @@ def test_a_contrast_mask_narrows_the_other_tokens_as_the_loop_does(seed):
     for kind, loop in (("hinge", loop_loss), ("div", loop_div)):
         for alpha in (0.3, 1.0, 3.0):
             expected = loop(attn.tolist(), mask.tolist(), alpha, pad_mask.tolist(), contrast.tolist())
-            got = cat.reattention_loss(cat.causal_ratio(attn, mask, pad_mask, contrast), alpha, kind)
+            got = loss(map_ratio(attn, mask, pad_mask, contrast), alpha, kind)
             assert got.item() == pytest.approx(expected, rel=1e-12), f"{kind}, alpha={alpha}"
         narrowed = loop(attn.tolist(), mask.tolist(), 3.0, pad_mask.tolist(), contrast.tolist())
         assert narrowed != pytest.approx(loop(attn.tolist(), mask.tolist(), 3.0, pad_mask.tolist()), rel=1e-6)
     # marking every token is Eq. 9 itself
     everything = torch.ones_like(mask)
-    torch.testing.assert_close(cat.causal_ratio(attn, mask, pad_mask, everything).ratio,
-                               cat.causal_ratio(attn, mask, pad_mask).ratio, rtol=0, atol=0)
+    torch.testing.assert_close(map_ratio(attn, mask, pad_mask, everything).ratio,
+                               map_ratio(attn, mask, pad_mask).ratio, rtol=0, atol=0)
 
 
 def test_loss_is_zero_with_graph_when_no_row_qualifies():
@@ -150,7 +164,7 @@ def test_gradcheck_float64():
     attn.requires_grad_(True)
     rows = cat.causal_rows(mask, pad_mask)
     mass = torch.linspace(0.05, 0.3, rows.rows.numel(), dtype=torch.float64).view(rows.rows.shape).requires_grad_(True)
-    from_mass = lambda m: cat.reattention_loss(cat.ratio_from_mass(m, rows.n_causal, rows.n_other), 2.0)  # noqa: E731
+    from_mass = lambda m: loss(cat.causal_ratio(*cat.mass_sums(m, rows)), 2.0)  # noqa: E731
     assert explicit_loss(attn, mask, 2.0, pad_mask) > 0
     assert from_mass(mass) > 0
     assert torch.autograd.gradcheck(lambda a: explicit_loss(a, mask, 2.0, pad_mask), (attn,))
@@ -178,20 +192,23 @@ def test_mass_path_equals_explicit_path(seed):
     torch.testing.assert_close(avg, torch.stack(probs).mean(dim=(0, 2)))
     # What the model returns on the fast path: the layer/head mean of sum_j P_ij M_ij, for the rows with causes.
     rows = cat.causal_rows(mask, pad_mask)
-    mass = torch.zeros(rows.rows.shape, dtype=torch.float64)
+    mass, per_layer = torch.zeros(rows.rows.shape, dtype=torch.float64), []
     for p in probs:
         p_rows = p.gather(2, rows.rows[:, None, :, None].expand(B, H, -1, T))               # (B, H, R, T)
-        mass += (p_rows * rows.row_mask[:, None]).sum(-1).mean(1) / L
+        per_layer.append((p_rows * rows.row_mask[:, None]).sum(-1))                         # (B, H, R)
+        mass += per_layer[-1].mean(1) / L
     torch.testing.assert_close(mass, (avg * mask).sum(-1).gather(1, rows.rows))
-    cn = cat.causal_ratio(avg, mask, pad_mask)
-    cn_m = cat.ratio_from_mass(mass, rows.n_causal, rows.n_other)
+    # Eq. 7 over what the fast path's layers return, the per-head causal mass: the same as the mass of the mean map
+    torch.testing.assert_close(cat.average_attention(per_layer), mass)
+    cn = map_ratio(avg, mask, pad_mask)
+    cn_m = cat.causal_ratio(*cat.mass_sums(mass, rows))
     assert torch.equal(cn.counted.gather(1, rows.rows), cn_m.counted) and cn.counted.sum() == cn_m.counted.sum() > 0
     torch.testing.assert_close(cn_m.ratio, cn.ratio.gather(1, rows.rows))
     for alpha in (0.5, 1.5):
-        for kind in cat.ATTN_LOSSES:
-            loss = cat.reattention_loss(cn, alpha, kind)
-            torch.testing.assert_close(cat.reattention_loss(cn_m, alpha, kind), loss)
-    assert cat.reattention_loss(cn, 1.5) > 0
+        for kind in LOSSES:
+            expected = loss(cn, alpha, kind)
+            torch.testing.assert_close(loss(cn_m, alpha, kind), expected)
+    assert loss(cn, 1.5) > 0
 
 
 def test_causal_rows_select_the_rows_with_causes():
@@ -255,12 +272,12 @@ def occurrence_tokens(tokenizer, ids, offsets, full, phrase):
 
 
 def test_token_adjacency_cases(tokenizer):
-    ids, adj, stats = cat.token_adjacency([INPUT, TARGET], IMPORTANT, tokenizer)
+    ids, adj, stats = batches.token_adjacency([INPUT, TARGET], IMPORTANT, tokenizer)
     pieces = [tokenizer.encode(p, add_special_tokens=False).ids for p in (INPUT, TARGET)]
     assert ids == pieces[0] + pieces[1], "each piece is tokenised on its own"
     assert adj.shape == (len(ids), len(ids)) and adj.dtype == torch.bool
 
-    _, offsets = cat.token_offsets([INPUT, TARGET], tokenizer)
+    _, offsets = batches.token_offsets([INPUT, TARGET], tokenizer)
     spans = {p: occurrence_tokens(tokenizer, ids, offsets, INPUT + TARGET, p)
              for p in ["High Risk", "Smoking: 8", "Weight: 1", "Room size: 4", "Café naïve: 2", "東京"]}
     assert len(spans["Smoking: 8"]) == 2, "the phrase occurs twice"
@@ -282,7 +299,7 @@ def test_token_adjacency_cases(tokenizer):
 def test_a_key_that_is_the_whole_answer_is_not_matched_in_the_input(byte_bpe):
     """STG_H: the answer "26" must not also supervise the "26" of "City anniversary: 26" in the input."""
     text = ["Industrial emissions: 40.0, City anniversary: 26, Vehicle emissions: 31.5 Answer: ", "26"]
-    ids, adj, _ = cat.token_adjacency(text, [{"26": ["Industrial emissions: 40.0", "Vehicle emissions: 31.5"]}],
+    ids, adj, _ = batches.token_adjacency(text, [{"26": ["Industrial emissions: 40.0", "Vehicle emissions: 31.5"]}],
                                       byte_bpe)
     n_input = len(byte_bpe.encode(text[0], add_special_tokens=False).ids)
     rows = adj.any(dim=1).nonzero().flatten().tolist()
@@ -318,9 +335,9 @@ def test_fallback_offsets_from_decoding(tokenizer):
     wrong = WrongOffsets(tokenizer)
     reported = [o for p in pieces for o in wrong.encode(p).offsets]
     assert reported != [o for p in pieces for o in tokenizer.encode(p, add_special_tokens=False).offsets]
-    assert cat.token_offsets(pieces, wrong) == cat.token_offsets(pieces, tokenizer)
-    assert torch.equal(cat.token_adjacency(pieces, IMPORTANT, wrong)[1],
-                       cat.token_adjacency(pieces, IMPORTANT, tokenizer)[1])
+    assert batches.token_offsets(pieces, wrong) == batches.token_offsets(pieces, tokenizer)
+    assert torch.equal(batches.token_adjacency(pieces, IMPORTANT, wrong)[1],
+                       batches.token_adjacency(pieces, IMPORTANT, tokenizer)[1])
 
 
 def test_fallback_refuses_text_it_cannot_recover(byte_bpe):
@@ -328,7 +345,7 @@ def test_fallback_refuses_text_it_cannot_recover(byte_bpe):
         def decode_batch(self, sequences, skip_special_tokens=False):
             return [s.lower() for s in super().decode_batch(sequences, skip_special_tokens)]
     with pytest.raises(ValueError, match="round-trips"):
-        cat.token_offsets("Café naïve: 2, Smoking: 8", Lossy(byte_bpe))
+        batches.token_offsets("Café naïve: 2, Smoking: 8", Lossy(byte_bpe))
 
 
 def test_records_in_the_published_format_load_unchanged(byte_bpe):
@@ -342,11 +359,11 @@ def test_records_in_the_published_format_load_unchanged(byte_bpe):
     ]
     for line in lines:
         record = json.loads(line)
-        ids, adj, stats = cat.token_adjacency([record["input"], record["target"]], record.get("important"), byte_bpe)
+        ids, adj, stats = batches.token_adjacency([record["input"], record["target"]], record.get("important"), byte_bpe)
         assert stats["not_found"] == 0 and adj.shape == (len(ids), len(ids))
         assert (stats["edges"] > 0) == ("important" in record)
     with pytest.raises(ValueError, match=r"important\[0\]"):
-        cat.token_adjacency("text", [["High Risk", "Smoking: 8"]], byte_bpe)
+        batches.token_adjacency("text", [["High Risk", "Smoking: 8"]], byte_bpe)
 
 
 ATTRIBUTES = ["Smoking", "Weight", "Exercise",                    # causal: the three annotated
@@ -373,11 +390,11 @@ def test_adjacency_of_many_stg_like_records_finds_every_phrase(tokenizer):
     rows, nothing else (its time is printed with -s; timing belongs to benchmarks, not to a test)."""
     records = stg_like_records(1000)
     start = time.perf_counter()
-    results = [cat.token_adjacency([r["input"], r["target"]], r["important"], tokenizer) for r in records]
+    results = [batches.token_adjacency([r["input"], r["target"]], r["important"], tokenizer) for r in records]
     print(f"\ntoken_adjacency: 1000 STG-like records in {time.perf_counter() - start:.3f} s")
     for record, (ids, adj, stats) in zip(records, results):
         assert stats["not_found"] == 0 and stats["edges"] > 0
-        _, offsets = cat.token_offsets([record["input"], record["target"]], tokenizer)
+        _, offsets = batches.token_offsets([record["input"], record["target"]], tokenizer)
         answer_start = len(record["input"])
         rows = {i for i, j in adj.nonzero().tolist()}
         assert rows and all(offsets[i][0] >= answer_start for i in rows), "only the answer's tokens are rows"

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cat
 import eval as ev
 import cli
 import stg
+import batches
+import hf
 import model as M
-from model import ModelArgs, Tokenizer, Transformer
+from hf import Tokenizer
+from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,14 +266,14 @@ def test_eval_cli_continues_where_it_stopped_and_names_the_base_of_an_adapter(ti
     so that another base would start over."""
     model, tokenizer = tiny
     base = tmp_path / "base"
-    M.save_model(copy.deepcopy(model).float(), tokenizer, base)
+    hf.save_model(copy.deepcopy(model).float(), tokenizer, base)
     adapter = tmp_path / "adapter"
-    M.save_adapter(M.apply_lora(copy.deepcopy(model).float(), M.LoRAConfig(r=2, alpha=4)), M.LoRAConfig(r=2, alpha=4),
+    hf.save_adapter(M.apply_lora(copy.deepcopy(model).float(), M.LoRAConfig(r=2, alpha=4)), M.LoRAConfig(r=2, alpha=4),
                    adapter, base_model=str(base))
-    assert {path.name for path in M.source_files(str(adapter))} >= {"adapter_config.json", "adapter_model.safetensors",
+    assert {path.name for path in hf.source_files(str(adapter))} >= {"adapter_config.json", "adapter_model.safetensors",
                                                                    "config.json", "model.safetensors",
                                                                    "tokenizer.json"}
-    assert set(M.source_files(str(base))) < set(M.source_files(str(adapter)))
+    assert set(hf.source_files(str(base))) < set(hf.source_files(str(adapter)))
     tests = ",".join(f"{split}={path}" for split, path in stg_data.tests.items())
     argv = ["--model", str(adapter), "--data", str(stg_data.tests["iid"]), "--test", tests, "--out",
             str(tmp_path / "out"), "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu", "--dtype",
@@ -327,7 +329,7 @@ def test_weights_key_names_the_files_as_they_are(tmp_path):
 
 def plain_attention_numbers(model, tokenizer, text):
     """Reference: one prompt, no padding; Ā by a loop over layers and heads; per-kind numbers by a loop."""
-    ids, offsets = cat.token_offsets(text, tokenizer.backend)
+    ids, offsets = batches.token_offsets(text, tokenizer.backend)
     ids, offsets = [tokenizer.bos_id] + ids, [(0, 0)] + offsets
     with torch.no_grad():
         attentions = model(torch.tensor([ids]), return_attn=True).attentions

@@ -14,6 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
+import batches  # noqa: E402
+import hf  # noqa: E402
+import runs  # noqa: E402
+import variants  # noqa: E402
 import cli  # noqa: E402
 import stg  # noqa: E402
 import stg_grid  # noqa: E402
@@ -570,13 +574,13 @@ def test_row_counts_reads_each_data_set_through_the_training_encoder(tmp_path):
     cli.write_jsonl(authors / "MAWPS/mawps_train.jsonl", records)
     cfg = train.TrainConfig(model="scratch", data="x", scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300)
-    _, tok, _ = train.build_model(cfg, records, "cpu", None)
+    _, tok, _ = runs.build_model(cfg, records, "cpu", None)
     tok.save(tmp_path / "tok")
     text = row_counts.main(["--model", str(tmp_path / "tok"), "--authors-data", str(authors), "--data", "mawps",
                             "--limit", "2", "--out", str(tmp_path / "rows.md")])
     assert (tmp_path / "rows.md").read_text() == text + "\n"
     row = next(line for line in text.splitlines() if line.startswith("| mawps |")).strip("| ").split(" | ")
-    expected = train.row_counts([train.encode(r, tok)[0] for r in records[:2]])      # the first two records only
+    expected = variants.row_counts([batches.encode(r, tok)[0] for r in records[:2]])      # the first two records only
     assert row[1] == "2" and row[4] == f"{expected['rows']:.1f}" and row[5] == f"{expected['target_rows']:.1f}"
     assert float(row[4]) > float(row[5]) > 0          # rows inside the prompt, and rows predicting the answer
     with pytest.raises(cli.InputError, match="--data nope"):
@@ -684,7 +688,6 @@ def test_a_study_of_gpt4o_alone_reads_its_own_vanilla_runs(tmp_path):
 
 def test_bf16_updates_counts_the_entries_whose_bf16_copy_moves(tmp_path):
     import bf16_updates
-    import model as M
     import train
     # by hand, bf16 steps (8 significant bits): 2^-7 at 1.0, 2^-6 at 3.0, 2^-8 at 0.5, 2^-14 at 2^-7; +0.003 is under
     # half a step at 1.0 (0.0039) and 3.0 (0.0078), so they round back; over it at 0.5 (0.00195) and 2^-7, so they move
@@ -695,11 +698,11 @@ def test_bf16_updates_counts_the_entries_whose_bf16_copy_moves(tmp_path):
     records = [{"input": "Smoking: 8 Answer: ", "target": "High Risk"}]
     cfg = train.TrainConfig(model="scratch", data="x", scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300)
-    model, tok, _ = train.build_model(cfg, records, "cpu", None)
+    model, tok, _ = runs.build_model(cfg, records, "cpu", None)
     with torch.no_grad():                      # a bf16 checkpoint: every weight on the bf16 grid
         for p in model.parameters():
             p.copy_(p.bfloat16().float())
-    M.save_model(model, tok, tmp_path / "m")
+    hf.save_model(model, tok, tmp_path / "m")
     text = bf16_updates.main(["--model", str(tmp_path / "m"), "--lr", "1e-3", "--total-steps", "100",
                               "--show", "1,3"])
     assert "all on the bf16 grid" in text

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import annotate as A
+import hf
+import runs
 import eval as evaluation
 import model as M
 import cli
@@ -99,7 +101,7 @@ def test_method_is_not_a_second_switch_beside_alpha():
 def test_an_unset_flag_means_the_default_and_the_resolved_value_is_recorded(stg_file, tmp_path):
     cfg = train.parse_args(["--data", str(stg_file)])
     assert cfg.epochs is None and cfg.lr is None
-    train.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
+    runs.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
     assert (cfg.epochs, cfg.lr) == (10, 1e-3)        # scratch model on STG
 
 
@@ -140,7 +142,7 @@ def test_evaluation_skips_prompts_longer_than_max_len(stg_file, tmp_path):
     cfg = train.TrainConfig(model="scratch", data=str(stg_file), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300)
     records = stg.read_records(stg_file)
-    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    model, tok, _ = runs.build_model(cfg, records, "cpu", torch.float32)
     lengths = [len(evaluation.prompt_ids(tok, r["input"])) for r in records]
     limit = sorted(lengths)[len(lengths) // 2] + 8          # about half the prompts fit with 8 new tokens
     data = stg.DataSet("tiny", "stg_e", None, None, {"test": stg_file})
@@ -207,20 +209,20 @@ def test_user_errors_end_in_one_line(stg_file, tmp_path, capsys, smollm2_dir=Non
     empty.write_text("")
     assert "no training records" in cli_error(train_cli([*TINY, "--data", str(empty), "--out", str(tmp_path / "r")]),
                                               capsys)
-    model, tok = train.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1,
+    model, tok = runs.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1,
                                                                       scratch_heads=2))
     folder = tmp_path / "model"
-    M.save_model(model, tok, folder)
+    hf.save_model(model, tok, folder)
     (folder / "model.safetensors").write_bytes(b"")           # damaged (empty)
-    assert "model.safetensors: not a readable safetensors file" in cli_error(lambda: M.load_model(str(folder)), capsys)
+    assert "model.safetensors: not a readable safetensors file" in cli_error(lambda: hf.load_model(str(folder)), capsys)
     (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n "vocab_size": }')
-    assert "config.json:2: not valid JSON" in cli_error(lambda: M.load_model(str(folder)), capsys)
+    assert "config.json:2: not valid JSON" in cli_error(lambda: hf.load_model(str(folder)), capsys)
     config = model.args.to_hf_config()
     del config["num_attention_heads"]
     (folder / "config.json").write_text(json.dumps(config))
-    assert "num_attention_heads" in cli_error(lambda: M.load_model(str(folder)), capsys)
+    assert "num_attention_heads" in cli_error(lambda: hf.load_model(str(folder)), capsys)
     (folder / "config.json").unlink()
-    assert "config.json not found" in cli_error(lambda: M.load_model(str(folder)), capsys)
+    assert "config.json not found" in cli_error(lambda: hf.load_model(str(folder)), capsys)
     data = [*TINY, "--data", str(stg_file), "--out", str(tmp_path / "r")]
     assert "write each test file as split=FILE" in cli_error(train_cli([*data, "--test", "iid"]), capsys)
     assert "is not a file" in cli_error(train_cli([*data, "--test", f"iid={tmp_path / 'none.jsonl'}"]), capsys)
@@ -237,10 +239,10 @@ def test_eval_of_an_unfinished_run_says_resume_it(stg_file, tmp_path, capsys):
 
 
 def test_an_empty_prompt_is_refused_with_what_to_do(tmp_path, capsys):
-    model, tok = train.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1,
+    model, tok = runs.build_scratch(["a b c"] * 5, train.TrainConfig(scratch_dim=32, scratch_layers=1,
                                                                       scratch_heads=2))
     tok.bos_id = None
-    M.save_model(model, tok, tmp_path / "m")
+    hf.save_model(model, tok, tmp_path / "m")
     sys_argv = sys.argv
     try:
         sys.argv = ["model.py", "--model", str(tmp_path / "m"), "--prompt", "", "--device", "cpu"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import (LoRAConfig, LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_model,
-                   merge_lora, save_adapter)
+from hf import load_adapter, load_model, save_adapter
+from model import LoRAConfig, LoRALinear, ModelArgs, Transformer, apply_lora, merge_lora
 
 CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=32, intermediate_size=48,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

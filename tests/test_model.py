@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (KVCache, LoRAConfig, ModelArgs, Tokenizer, Transformer, apply_lora, generate, linear_weights_in,
-                   load_model, save_model)
+from hf import Tokenizer, load_model, save_model
+from model import KVCache, LoRAConfig, ModelArgs, Transformer, apply_lora, generate, linear_weights_in
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation (test-only)")
 

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import batches
+import hf
+import runs
+import variants
 import cat
-import model as M
 import cli
 import stg
 import train
@@ -27,10 +30,10 @@ def tiny_config(stg_file, tmp_path, **kw) -> train.TrainConfig:
 def fixed_batch(cfg, stg_file):
     records = stg.read_records(stg_file)[:8]
     data = stg.resolve_data(cfg.data)
-    train.resolve(cfg, data, "cpu")
-    model, tok, lora_cfg = train.build_model(cfg, records, "cpu", torch.float32)
-    examples = train.encode_all(records, tok, cfg)
-    return model, train.collate(examples, tok.pad_id)
+    runs.resolve(cfg, data, "cpu")
+    model, tok, lora_cfg = runs.build_model(cfg, records, "cpu", torch.float32)
+    examples = runs.encode_all(records, tok, cfg)
+    return model, batches.collate(examples, tok.pad_id)
 
 
 def step_losses(model, batch, cfg) -> train.Losses:
@@ -90,14 +93,14 @@ def test_a_batch_padded_to_a_multiple_gives_the_same_losses_and_gradients(stg_fi
     read no pad row, so the losses and gradients are those of the unpadded batch."""
     cfg = tiny_config(stg_file, tmp_path, alpha=2.0, attn=attn)
     records = stg.read_records(stg_file)[:8]
-    train.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
-    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    runs.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
+    model, tok, _ = runs.build_model(cfg, records, "cpu", torch.float32)
     model.eval()
-    examples = train.encode_all(records, tok, cfg)
+    examples = runs.encode_all(records, tok, cfg)
     longest = max(len(ex.ids) for ex in examples)
     found = {}
     for multiple in (1, 16, 64):
-        batch = train.collate(examples, tok.pad_id, multiple)
+        batch = batches.collate(examples, tok.pad_id, multiple)
         assert batch.ids.shape[1] % multiple == 0 and longest <= batch.ids.shape[1] < longest + multiple
         model.zero_grad()
         out = step_losses(model, batch, cfg)
@@ -116,9 +119,9 @@ def test_a_batch_padded_to_a_multiple_gives_the_same_losses_and_gradients(stg_fi
 def test_collate_masks_only_target_tokens_and_shifts_the_adjacency(stg_file, tmp_path):
     cfg = tiny_config(stg_file, tmp_path, alpha=1.0)
     records = stg.read_records(stg_file)[:2]
-    _, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
-    examples = train.encode_all(records, tok, cfg)
-    batch = train.collate(examples, tok.pad_id)
+    _, tok, _ = runs.build_model(cfg, records, "cpu", torch.float32)
+    examples = runs.encode_all(records, tok, cfg)
+    batch = batches.collate(examples, tok.pad_id)
     ids, pad_mask, mask = batch.ids, batch.pad_mask, batch.cat_mask
     T = ids.shape[1]
     for b, ex in enumerate(examples):
@@ -154,7 +157,7 @@ def test_peak_rss_matches_the_kernels_high_water_mark():
     """CPU runs log max_rss_gib: the process's peak resident memory, as /proc reports it (VmHWM, in kB)."""
     hwm_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmHWM:"))
-    assert train.peak_rss_gib() == pytest.approx(hwm_kib / 2**20, rel=0.05)
+    assert runs.peak_rss_gib() == pytest.approx(hwm_kib / 2**20, rel=0.05)
 
 
 def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_path):
@@ -181,7 +184,7 @@ def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path, capsys):
     total = re.search(r": (\d+) steps in [\d.]+ min \(cat", capsys.readouterr().out).group(1)
     train.train(train.TrainConfig(resume=str(part)))
     assert f": {total} steps, resumed at step 5: " in capsys.readouterr().out
-    a, b = (M.load_model(str(run))[0].state_dict() for run in (whole, part))
+    a, b = (hf.load_model(str(run))[0].state_dict() for run in (whole, part))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
     metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, part)]
@@ -205,13 +208,13 @@ def test_a_run_stopped_while_it_is_tested_resumes_and_is_tested_again(stg_file, 
         train.train(cfg)
     (run,) = [path.parent for path in tmp_path.glob("*/train_config.json")]
     steps = len((run / "metrics.jsonl").read_text().splitlines())   # every step of the one epoch, checkpointed
-    assert steps > 0 and train.folder_state(run) == f"a run interrupted at step {steps}"
-    trained = M.load_model(str(run))[0].state_dict()
+    assert steps > 0 and runs.folder_state(run) == f"a run interrupted at step {steps}"
+    trained = hf.load_model(str(run))[0].state_dict()
     monkeypatch.setattr(evaluation, "evaluate", tested)
     train.train(train.TrainConfig(resume=str(run)))
-    assert train.folder_state(run) == "a finished run" and not (run / "checkpoint").exists()
+    assert runs.folder_state(run) == "a finished run" and not (run / "checkpoint").exists()
     assert set(json.loads((run / "results.json").read_text())["stg_small"]) == {"test"}
-    for name, weight in M.load_model(str(run))[0].state_dict().items():
+    for name, weight in hf.load_model(str(run))[0].state_dict().items():
         torch.testing.assert_close(weight, trained[name], atol=0, rtol=0, msg=name)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == steps, "no step ran twice"
 
@@ -229,7 +232,7 @@ def test_a_test_stopped_midway_continues_from_the_answers_it_kept(stg_file, tmp_
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_config(stg_file, tmp_path / "stopped", **cfg))
     (run,) = [path.parent for path in (tmp_path / "stopped").glob("*/train_config.json")]
-    assert train.folder_state(run) == f"a run interrupted at step {5 if save_every == 0 else 3}"
+    assert runs.folder_state(run) == f"a run interrupted at step {5 if save_every == 0 else 3}"
     partial = run / "predictions_stg_small_val.partial.jsonl"
     assert len(partial.read_text().splitlines()) == 2 if save_every == 0 else not partial.exists()  # header, batch
     decoder.batches.clear()
@@ -295,10 +298,10 @@ def test_a_saved_scratch_model_is_prompted_as_it_was_trained(stg_file, tmp_path)
     import eval as evaluation
     cfg = tiny_config(stg_file, tmp_path)
     records = stg.read_records(stg_file)[:2]
-    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
-    M.save_model(model, tok, tmp_path / "saved")
-    _, reloaded = M.load_model(str(tmp_path / "saved"))
-    ex, _ = train.encode(records[0], tok)
+    model, tok, _ = runs.build_model(cfg, records, "cpu", torch.float32)
+    hf.save_model(model, tok, tmp_path / "saved")
+    _, reloaded = hf.load_model(str(tmp_path / "saved"))
+    ex, _ = batches.encode(records[0], tok)
     assert reloaded.bos_id == tok.bos_id is not None
     assert evaluation.prompt_ids(reloaded, records[0]["input"]) == ex.ids[:ex.n_prompt]
 
@@ -310,8 +313,9 @@ def full_logits_losses(model, batch, alpha):
     labels.view(-1)[batch.target_pos] = batch.targets
     out = model(batch.ids, batch.pad_mask.long(), return_attn=True)
     l_next = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="sum")
-    cn = cat.causal_ratio(cat.average_attention(out.attentions), batch.cat_mask, batch.pad_mask)
-    return l_next / len(batch.targets), cat.reattention_loss(cn, alpha)
+    causal, other = cat.causal_and_other(batch.cat_mask, batch.pad_mask)
+    cn = cat.causal_ratio(*cat.attention_sums(cat.average_attention(out.attentions), causal, other))
+    return l_next / len(batch.targets), cat.hinge(cn, alpha)
 
 
 def test_logits_at_the_loss_positions_equal_the_full_logits_path(stg_file, tmp_path):
@@ -373,8 +377,8 @@ def test_row_counts_match_a_loop_over_the_shifted_adjacency(tmp_path):
                {"input": "No annotation here.", "target": "Answer: 1.0"}]
     cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "x.jsonl"), scratch_dim=32, scratch_layers=2,
                             scratch_heads=2, scratch_vocab=300)
-    _, tok, _ = train.build_model(cfg, records, "cpu", None)
-    examples = train.encode_all(records, tok, cfg)
+    _, tok, _ = runs.build_model(cfg, records, "cpu", None)
+    examples = runs.encode_all(records, tok, cfg)
     expected = []
     for ex in examples[:2]:
         adj, rows, answer = cat.shift_up(ex.adj), 0, 0
@@ -388,7 +392,7 @@ def test_row_counts_match_a_loop_over_the_shifted_adjacency(tmp_path):
     target = tok.backend.encode("Answer: 7.0", add_special_tokens=False)
     ids_7 = sum(end > len("Answer: ") for _, end in target.offsets)     # the tokens of "7.0" in the target
     assert expected[0][1] == ids_7 and expected[0][0] > ids_7     # the answer's rows, and more inside the prompt
-    counts = train.row_counts(examples)
+    counts = variants.row_counts(examples)
     assert counts["annotated"] == 2                                  # the record without annotation is not averaged
     assert counts["rows"] == pytest.approx((expected[0][0] + expected[1][0]) / 2)
     assert counts["target_rows"] == pytest.approx((expected[0][1] + expected[1][1]) / 2)
@@ -404,16 +408,16 @@ OTHER_ATTRIBUTES = ["Room size: 3", "Hormones: 7", "Yellow fingers: 9", "Certain
 
 
 def test_attribute_contrast_lists_the_other_attributes_in_the_layout_of_important():
-    assert train.attribute_contrast(CONTRAST_RECORD, "stg_e") == [{"High Risk": OTHER_ATTRIBUTES}]
-    assert train.attribute_contrast(CONTRAST_RECORD, "mawps") == [{"High Risk": []}]   # no known attributes
+    assert variants.attribute_contrast(CONTRAST_RECORD, "stg_e") == [{"High Risk": OTHER_ATTRIBUTES}]
+    assert variants.attribute_contrast(CONTRAST_RECORD, "mawps") == [{"High Risk": []}]   # no known attributes
 
 
 def test_the_contrast_mask_marks_the_other_attributes_on_the_causal_rows(tmp_path):
     cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "stg_s.jsonl"), scratch_dim=32, scratch_layers=2,
                             scratch_heads=2, scratch_vocab=300, contrast="attributes", attn="explicit")
-    _, tok, _ = train.build_model(cfg, [CONTRAST_RECORD], "cpu", None)
-    ex, = train.encode_all([CONTRAST_RECORD], tok, cfg, "stg_e")
-    plain, _ = train.encode(CONTRAST_RECORD, tok)
+    _, tok, _ = runs.build_model(cfg, [CONTRAST_RECORD], "cpu", None)
+    ex, = runs.encode_all([CONTRAST_RECORD], tok, cfg, "stg_e")
+    plain, _ = batches.encode(CONTRAST_RECORD, tok)
     assert torch.equal(ex.adj, plain.adj)                                  # the causal adjacency is untouched
     assert torch.equal(ex.contrast.any(-1), ex.adj.any(-1))                # the same rows: the answer's tokens
     assert not (ex.contrast & ex.adj).any()
@@ -430,10 +434,10 @@ def test_the_contrast_mask_marks_the_other_attributes_on_the_causal_rows(tmp_pat
 def test_contrast_losses_equal_a_loop_over_the_models_attention(stg_file, tmp_path, contrast):
     cfg = tiny_config(stg_file, tmp_path, alpha=2.0, contrast=contrast, attn="explicit")
     records = stg.read_records(stg_file)[:4]
-    train.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
-    model, tok, _ = train.build_model(cfg, records, "cpu", torch.float32)
+    runs.resolve(cfg, stg.resolve_data(cfg.data), "cpu")
+    model, tok, _ = runs.build_model(cfg, records, "cpu", torch.float32)
     model.eval()
-    batch = train.collate(train.encode_all(records, tok, cfg, "stg_e"), tok.pad_id)
+    batch = batches.collate(runs.encode_all(records, tok, cfg, "stg_e"), tok.pad_id)
     out = train.losses(model, batch, cfg.alpha, attn="explicit")
     with torch.no_grad():
         probs = model(batch.ids, return_attn=True).attentions        # L x (B, H, T, T)
@@ -458,9 +462,9 @@ def test_the_input_contrast_marks_the_input_but_its_first_token_on_every_row(tmp
               "important": [{"7.0": ["3 apples", "4 more"]}, {"4 more": ["buys"]}]}
     cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300, contrast="input", attn="explicit")
-    _, tok, _ = train.build_model(cfg, [record], "cpu", None)
-    ex, = train.encode_all([record], tok, cfg, "mawps")
-    plain, _ = train.encode(record, tok)
+    _, tok, _ = runs.build_model(cfg, [record], "cpu", None)
+    ex, = runs.encode_all([record], tok, cfg, "mawps")
+    plain, _ = batches.encode(record, tok)
     assert torch.equal(ex.adj, plain.adj) and ex.ids == plain.ids          # the causal adjacency is untouched
     columns = list(range(1, ex.n_prompt))                                  # bos and the answer left out
     assert ex.ids[0] == tok.bos_id and all(row.nonzero().flatten().tolist() == columns for row in ex.contrast)
@@ -482,13 +486,13 @@ MATH_RECORDS = [{"input": "Tom has 3 apples and buys 4 more. ", "target": "Answe
 def test_rows_target_keeps_the_answer_rows_of_the_adjacency_and_drops_those_inside_the_input(tmp_path):
     cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "mawps_train.jsonl"), scratch_dim=32,
                             scratch_layers=2, scratch_heads=2, scratch_vocab=300, rows="target")
-    _, tok, _ = train.build_model(cfg, MATH_RECORDS, "cpu", None)
+    _, tok, _ = runs.build_model(cfg, MATH_RECORDS, "cpu", None)
     # the second record has causes on both sides of the boundary: the input's last token and the answer's first
     boundary = {"input": "Tom has 3 apples and buys 4 more", "target": "7.0",
                 "important": [{"7.0": ["3 apples", "4 more"]}, {"4 more": ["buys"]}]}
     for record in (MATH_RECORDS[0], boundary):
-        ex, = train.encode_all([record], tok, cfg, "mawps")
-        plain, _ = train.encode(record, tok)
+        ex, = runs.encode_all([record], tok, cfg, "mawps")
+        plain, _ = batches.encode(record, tok)
         assert ex.ids == plain.ids and ex.labels == plain.labels
         adj, full = cat.shift_up(ex.adj), cat.shift_up(plain.adj)
         kept = [i for i in range(len(ex.ids)) if adj[i].any()]
@@ -505,14 +509,14 @@ def test_rows_target_loss_equals_the_hinge_over_the_answer_rows_of_the_full_mask
     cli.write_jsonl(path, MATH_RECORDS)
     cfg = train.TrainConfig(model="scratch", data=str(path), scratch_dim=32, scratch_layers=2, scratch_heads=2,
                             scratch_vocab=300, rows="target", alpha=3.0)
-    model, tok, _ = train.build_model(cfg, MATH_RECORDS, "cpu", torch.float32)
+    model, tok, _ = runs.build_model(cfg, MATH_RECORDS, "cpu", torch.float32)
     model.eval()
-    batch = train.collate(train.encode_all(MATH_RECORDS, tok, cfg, "mawps"), tok.pad_id)
-    full = train.collate([train.encode(r, tok)[0] for r in MATH_RECORDS], tok.pad_id)     # the paper's rows
+    batch = batches.collate(runs.encode_all(MATH_RECORDS, tok, cfg, "mawps"), tok.pad_id)
+    full = batches.collate([batches.encode(r, tok)[0] for r in MATH_RECORDS], tok.pad_id)     # the paper's rows
     with torch.no_grad():
         probs = model(full.ids, return_attn=True).attentions
     avg = sum(p.mean(1) for p in probs) / len(probs)
-    n_prompt = [train.encode(r, tok)[0].n_prompt for r in MATH_RECORDS]
+    n_prompt = [batches.encode(r, tok)[0].n_prompt for r in MATH_RECORDS]
     expected = 0.0
     for b in range(len(MATH_RECORDS)):
         for i in range(n_prompt[b] - 1, int(full.pad_mask[b].sum())):          # the answer's rows only
@@ -532,4 +536,40 @@ def test_contrast_attributes_refuses_data_without_attributes(tmp_path, capsys):
     cfg = train.TrainConfig(model="scratch", data=str(path), contrast="attributes", attn="explicit", alpha=1.0,
                             out=str(tmp_path / "runs"))
     with pytest.raises(cli.InputError, match="not STG data"):
-        train.setup(cfg)
+        runs.setup(cfg, train.losses, train.adamw)
+
+
+@pytest.mark.parametrize("attn", ["fast", "explicit"])
+def test_a_default_training_step_goes_through_the_papers_functions(stg_file, tmp_path, monkeypatch, attn):
+    """train_step's L_attn is computed by cat.average_attention (Eq. 7), cat.causal_ratio (Eq. 8, 9) and cat.hinge
+    (Eq. 10) on both paths: the default one (fast, the causal mass of the causal rows) and the explicit maps."""
+    calls = {}
+
+    def spy(name):
+        original = getattr(cat, name)
+
+        def wrapped(*args, **kw):
+            out = original(*args, **kw)
+            calls.setdefault(name, []).append((args, out))
+            return out
+        monkeypatch.setattr(cat, name, wrapped)
+
+    for name in ("average_attention", "causal_ratio", "hinge"):
+        spy(name)
+    cfg = tiny_config(stg_file, tmp_path, alpha=2.0, **({} if attn == "fast" else {"attn": "explicit"}))
+    assert train.TrainConfig().attn == "fast"   # the default path is the one tested first
+    run, step = runs.setup(cfg, train.losses, train.adamw)
+    calls.clear()                               # setup measured the starting C/N through them too
+    record = train.train_step(run, step)
+    per_layer, avg = calls["average_attention"][0]
+    B, H, L = len(run.examples[:cfg.batch_size]), 2, 2
+    assert len(per_layer[0]) == L
+    if attn == "fast":   # each layer hands Eq. 7 its causal rows' mass per head (B, H, R): no T × T map
+        assert per_layer[0][0].dim() == 3 and per_layer[0][0].shape[:2] == (B, H) and avg.dim() == 2
+    else:                # each layer hands Eq. 7 its full map (B, H, T, T)
+        assert per_layer[0][0].dim() == 4 and avg.dim() == 3
+    cn = calls["causal_ratio"][0][1]
+    assert cn.counted.any()
+    hinge_args, l_attn = calls["hinge"][0]
+    assert hinge_args[0] is cn and hinge_args[1] == 2.0
+    assert record["l_attn"] == pytest.approx(l_attn.item(), rel=1e-6) and record["l_attn"] > 0

@@ -1,0 +1,531 @@
+"""Running a training job, everything train.py's loop needs that is not in the paper: flags checked and the paper's
+defaults filled in, the run folder, records -> examples, the model built (from scratch, a checkpoint, with LoRA),
+DDP/FSDP, checkpoints and resume, the end of a run (save, test, summary) and its progress lines."""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import cli
+import batches
+import hf
+import model as M
+import stg
+import variants
+
+# ---------------------------------------------------------------------------------------------
+# Flags: checked before any work, the paper's defaults filled in
+
+def resolve(cfg, data: stg.DataSet, device: str) -> None:
+    """Fill in the paper's defaults (§5.1, Appendix F) that depend on model, data, method and device."""
+    is_stg = data.task.startswith("stg")
+    if cfg.epochs is None:
+        cfg.epochs = 10 if cfg.model == "scratch" else 6 if is_stg else 4
+    if cfg.lr is None:
+        cfg.lr = 1e-3 if cfg.model == "scratch" else 1e-4 if cfg.lora else 5e-5
+    cfg.dtype = cli.precision(device, cfg.dtype)
+    lora = "-lora" if cfg.lora else ""
+    cfg.name = cfg.name or f"{model_label(cfg.model)}-{data.name}-{method(cfg)}{lora}-s{cfg.seed}"
+
+
+def model_label(model: str) -> str:
+    """The model's part of a run name: a folder's or hub id's last component, or the alias."""
+    return Path(model).name if "/" in model or os.sep in model else model
+
+
+def method(cfg) -> str:
+    """CAT when an α is asked for (--alpha or --alpha-scale), else vanilla fine-tuning: α is the one switch."""
+    return "cat" if cfg.alpha > 0 or cfg.alpha_scale > 0 else "vanilla"
+
+
+AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_len": 2, "lora_r": 1, "scratch_dim": 1, "scratch_layers": 1,
+            "scratch_heads": 1, "scratch_vocab": 300, "save_every": -1, "stop_after": 0, "eval_limit": 0,
+            "alpha": 0, "alpha_scale": 0, "weight_decay": 0, "epochs": 1, "pad_multiple": 1}
+POSITIVE = ("lr", "max_grad_norm", "lora_alpha")
+FRACTION = ("warmup_ratio", "val_frac", "lora_dropout")          # in [0, 1)
+CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), "attn_loss": ("hinge", "div"),
+           "contrast": ("all", "attributes", "input"), "rows": ("all", "target"),
+           "dtype": ("auto", "float32", "bfloat16")}
+
+
+def validate(cfg) -> None:
+    """Every flag checked before any work is done or any file written: the flag, its value, what is allowed."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name, low in AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise cli.InputError(f"{flag(name)} {value}: must be at least {low}")
+    for name in POSITIVE:
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            raise cli.InputError(f"{flag(name)} {getattr(cfg, name)}: must be positive (leave it out for the default)")
+    for name in FRACTION:
+        if not 0 <= getattr(cfg, name) < 1:
+            raise cli.InputError(f"{flag(name)} {getattr(cfg, name)}: must be in [0, 1)")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise cli.InputError(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.alpha > 0 and cfg.alpha_scale > 0 and not cfg.resume:   # a resumed run holds the α its scale gave
+        raise cli.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
+    if cfg.contrast != "all" and cfg.attn != "explicit":
+        raise cli.InputError(f"--contrast {cfg.contrast}: N_i is then read from the attention maps; add --attn explicit")
+    if cfg.scratch_dim % cfg.scratch_heads:
+        raise cli.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
+                             f"{cfg.scratch_heads}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise cli.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise cli.InputError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or auto)")
+    if cfg.fsdp and cfg.lora:
+        raise cli.InputError("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under "
+                             "torchrun")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> examples; the model
+
+def encode_all(records, tok, cfg, task: str = "generic") -> list[batches.Example]:
+    """Encode every record (batches.encode; --contrast and --rows: variants.adapt); report the skipped ones and the
+    annotation's coverage, with examples of missing phrases."""
+    examples, found, missing, skipped = [], 0, [], 0
+    for rec in records:
+        ex, stats = batches.encode(rec, tok)
+        ex = variants.adapt(ex, rec, tok, cfg.contrast, cfg.rows, task)     # past the paper; "all": unchanged
+        if len(ex.ids) > cfg.max_len:
+            skipped += 1
+            continue
+        examples.append(ex)
+        found += stats.get("found", 0)
+        missing += stats.get("missing_phrases", [])
+    if skipped:
+        print(f"skipped {skipped} records longer than --max-len {cfg.max_len} tokens")
+    if found + len(missing):
+        coverage = found / (found + len(missing))
+        cfg.extra["annotation_coverage"] = coverage
+        print(f"annotation coverage: {found}/{found + len(missing)} phrases found ({coverage:.1%})"
+              + (f"; not found, e.g. {sorted(set(missing))[:5]}" if missing else ""))
+    if not examples:
+        raise cli.InputError(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
+    return examples
+
+
+
+def build_scratch(texts: list[str], cfg) -> tuple[M.Transformer, hf.Tokenizer]:
+    """A small Llama-style model from random init, with a byte-level BPE tokenizer trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.scratch_vocab, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    tok = hf.Tokenizer(backend, bos_id=0, eos_ids=[1], pad_id=2,
+                      config={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    head_dim = cfg.scratch_dim // cfg.scratch_heads
+    args = M.ModelArgs(vocab_size=backend.get_vocab_size(), dim=cfg.scratch_dim, n_layers=cfg.scratch_layers,
+                       n_heads=cfg.scratch_heads, n_kv_heads=cfg.scratch_heads, head_dim=head_dim,
+                       hidden_dim=int(8 / 3 * cfg.scratch_dim), tie_word_embeddings=True,
+                       extra={"max_position_embeddings": cfg.max_len, "bos_token_id": 0, "eos_token_id": 1})
+    torch.manual_seed(cfg.seed)
+    return M.Transformer(args), tok
+
+
+def build_model(cfg, train_records, device, dtype):
+    """(model, tokenizer, lora config or None) as the config asks; only LoRA parameters train with --lora."""
+    if cfg.model == "scratch":
+        model, tok = build_scratch([r["input"] + r["target"] for r in train_records], cfg)
+    else:
+        model, tok = hf.load_model(cfg.model, dtype=dtype, device="cpu")
+    lora_cfg = None
+    if cfg.lora:
+        model, lora_cfg = with_lora(model, cfg)
+    return model.to(device), tok, lora_cfg
+
+
+def stored_dtype(lora: bool, device: str, precision: str) -> torch.dtype:
+    """The dtype the weights are kept in: float32 (master weights under autocast), except a LoRA run's frozen base
+    weights on CUDA in bf16 autocast, which no update touches: bf16, half the memory."""
+    return torch.bfloat16 if lora and device.startswith("cuda") and precision == "bfloat16" else torch.float32
+
+
+def with_lora(model: M.Transformer, cfg) -> tuple[M.Transformer, M.LoRAConfig]:
+    """The model with --lora's adapters (seeded by --seed), every other weight frozen."""
+    lora_cfg = M.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=tuple(cfg.lora_targets.split(",")))
+    torch.manual_seed(cfg.seed)
+    model = M.apply_lora(model, lora_cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()     # trainable LoRA weights in float32 even on bfloat16 base weights
+    return model, lora_cfg
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimiser, step and RNG, written atomically; safe to load.
+
+def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(trainable weights, optimiser state), whole and on CPU. Under FSDP every rank must call it: it gathers shards."""
+    names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]   # tied weights once
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+        return {n: weights[n].contiguous() for n in names if n in weights}, optim   # empty off rank 0
+    params = dict(unwrap(model).named_parameters())
+    return {n: params[n].detach().cpu().contiguous() for n in names}, optimizer.state_dict()
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, step: int, fsdp: bool, rank: int) -> None:
+    weights, optim = full_state(model, optimizer, fsdp)
+    if rank != 0:
+        return
+    tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim, "step": step, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "state.pt")
+    old = run_dir / "checkpoint.old"     # the previous checkpoint stays whole until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
+    folder = run_dir / "checkpoint"
+    if not (folder / "state.pt").exists():   # interrupted between the two renames of save_checkpoint
+        folder = run_dir / "checkpoint.old"
+    if not (folder / "state.pt").exists():
+        raise cli.InputError(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
+    weights = load_file(str(folder / "trainable.safetensors"))
+    state = torch.load(folder / "state.pt", weights_only=True)  # tensors and plain containers only
+    if fsdp:   # every rank reads the whole state and keeps its own shard of it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        put_weights(model, weights, folder / "trainable.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def put_weights(model, weights: dict, source) -> None:
+    """Copy a checkpoint's trainable weights (name -> tensor) into the model's parameters of those names."""
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in params or params[name].shape != value.shape:
+                found = f"shape {tuple(params[name].shape)}" if name in params else "no such parameter"
+                raise cli.InputError(f"{source}: tensor {name} {tuple(value.shape)} does not fit the model ({found}); "
+                                     "load it over the model it was trained from")
+            params[name].copy_(value)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def save_final(run_dir: Path, model, tok, lora_cfg, cfg) -> None:
+    """Full fine-tuning: the model in HF layout. LoRA: the adapter in PEFT's layout (+ the tokenizer)."""
+    if lora_cfg is None:
+        hf.save_model(model, tok, run_dir)
+    else:
+        hf.save_adapter(model, lora_cfg, run_dir, base_model=cfg.model)
+        tok.save(run_dir)
+
+
+def gather_model(model, fsdp: bool, rank: int):
+    """The trained model as one plain module on rank 0 (None elsewhere): FSDP shards are gathered first."""
+    if not fsdp:
+        return unwrap(model) if rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    plain = M.Transformer(model.args)
+    plain.load_state_dict(weights)
+    return plain.to(next(model.parameters()).device)   # evaluated where it trained
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK / WORLD_SIZE; each sequence's attention stays on its own rank.
+
+def init_distributed(device: str, fsdp: bool) -> tuple[int, int]:
+    """(rank, world size): a process group when torchrun started several processes, or one for FSDP."""
+    if "WORLD_SIZE" not in os.environ and fsdp:
+        raise cli.InputError("--fsdp needs torchrun: torchrun --nproc_per_node N train.py ... --fsdp")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp:
+        return 0, 1
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(model, on_cuda: bool):
+    """FSDP (fully_shard): each decoder layer one unit, then the rest; bf16 compute with float32 reductions on CUDA."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else \
+        MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder and setup
+
+def folder_state(run_dir: Path) -> str | None:
+    """What a run folder holds, in words: finished, interrupted at step N, or started; None when no run."""
+    if not (run_dir / "train_config.json").exists():   # other files (a grid's log.txt) make no run
+        return None
+    for folder in ("checkpoint", "checkpoint.old"):
+        if (run_dir / folder / "state.pt").exists():
+            step = torch.load(run_dir / folder / "state.pt", weights_only=True)["step"]
+            return f"a run interrupted at step {step}"
+    if (run_dir / "results.json").exists() or (run_dir / "model.safetensors").exists() or \
+            (run_dir / "adapter_model.safetensors").exists():
+        return "a finished run"
+    return "a run that stopped before its first checkpoint"
+
+
+def check_run_folder(cfg, run_dir: Path) -> None:
+    """A fresh run never writes into another run's folder, and --resume needs an interrupted run."""
+    state = folder_state(run_dir)
+    if cfg.resume:
+        if state is None:
+            raise cli.InputError(f"--resume {run_dir}: no run there (no train_config.json)")
+        if "interrupted" not in state:
+            raise cli.InputError(f"--resume {run_dir}: it holds {state}, with no checkpoint to continue from"
+                                 + ("" if "finished" in state else "; start it again with --overwrite"))
+    elif state is not None and not cfg.overwrite:
+        raise cli.InputError(f"{run_dir} already holds {state}. "
+                             + (f"Continue it with --resume {run_dir}, or c" if "interrupted" in state else "C")
+                             + "hoose another --name, or replace it with --overwrite")
+
+
+def split_validation(records: list[dict], cfg) -> tuple[list[dict], list[dict]]:
+    """Carve a seeded validation share out of the training records (for choosing α, never the test files)."""
+    if cfg.val_frac <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = int(len(records) * cfg.val_frac)
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by setup()."""
+    cfg: object                      # train.TrainConfig
+    run_dir: Path
+    data: stg.DataSet
+    rank: int
+    world: int
+    device: str
+    model: torch.nn.Module           # wrapped in DDP or FSDP under torchrun
+    tok: hf.Tokenizer
+    lora_cfg: M.LoRAConfig | None
+    optimizer: torch.optim.Optimizer
+    params: list                     # the trainable parameters
+    examples: list[batches.Example]
+    autocast: object                 # the compute precision's autocast context (cli.autocast)
+    steps_per_epoch: int
+    total: int                       # optimiser steps of the whole run
+    saved_step: int = -1             # the step of the checkpoint on disk (-1: none yet)
+
+
+def setup(cfg, losses, adamw) -> tuple[Run, int]:
+    """Device, data, model, optimiser (adamw) and run folder; returns the run and the step to start from. losses
+    (train.losses) measures the starting C/N that --alpha-scale places α against."""
+    if cfg.resume:
+        check_run_folder(cfg, Path(cfg.resume))
+        saved = json.loads((Path(cfg.resume) / "train_config.json").read_text())
+        saved.setdefault("pad_multiple", 1)   # a run started before batches were padded keeps its batch shapes
+        cfg = type(cfg)(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
+    validate(cfg)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = init_distributed(device, cfg.fsdp)
+    if device == "cuda" and dist.is_initialized():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)   # FSDP and NCCL place each rank on its current device
+    on_cuda = device.startswith("cuda")
+    data = stg.resolve_data(cfg.data, tests=cfg.test or None)
+    if data.train is None:
+        raise cli.InputError(f"--data {cfg.data}: no training file")
+    if cfg.contrast == "attributes" and data.task not in stg.FACTORS:
+        raise cli.InputError(f"--contrast attributes: {data.train} is not STG data (task {data.task!r}); its records "
+                             "have no known \"Name: value\" attributes to contrast the causes with")
+    resolve(cfg, data, device)
+    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
+    if not cfg.resume:
+        check_run_folder(cfg, run_dir)
+    if dist.is_initialized():
+        dist.barrier()   # every rank has looked at the run folder before rank 0 writes into it
+    if rank == 0:
+        print(f"precision: {cfg.dtype}" + (" (bf16 autocast, float32 weights)" if cfg.dtype == "bfloat16" else "")
+              + f" on {device}")
+    records, val_records = split_validation(stg.training_records(data), cfg)
+    if not records:
+        raise cli.InputError(f"{data.train}: no training records" + (f" left after --val-frac {cfg.val_frac}"
+                                                                     if val_records else ""))
+    torch.manual_seed(cfg.seed)
+    model, tok, lora_cfg = build_model(cfg, records, device, stored_dtype(cfg.lora, device, cfg.dtype))
+    examples = encode_all(records, tok, cfg, data.task)
+    if method(cfg) == "cat" and not any(ex.n_cat_rows for ex in examples):
+        where = " on the answer's rows (--rows target; --rows all counts the input's too)" \
+            if cfg.rows == "target" else ""
+        raise cli.InputError(f"--alpha {cfg.alpha or cfg.alpha_scale}: no record of {data.train} carries an "
+                             f"`important` annotation that was found in its text{where}; annotate the data "
+                             "(annotate.py) or train vanilla with --alpha 0")
+    autocast = cli.autocast(device, cfg.dtype)
+    if not cfg.resume and rank == 0 and (counts := variants.row_counts(examples))["annotated"]:
+        cfg.extra["cat_rows"] = counts
+        if method(cfg) == "cat":
+            how = "Eq. 10: one hinge term each" if cfg.attn_loss == "hinge" else "the div loss averages over them"
+            print(f"L_attn runs over {counts['rows']:.1f} causal rows per annotated record, "
+                  f"{counts['target_rows']:.1f} of them predicting target tokens ({how})")
+    if not cfg.resume and (rank == 0 or cfg.alpha_scale > 0):   # every rank places the same α from the same data
+        variants.place_alpha(cfg, variants.starting_ratios(losses, model, examples, tok.pad_id, device, autocast,
+                                                           attn=cfg.attn))
+    if rank == 0 and not cfg.resume:   # a resumed run keeps the configuration it was started with
+        if cfg.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.extra["world_size"] = world
+        cli.write_text(run_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    if rank == 0 and val_records:   # the validation split travels with the run, evaluated beside the test files
+        cli.write_jsonl(run_dir / "val.jsonl", val_records)
+        data = dataclasses.replace(data, tests={"val": run_dir / "val.jsonl", **data.tests})
+    # The CAT loss needs nothing from other ranks: each sequence's attention, and so its L_attn, stays on its rank.
+    if cfg.fsdp:
+        model = shard(model, on_cuda)
+    elif world > 1:   # only trainable parameters are synchronised; every parameter gets a gradient every step
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    run = Run(cfg, run_dir, data, rank, world, device, model, tok, lora_cfg, optimizer, params, examples, autocast,
+              steps_per_epoch, steps_per_epoch * cfg.epochs)
+    step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
+    run.saved_step = step if cfg.resume else -1
+    if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
+        path = run_dir / "metrics.jsonl"
+        lines = cli.complete_lines(path) if path.exists() else []    # a line cut by a kill is dropped
+        cli.write_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return run, step
+
+
+def finish(run: Run, step: int, started: float, resumed_at: int = 0) -> None:
+    """Save the final model (or say how to resume), evaluate on the test files, and say where everything is."""
+    cfg, run_dir = run.cfg, run.run_dir
+    if step < run.total:
+        if run.rank == 0:
+            print(f"stopped after step {step} of {run.total}; continue with: python train.py --resume {run_dir}")
+        return
+    final = gather_model(run.model, cfg.fsdp, run.rank)
+    if run.rank != 0:
+        return
+    if cfg.save:
+        save_final(run_dir, final, run.tok, run.lora_cfg, cfg)
+    results = None
+    if cfg.eval and run.data.tests:
+        import eval as evaluation
+        # the last checkpoint holds these weights when it was saved at this step: a test stopped midway then
+        # continues from the answers it kept (eval.resume_point) when the run is resumed. A LoRA run's weights are
+        # its base model's files too
+        checkpoint = run_dir / "checkpoint" / "trainable.safetensors"
+        base = hf.source_files(cfg.model) if cfg.lora and cfg.model != "scratch" else []
+        weights = evaluation.weights_key(checkpoint, *base) if run.saved_step == step and checkpoint.exists() \
+            else None
+        results = evaluation.evaluate(final, run.tok, run.data, out_dir=run_dir, limit=cfg.eval_limit or None,
+                                      dtype=cfg.dtype, max_len=cfg.max_len, weights=weights)
+    # the run is complete: nothing to resume. Removed only now, so that a run stopped while it is tested (GSM8K's
+    # four files of worked solutions take hours on a CPU) resumes at its last step and is tested again
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    print(summary(run, results, time.time() - started, resumed_at))
+
+
+def summary(run: Run, results: dict | None, seconds: float, resumed_at: int = 0) -> str:
+    """The last lines of a run: accuracy per test split beside the majority baseline, where the run is, what next.
+    The minutes are this process's: a resumed run names the step it resumed at."""
+    steps = f"{run.total} steps, resumed at step {resumed_at}:" if resumed_at else f"{run.total} steps in"
+    lines = [f"{run.cfg.name}: {steps} {seconds / 60:.1f} min ({method(run.cfg)}"
+             + (f", α = {run.cfg.alpha:.3g}" if run.cfg.alpha > 0 else "") + f", {run.cfg.dtype})"]
+    for split, result in (results or {}).items():
+        lines.append(f"  {split:>5}: accuracy {result['accuracy']:.1%} of {result['n']} records "
+                     f"(majority baseline {result['majority']:.1%})")
+    test = f" --test {run.cfg.test}" if run.cfg.test else ""
+    lines += [f"run folder: {run.run_dir}",
+              f"evaluate again: python eval.py --model {run.run_dir} --data {run.cfg.data}{test}" if run.cfg.save
+              else "the weights were not saved (--no-save)",
+              f"compare runs:   python eval.py --compare {run.run_dir.parent}/*"]
+    return "\n".join(lines)
+
+
+
+
+def peak_rss_gib() -> float | None:
+    """This process's peak resident memory in GiB (the CPU's counterpart of max_memory_allocated); None on Windows."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def memory_metrics(device: str) -> dict:
+    """A step's memory figure for metrics.jsonl: the GPU's peak allocation, or this process's peak resident memory."""
+    if device.startswith("cuda"):
+        return {"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    rss = peak_rss_gib()
+    return {} if rss is None else {"max_rss_gib": rss}
+
+
+class Progress:
+    """The loop's progress: a tqdm bar on a terminal; when the output is a file (a log), a plain line every `every`
+    seconds and at the end instead, since a bar redrawn into a file makes one line of hundreds of kilobytes."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool = True, every: float = 60.0):
+        self.name, self.total, self.step, self.enabled, self.every = name, total, initial, enabled, every
+        self.bar = tqdm(total=total, initial=initial, desc=name) if enabled and sys.stderr.isatty() else None
+        self.started = self.last = time.time()
+        self.first = initial
+
+    def update(self, record: dict) -> None:
+        self.step += 1
+        shown = dict(ep=record["epoch"], l_next=f"{record['l_next']:.3f}", l_attn=f"{record['l_attn']:.3f}",
+                     tok_s=f"{record['tokens_per_s']:.0f}")
+        if self.bar is not None:
+            self.bar.set_postfix(**shown)
+            self.bar.update()
+        elif self.enabled and (time.time() - self.last >= self.every or self.step == self.total):
+            self.last = time.time()
+            per_step = (self.last - self.started) / max(self.step - self.first, 1)
+            left = (self.total - self.step) * per_step / 60
+            print(f"{self.name}: step {self.step}/{self.total}, " + ", ".join(f"{k} {v}" for k, v in shown.items())
+                  + f", {per_step:.1f} s/step, about {left:.0f} min left", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
