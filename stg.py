@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import InputError, config_parser, run_cli, write_jsonl
+from cli import (InputError, check_output, config_parser, jsonl_text, read_jsonl, refuse_to_replace, run_cli,
+                 write_jsonl)
 
 # ----------------------------------------------------------------------------- STG_E (Appendix A)
 QUESTION_E = "Here is the statistical data for a person. Please predict the probability of cancer. "
@@ -178,18 +179,20 @@ def summarize(stem: str, records: list[dict]) -> str:
     return f"{stem}: {len(records)} records, {balance}\n    corr(spurious, parent): {corr}"
 
 
-def write_stg(out_dir, seed: int = 42, only_missing: bool = False) -> list[Path]:
-    """Write the STG files of Table 4 into out_dir (only the absent ones with only_missing); print a summary."""
-    written = []
+def write_stg(out_dir, seed: int = 42, only_missing: bool = False, overwrite: bool = False) -> list[Path]:
+    """Write the STG files of Table 4 into out_dir (only the absent ones with only_missing); print a summary.
+    An existing file that would change (hand edits, another seed) is replaced only with overwrite; otherwise
+    nothing is written (cli.refuse_to_replace). Writing the same files again changes nothing."""
+    records = {}
     for stem in FILES:
         path = Path(out_dir) / f"{stem}.jsonl"
-        if only_missing and path.exists():
-            continue
-        records = make_records(stem, seed)
-        write_jsonl(path, records)
-        print(summarize(stem, records))
-        written.append(path)
-    return written
+        if not (only_missing and path.exists()):
+            records[path] = make_records(stem, seed)
+    refuse_to_replace({path: jsonl_text(rs) for path, rs in records.items()}, overwrite, "--out")
+    for path, rs in records.items():
+        write_jsonl(path, rs)
+        print(summarize(path.stem, rs))
+    return list(records)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -218,33 +221,37 @@ def parse_attributes(text: str, task: str) -> dict:
     return values
 
 
-def read_records(path) -> list[dict]:
-    """Records of a JSONL file; a line that is not a JSON object with string input and target raises
-    ValueError naming file:line."""
+def read_records(path, flag: str | None = None) -> list[dict]:
+    """Records of a JSONL file (cli.read_jsonl: a file that is missing, a folder or not UTF-8, a line that is not a
+    JSON object raise InputError naming file and line, and `flag`, the option that named the file). Each record
+    needs string input and target (a numeric target, as in the authors' STG_H files, is read as its text), and
+    its `important`, when there, is a list of {effect: causes} objects whose causes are phrases: a string, a list
+    of strings, or an object whose keys are the phrases (one record of the authors' gsm8k_val nests them so).
+    A cause that is a number or true/false is refused: cat.find_phrase would match it as bare digits anywhere."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
-                                 'one object like {"input": "...", "target": "..."}') from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            if isinstance(record.get("target"), (int, float)) and not isinstance(record["target"], bool):
-                record["target"] = str(record["target"])   # the authors' STG_H files hold the AQI as a number
-            for field in ("input", "target"):
-                if not isinstance(record.get(field), str):
-                    found = "nothing" if field not in record else type(record[field]).__name__
-                    raise InputError(f"{where}: field {field!r} must be a string, found {found}; "
-                                     'each record needs {"input": "...", "target": "..."}')
-            important = record.get("important", [])
-            if not (isinstance(important, list) and all(isinstance(d, dict) for d in important)):
-                raise InputError(f"{where}: 'important' must be a list of {{effect: [causes]}} objects")
-            records.append(record)
+    for line_no, record in read_jsonl(path, flag):
+        where = f"{flag} {path}:{line_no}" if flag else f"{path}:{line_no}"
+        target = record.get("target")
+        if isinstance(target, (int, float)) and not isinstance(target, bool):
+            if not math.isfinite(target):
+                raise InputError(f"{where}: field 'target' is {target}; write the answer as a string")
+            record["target"] = str(target)   # the authors' STG_H files hold the AQI as a number
+        for field in ("input", "target"):
+            if not isinstance(record.get(field), str):
+                found = "nothing" if field not in record else type(record[field]).__name__
+                raise InputError(f"{where}: field {field!r} must be a string, found {found}; "
+                                 'each record needs {"input": "...", "target": "..."}')
+        important = record.get("important", [])
+        if not (isinstance(important, list) and all(isinstance(d, dict) for d in important)):
+            raise InputError(f"{where}: 'important' must be a list of {{effect: [causes]}} objects")
+        for entry in important:
+            for effect, causes in entry.items():
+                for cause in causes if isinstance(causes, list) else [causes]:
+                    if not isinstance(cause, str) and not (isinstance(cause, dict) and cause is causes):
+                        raise InputError(f"{where}: 'important' gives the effect {effect!r} the cause "
+                                         f"{json.dumps(cause)} ({type(cause).__name__}), not a phrase; write each "
+                                         f'cause as the text it stands for, a string such as "Smoking: 8"')
+        records.append(record)
     return records
 
 
@@ -273,7 +280,8 @@ def guess_task(stem: str) -> str:
 
 
 def parse_tests(text: str) -> dict[str, Path]:
-    """--test "iid=a.jsonl,ood=b.jsonl" -> {"iid": Path("a.jsonl"), "ood": Path("b.jsonl")}; each file must exist."""
+    """--test "iid=a.jsonl,ood=b.jsonl" -> {"iid": Path("a.jsonl"), "ood": Path("b.jsonl")}; each file must exist
+    and each split name be given once."""
     tests = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         split, sep, path = item.partition("=")
@@ -281,6 +289,10 @@ def parse_tests(text: str) -> dict[str, Path]:
             raise InputError(f"--test {text!r}: write each test file as split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl")
         if not Path(path.strip()).is_file():
             raise InputError(f"--test: {path.strip()} (split {split.strip()!r}) is not a file")
+        if split.strip() in tests:   # a dict keeps one of them, and the results would carry the other's name
+            raise InputError(f"--test {text!r}: the split name {split.strip()!r} is given twice; give each test "
+                             f"file its own name, e.g. {split.strip()}={tests[split.strip()]},"
+                             f"{split.strip()}2={path.strip()}")
         tests[split.strip()] = Path(path.strip())
     return tests
 
@@ -316,6 +328,8 @@ def _resolve_data(name_or_path: str, data_dir: Path) -> DataSet:
     path = Path(name_or_path)
     if path.is_file():
         return DataSet(path.stem, guess_task(path.stem), path, None, {"test": path})
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the path of a JSONL file of records, or a data set name")
     if path.suffix == ".jsonl" or os.sep in name_or_path:
         raise InputError(f"{path}: no such file (expected a JSONL file of records, one object a line)")
     raise InputError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
@@ -347,12 +361,15 @@ def training_records(data: DataSet) -> list[dict]:
 class StgConfig:
     out: str = "data"          # folder the JSONL files are written to
     seed: int = 42             # every file's stream is random.Random(f"{seed}/{file stem}")
+    overwrite: bool = False    # replace files of --out that differ from what this seed makes (hand edits, another
+                               # seed); without it such files are left as they are and nothing is written
 
 
 def main(argv=None) -> None:
     cfg = StgConfig(**vars(config_parser(StgConfig, "Write the STG benchmark (CAT Appendix A) as JSONL files.")
                            .parse_args(argv)))
-    write_stg(cfg.out, cfg.seed)
+    check_output(cfg.out, "--out", folder=True)
+    write_stg(cfg.out, cfg.seed, overwrite=cfg.overwrite)
 
 
 if __name__ == "__main__":
