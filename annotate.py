@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -145,6 +146,12 @@ SPLITS = ("train", "val", "test")
 
 def read_rows(path) -> list[dict]:
     """Rows of an upstream file: .jsonl, .json (a list or JSON lines), .parquet (needs pyarrow), ASDiv.xml."""
+    return [row for _, row in located_rows(path)]
+
+
+def located_rows(path, flag: str = "--source") -> list[tuple[str, dict]]:
+    """read_rows with where each row is ("FILE:LINE" or "FILE, row N") for messages. A file that is missing, a
+    folder, not UTF-8, not JSON, a damaged parquet or XML file, or rows that are not objects raise InputError."""
     path = Path(path)
     if path.suffix == ".parquet":
         try:
@@ -152,29 +159,50 @@ def read_rows(path) -> list[dict]:
         except ImportError:
             raise cli.InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
                              f"or pass a .json/.jsonl copy with --source") from None
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".xml":   # github.com/chaochun/nlu-asdiv-dataset: <Problem><Body/><Question/><Answer/>...
-        return [{child.tag: child.text or "" for child in p} for p in ET.parse(path).iter("Problem")]
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    if not path.is_file():
+        cli.read_text(path, flag)                       # says what is there instead: nothing, or a folder
+    if path.suffix == ".parquet":
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError:
-            rows = None          # JSON lines under a .json name
-        if isinstance(rows, dict):   # pandas' to_json: {column: {row index: value}} or {column: [values]}
-            columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in rows.items()}
-            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        if rows is not None:
-            return rows
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as error:          # pyarrow's ArrowInvalid is a ValueError
+            raise cli.InputError(f"{flag} {path}: not a readable parquet file ({error})") from None
+    elif path.suffix == ".xml":  # github.com/chaochun/nlu-asdiv-dataset: <Problem><Body/><Question/><Answer/>...
+        try:
+            rows = [{child.tag: child.text or "" for child in p} for p in ET.parse(path).iter("Problem")]
+        except ET.ParseError as error:
+            raise cli.InputError(f"{flag} {path}: not readable XML ({error})") from None
+    else:
+        text = cli.read_text(path, flag)
+        rows = None
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError:
+                rows = None          # JSON lines under a .json name
+            if isinstance(rows, dict):   # pandas' to_json: {column: {row index: value}} or {column: [values]}
+                if not all(isinstance(v, (dict, list)) for v in rows.values()):
+                    raise cli.InputError(f"{flag} {path}: a JSON object that is not a table of columns; expected a "
+                                         "list of rows, one row a line (JSONL), or pandas' {column: values} layout")
+                columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in rows.items()}
+                rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        if rows is None:
+            return [(f"{path}:{line}", row) for line, row in cli.read_jsonl(path, flag)]
+        if not isinstance(rows, list):
+            raise cli.InputError(f"{flag} {path}: holds one {type(rows).__name__}, not a list of rows")
+    located = [(f"{path}, row {n}", row) for n, row in enumerate(rows, start=1)]
+    for where, row in located:
+        if not isinstance(row, dict):
+            raise cli.InputError(f"{flag} {where}: expected an object with named fields, found "
+                                 f"{type(row).__name__}")
+    return located
 
 
 def _get(row: dict, *names):
-    """The first of `names` that the row has (upstream copies spell fields differently)."""
+    """The first of `names` that the row has (upstream copies spell fields differently); KeyError(names) else."""
     for name in names:
         if name in row and row[name] is not None:
             return row[name]
-    raise KeyError(f"none of the fields {names} in row {str(row)[:200]}")
+    raise KeyError(names)
 
 
 def _number(value) -> str | None:
@@ -245,26 +273,48 @@ def download(source: Source) -> dict[str, Path]:
     return paths
 
 
-def fetch(task: str, sources: list[str] | None = None, out_dir="data") -> dict[str, Path]:
-    """Writes out_dir/<task>_{train,val,test}.jsonl. sources: local files, 'FILE' (all data) or 'SPLIT=FILE'."""
+def normalise(task: str, where: str, row: dict) -> dict | None:
+    """NORMALISERS[task] of one upstream row; a row without the fields it needs, or with values of another kind,
+    raises InputError naming where the row is and what it lacks."""
+    try:
+        return NORMALISERS[task](row)
+    except KeyError as error:
+        wanted = error.args[0] if error.args else "?"
+        names = " or ".join(map(repr, wanted)) if isinstance(wanted, tuple) else repr(wanted)
+        raise cli.InputError(f"--source {where}: no field {names} (the row has {', '.join(map(repr, row)) or 'none'});"
+                             f" is it a {task} file of {SOURCES[task].repo}?") from None
+    except (TypeError, AttributeError, ValueError, IndexError) as error:
+        raise cli.InputError(f"--source {where}: a row {task} cannot read ({type(error).__name__}: {error}); is it a "
+                             f"{task} file of {SOURCES[task].repo}?") from None
+
+
+def fetch(task: str, sources: list[str] | None = None, out_dir="data", overwrite: bool = False) -> dict[str, Path]:
+    """Writes out_dir/<task>_{train,val,test}.jsonl. sources: local files, 'FILE' (all data) or 'SPLIT=FILE'.
+    Existing files that would change (hand edits, other sources) are replaced only with overwrite; otherwise
+    nothing is written (cli.refuse_to_replace)."""
     if task not in SOURCES:
         raise cli.InputError(f"unknown task {task!r}: choose from {sorted(SOURCES)} (STG: stg.py makes its own files)")
+    cli.check_output(out_dir, "--out", folder=True)
     if sources:              # 'SPLIT=FILE' keeps an upstream split, a bare FILE joins the pool of everything
         files = [tuple(s.split("=", 1)) if s.split("=", 1)[0] in ("train", "validation", "test") else ("all", s)
                  for s in sources]
+        for split, path in files:
+            if split == "all" and "=" in path and not Path(path).exists():
+                raise cli.InputError(f"--source {path}: no such file, and {path.split('=', 1)[0]!r} is no split "
+                                     f"name: write train=FILE, validation=FILE or test=FILE, or a bare FILE")
     else:
         files = list(download(SOURCES[task]).items())
     parts, dropped = {}, 0
     for split, path in files:
-        for row in read_rows(path):
-            record = NORMALISERS[task](row)
+        for where, row in located_rows(path):
+            record = normalise(task, where, row)
             dropped += record is None
             if record is not None:
                 parts.setdefault(split, []).append(record)
     splits = split_records(parts, pool=SOURCES[task].pool)
-    out = {}
+    out = {name: Path(out_dir) / f"{task}_{name}.jsonl" for name in SPLITS}
+    cli.refuse_to_replace({out[name]: cli.jsonl_text(splits[name]) for name in SPLITS}, overwrite, "--out")
     for name in SPLITS:
-        out[name] = Path(out_dir) / f"{task}_{name}.jsonl"
         cli.write_jsonl(out[name], splits[name])
     print(f"{task}: " + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS) + f" (dropped {dropped}) -> {out_dir}")
     return out
@@ -276,13 +326,33 @@ def record_key(record: dict) -> str:
     return hashlib.sha256(json.dumps([record["input"], record["target"]]).encode()).hexdigest()[:20]
 
 
-def done_keys(path: Path, repair: bool = True) -> set[str]:
-    """Keys already written to an append-only JSONL (cli.complete_lines: only an unparsable last line, a kill
-    mid-write, is dropped; with repair=False, a dry run, the file is not touched)."""
+OWN_FIELD = {"--out": "important", "--rejects": "error"}   # what each of annotate's files has on every line
+
+
+def done_keys(path: Path, repair: bool = True, flag: str | None = None) -> set[str]:
+    """Keys already written to one of annotate's append-only JSONL files. With flag ("--out" or "--rejects") the
+    file must be that output of annotate's: every line a record with string input and target and, for --out, its
+    `important` (for --rejects, the `error`); anything else (a data file, a rejects file given as --out) raises
+    InputError saying what was found, before anything is changed. A last line that a kill cut mid-write is
+    dropped (cli.complete_lines); with repair=False, a dry run, the file is not touched."""
     if not path.exists():
         return set()
-    lines = [line for line in cli.complete_lines(path, repair) if line.strip()]
-    return {record_key(json.loads(line)) for line in lines}
+    rows, _ = cli.read_jsonl_log(path, flag)
+    field, name = OWN_FIELD.get(flag), f"{flag} {path}" if flag else str(path)
+    for number, row in rows:
+        if not (isinstance(row.get("input"), str) and isinstance(row.get("target"), str)):
+            found = "a line without string input and target"
+        elif field == "important" and "error" in row and "important" not in row:
+            found = "a reply that could not be used (a rejects file)"
+        elif field and field not in row:
+            found = f"a record without {field!r}" + (" (a data file, not annotations)" if field == "important" else "")
+        else:
+            continue
+        raise cli.InputError(f"{name}:{number}: {found}, so this is not annotate.py's {flag or 'output'} file; "
+                             f"nothing was changed. Choose another {flag or 'file'} (annotate.py appends to it and "
+                             f"resumes from it)")
+    cli.complete_lines(path, repair)
+    return {record_key(row) for _, row in rows}
 
 
 def append_line(f, record: dict) -> None:
@@ -518,20 +588,56 @@ def ctrl_c_stops(stop: threading.Event, stats: dict):
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once resolved (links, "..", relative), or a hard link."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                 # one of them does not exist yet
+        return False
+
+
+def check_base_url(url: str) -> None:
+    """--base-url must be an http(s) address with a host (and a number for a port), checked before any request:
+    otherwise every record would fail the same way and the run would end with nothing done."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise cli.InputError(f"--base-url {url!r}: not an http(s) address with a host; give the API root of an "
+                             f"OpenAI-compatible server, e.g. https://api.openai.com/v1")
+
+
 def annotate(cfg: AnnotateConfig) -> dict:
-    """Annotates every record of cfg.inp not yet in cfg.out or the rejects; returns counts and cost."""
+    """Annotates every record of cfg.inp not yet in cfg.out or the rejects; returns counts and cost. Every flag and
+    file is checked before the first request, and before anything is written."""
     if cfg.task not in TEMPLATES:
         raise cli.InputError(f"no prompt template for task {cfg.task!r} (have {sorted(TEMPLATES)}); STG records "
                          f"carry rule-made `important` fields and need no LLM")
+    cli.check_numbers(cfg, rename={"inp": "--in"}, infinite=("max_cost",))   # --max-cost inf: no cap, as unset
     for name, value, low in (("concurrency", cfg.concurrency, 1), ("max_retries", cfg.max_retries, 0)):
         if value < low:
             raise cli.InputError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
     for name in ("timeout", "backoff_base", "backoff_max", "max_cost", "price_in", "price_out"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0 or (name == "timeout" and cfg.timeout == 0):
             raise cli.InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive")
-    out, rejects = Path(cfg.out), Path(cfg.rejects or Path(cfg.out).with_suffix(".rejects.jsonl"))
-    done = done_keys(out, repair=not cfg.dry_run) | done_keys(rejects, repair=not cfg.dry_run)
-    pending = list({record_key(r): r for r in stg.read_records(cfg.inp) if record_key(r) not in done}.values())
+    if cfg.temperature < 0:
+        raise cli.InputError(f"--temperature {cfg.temperature}: must be at least 0")
+    check_base_url(cfg.base_url)
+    out = cli.check_output(cfg.out, "--out", folder=False)
+    rejects = cli.check_output(cfg.rejects or out.with_suffix(".rejects.jsonl"), "--rejects", folder=False)
+    for (flag, path), (other, other_path) in [(("--out", out), ("--in", cfg.inp)),
+                                              (("--rejects", rejects), ("--in", cfg.inp)),
+                                              (("--rejects", rejects), ("--out", out))]:
+        if same_file(path, Path(other_path)):
+            raise cli.InputError(f"{flag} {path} is the {other} file: annotate.py appends to {flag} and resumes from "
+                                 f"it, so {other} would be changed; give {flag} a file of its own")
+    records = stg.read_records(cfg.inp, "--in")
+    done = done_keys(out, not cfg.dry_run, "--out") | done_keys(rejects, not cfg.dry_run, "--rejects")
+    pending = list({record_key(r): r for r in records if record_key(r) not in done}.values())
     price = price_for(cfg.model, cfg.price_in, cfg.price_out)
     if cfg.dry_run:
         return dry_run(cfg, pending, price)
@@ -601,12 +707,15 @@ def main(argv=None) -> int:
                                                            "SPLIT=FILE (train/validation/test); repeatable")
     p_fetch.add_argument("--out", default="data",
                          help="folder for <task>_{train,val,test}.jsonl (default: %(default)s)")
+    p_fetch.add_argument("--overwrite", action="store_true",
+                         help="replace files of --out that differ from what this fetch makes (hand edits, other "
+                              "sources); without it such files are left as they are and nothing is written")
     p_ann = sub.add_parser("annotate", help="annotate records with an assistant LLM (resumable)",
                            description="Each option is a field of AnnotateConfig in annotate.py, commented there.")
     cli.add_config_arguments(p_ann, AnnotateConfig, rename={"inp": "--in"})
     args = parser.parse_args(argv)
     if args.command == "fetch":
-        fetch(args.task, args.source, args.out)
+        fetch(args.task, args.source, args.out, args.overwrite)
         return 0
     cfg = AnnotateConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     try:
