@@ -7,6 +7,7 @@ Table 1's layout from the results of several runs.
 
 Stopped midway, the same command continues: each batch's answers are kept as they come (resume_point).
 """
+import dataclasses
 import hashlib
 import json
 import re
@@ -50,7 +51,7 @@ class EvalConfig:
                                       # default: the model's max_position_embeddings
     limit: int | None = None          # evaluate only the first N records of each split
     attention: bool = False           # STG only: attention on causal / spurious / irrelevant tokens, plots
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # cpu | cuda[:N]
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # auto | cpu | cuda[:N]
     dtype: str = "auto"               # compute precision as train.py's --dtype: auto = bfloat16 on CUDA and on CPUs
                                       # with native bf16 matmuls, else float32; float32 | bfloat16
     compare: list[str] = field(default_factory=list)  # run folders to tabulate (Table 1) instead of evaluating
@@ -468,6 +469,29 @@ def partial_path(out_dir: Path, name: str, split: str) -> Path:
     return Path(out_dir) / f"predictions_{name}_{split}.partial.jsonl"
 
 
+def check_attention(data: stg.DataSet, attention: bool) -> None:
+    """--attention reads the causal / spurious / irrelevant "Name: value" phrases that only STG records have."""
+    if attention and data.task not in stg.FACTORS:
+        raise cli.InputError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r} "
+                             f"({data.name}); leave --attention out for other data")
+
+
+def read_results(path: Path, run: Path | None = None) -> dict:
+    """A results.json that evaluate wrote, {data: {split: {"accuracy", "majority", ...}}}; a damaged one (cut short,
+    edited) raises InputError naming it and what to do: evaluate the run again, or move the file aside."""
+    again = (f"evaluate the run again (python eval.py --model {run} --data <data set>)" if run is not None else
+             "move it aside (eval.py then writes a new one) or choose another --out")
+    results = cli.read_json(path, again)
+    if not (isinstance(results, dict) and all(
+            isinstance(splits, dict) and all(isinstance(r, dict) and all(
+                isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+                for key in ("accuracy", "majority")) for r in splits.values())
+            for splits in results.values())):
+        raise cli.InputError(f"{path} is damaged: not the results.json eval.py writes ({{data set: {{split: "
+                             f"{{accuracy, majority, ...}}}}}}); {again}")
+    return results
+
+
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,
              out_dir=None, attention: bool = False, limit: int | None = None, dtype: str = "auto",
              max_len: int | None = None, task: str | None = None, weights: str | None = None) -> dict:
@@ -480,8 +504,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     each split's answers are kept as they come in predictions_<data>_<split>.partial.jsonl, so that an evaluation
     stopped midway continues where it stopped when called again with the same weights, device and precision;
     removed at the end."""
-    if attention and data.task not in stg.FACTORS:
-        raise ValueError(f"--attention needs STG data (tasks {', '.join(stg.FACTORS)}), got task {data.task!r}")
+    check_attention(data, attention)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
     out_dir = Path(out_dir) if out_dir is not None else None
     device = next(model.parameters()).device
@@ -521,7 +544,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     model.train(was_training)
     if out_dir is not None:
         path = out_dir / "results.json"
-        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged = read_results(path) if path.exists() else {}
         cli.write_text(path, json.dumps({**merged, data.name: results}, indent=2) + "\n")
         if attention:
             plot_attention(numbers, example, out_dir, data.name)
@@ -544,23 +567,65 @@ def format_results(name: str, results: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Table 1 from several runs
 
-def run_label(run: Path) -> str:
-    """A row name for a run: model, full/LoRA and method from train_config.json, else the folder name."""
+# Fields of train_config.json that do not change what a run learns: runs differing only in them (and the seed) are
+# seeds of one setting, averaged in one row. Every other field, when it differs, makes another row. (pad_multiple
+# only rounds batch shapes up: the pads sit after every token and the losses do not change.)
+BOOKKEEPING = ("seed", "name", "out", "resume", "overwrite", "save_every", "stop_after", "eval", "save", "extra",
+               "pad_multiple")
+RENAMED = {"gamma": "gamma_schedule"}   # a field of older train_config.json files -> its name now
+
+
+def setting_key(cfg: dict) -> dict:
+    """What a run learns from, as train_config.json says it: every field but BOOKKEEPING. A field an older file
+    lacks (a flag added since, whose default is what runs did before it) counts as train.py's default."""
+    import train                                       # here: train.py imports this module
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.default is not dataclasses.MISSING}
+    cfg = {RENAMED.get(k, k): v for k, v in cfg.items()}
+    return {k: v for k, v in {**defaults, **cfg}.items() if k not in BOOKKEEPING}
+
+
+def run_config(run: Path) -> dict | None:
+    """A run's train_config.json, or None where there is none (a folder of eval.py's own); a damaged one raises
+    InputError naming it and what to do."""
     path = run / "train_config.json"
     if not path.exists():
+        return None
+    what_to_do = f"train.py writes it when a run starts: restore it from a copy, or leave {run} out of --compare"
+    cfg = cli.read_json(path, what_to_do)
+    if not isinstance(cfg, dict):
+        raise cli.InputError(f"{path} is damaged: not the JSON object train.py writes; {what_to_do}")
+    return cfg
+
+
+def run_label(run: Path, cfg: dict | None = None) -> str:
+    """A row name for a run: model, full/LoRA and method from train_config.json (cfg, else read), else the folder
+    name."""
+    cfg = run_config(run) if cfg is None else cfg
+    if cfg is None:
         return run.name
-    cfg = json.loads(path.read_text())
     method = f"CAT α={cfg['alpha']:g}" if cfg.get("alpha") else "Vanilla"   # train.py: α = 0 is vanilla
     if cfg.get("alpha") and cfg.get("gamma_schedule", cfg.get("gamma")) == "constant":
         method += " γ=1"                                                  # Table 3's ablation of the γ decay
     return f"{Path(cfg.get('model', run.name)).name} {'LoRA' if cfg.get('lora') else 'Full'} {method}"
 
 
+def setting(field_name: str, value) -> str:
+    """One field that tells two rows apart, as the flag that sets it: "--contrast attributes", "--val-frac 0.2",
+    "--lora" / "--no-lora"; "folder a/run1" for runs without train_config.json."""
+    if field_name == "folder":
+        return f"folder {value}"
+    flag = cli.flag_name(field_name)
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {json.dumps(value) if value == '' else value}"
+
+
 def compare_runs(runs: list[str]) -> str:
-    """Table 1's layout as Markdown: one row per method (runs sharing a label are averaged), one column per
-    data set and split, accuracies in %, and the majority-label baseline as the last row."""
-    cells: dict[tuple[str, str], list[float]] = {}
-    rows, columns, majority = [], [], {}
+    """Table 1's layout as Markdown: one row per setting, one column per data set and split, accuracies in %, and
+    the majority-label baseline as the last row. Runs whose train_config.json differ only in the seed (and
+    BOOKKEEPING) are averaged in one row; where runs of one label (model, full/LoRA, method) would share a cell but
+    differ in more, each row's label adds the settings that tell them apart ("--contrast attributes")."""
+    entries, seen = [], {}
     for run in map(Path, runs):
         path = run / "results.json"
         if not run.is_dir():
@@ -568,9 +633,34 @@ def compare_runs(runs: list[str]) -> str:
         if not path.exists():
             raise cli.InputError(f"{path} does not exist: evaluate the run first "
                                  f"(python eval.py --model {run} --data <data set>)")
-        label = run_label(run)
+        if run.resolve() in seen:
+            raise cli.InputError(f"--compare {run}: the run is named twice (also as {seen[run.resolve()]}); its "
+                                 f"results would count twice in a mean")
+        seen[run.resolve()] = run
+        cfg = run_config(run)
+        key = {"folder": str(run)} if cfg is None else setting_key(cfg)
+        entries.append((run_label(run, cfg), key, read_results(path, run)))
+
+    # the fields that differ between runs of one label that land in one cell (data set and split)
+    in_cell: dict[tuple[str, str], list[dict]] = {}
+    for label, key, results in entries:
+        for name, splits in results.items():
+            for split in splits:
+                in_cell.setdefault((label, f"{name} {split.upper()}"), []).append(key)
+    apart: dict[str, list[str]] = {}
+    for (label, _), keys in in_cell.items():
+        for name in dict.fromkeys(k for key in keys for k in key):     # config order, each field once
+            if len({json.dumps(key.get(name), sort_keys=True) for key in keys}) > 1:
+                apart.setdefault(label, [])
+                apart[label] += [name] if name not in apart[label] else []
+
+    cells: dict[tuple[str, str], list[float]] = {}
+    rows, columns, majority = [], [], {}
+    for label, key, results in entries:
+        if apart.get(label):
+            label += " (" + ", ".join(setting(name, key.get(name)) for name in apart[label]) + ")"
         rows += [label] if label not in rows else []
-        for name, splits in json.loads(path.read_text()).items():
+        for name, splits in results.items():
             for split, r in splits.items():
                 column = f"{name} {split.upper()}"
                 columns += [column] if column not in columns else []
@@ -605,6 +695,7 @@ def parse_args(argv=None) -> EvalConfig:
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if not cfg.compare and cfg.model is None:
         p.error("give --model to evaluate, or --compare RUN ... to tabulate results")
+    cli.check_numbers(cfg)
     for name in ("batch_size", "max_new_tokens", "max_len", "limit"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
@@ -612,9 +703,41 @@ def parse_args(argv=None) -> EvalConfig:
         p.error(f"--task {cfg.task!r}: choose one of {', '.join(CHECKERS)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         p.error(f"--dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+    cli.check_device(cfg.device)
+    cfg.device = cli.resolve_device(cfg.device)
     return cfg
+
+
+MODEL_MARK = "evaluated_model.json"   # in an output folder of eval.py's own: the model whose results it holds
+
+
+def check_out_dir(out_dir: Path, model_folder: Path, chosen: bool) -> None:
+    """One output folder holds one model's results: its results.json merges every data set evaluated into it, so
+    a second model (a/run1 and b/run1 share the default runs/eval-run1) would mix into the first's. The folder's
+    MODEL_MARK names its model; another model is refused, as is a default folder of an older eval.py with results
+    and no mark (chosen: the folder was given with --out, which adopts it). A training run's folder (with
+    train_config.json) holds its own model's results and has no mark. Also refuses a damaged results.json there
+    before any work, rather than after it."""
+    if (out_dir / "results.json").exists():
+        read_results(out_dir / "results.json")
+    if (out_dir / "train_config.json").exists():
+        return
+    mark, model = out_dir / MODEL_MARK, str(Path(model_folder).resolve())
+    if mark.exists():
+        recorded = cli.read_json(mark, f"delete it if {out_dir} holds only the results of one model")
+        recorded = recorded.get("model") if isinstance(recorded, dict) else recorded
+        if recorded != model:
+            raise cli.InputError(f"{out_dir} holds the results of another model ({recorded}), and its results.json "
+                                 f"would mix the two: give this evaluation of {model} its own --out")
+    elif not chosen and (out_dir / "results.json").exists():
+        raise cli.InputError(f"{out_dir}, the default output folder, already holds results and does not say of which "
+                             f"model: pass --out {out_dir} if they are {model}'s, or choose another --out")
+
+
+def mark_out_dir(out_dir: Path, model_folder: Path) -> None:
+    """Write MODEL_MARK, the model whose results out_dir holds (check_out_dir), unless it is a training run's."""
+    if not (out_dir / "train_config.json").exists():
+        cli.write_text(out_dir / MODEL_MARK, json.dumps({"model": str(Path(model_folder).resolve())}) + "\n")
 
 
 def check_model_folder(model: str) -> None:
@@ -629,22 +752,30 @@ def check_model_folder(model: str) -> None:
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.compare:
+        if cfg.out:
+            cli.check_output(cfg.out, "--out", folder=False)
         table = compare_runs(cfg.compare)
         print(table)
         if cfg.out:
             cli.write_text(Path(cfg.out), table + "\n")
         return
+    out_dir = Path(cli.check_output(cfg.out if cfg.out is not None else default_out_dir(cfg.model), "--out",
+                                    folder=True))
     check_model_folder(cfg.model)
-    precision = cli.precision(cfg.device, cfg.dtype)
-    print(f"precision: {precision} on {cfg.device}")
-    weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
     folder = str(hf.resolve(cfg.model))    # a hub id is looked up once, here
-    model, tokenizer = load_model(folder, dtype=weights, device=cfg.device)
-    key = weights_key(*hf.source_files(folder))
+    check_out_dir(out_dir, Path(folder), chosen=cfg.out is not None)
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if cfg.task:
         data = replace(data, task=cfg.task)
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.model)
+    check_attention(data, cfg.attention)
+    for path in data.tests.values():      # a file that cannot be read is named now, not after the model loads
+        stg.read_records(path)
+    precision = cli.precision(cfg.device, cfg.dtype)
+    print(f"precision: {precision} on {cfg.device}")
+    weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
+    model, tokenizer = load_model(folder, dtype=weights, device=cfg.device)
+    key = weights_key(*hf.source_files(folder))
+    mark_out_dir(out_dir, Path(folder))
     results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision,
                        max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"), task=cfg.task,
