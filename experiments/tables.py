@@ -1,9 +1,12 @@
-"""The README's result tables, from the studies' committed run folders: the STG α studies in Table 1's columns,
+"""The findings' result tables, from the studies' committed run folders: the STG α studies in Table 1's columns,
 and Table 2 and Table 5 of the paper in their layout.
 
-    python experiments/tables.py                       # results/tables.md, and printed
-    python experiments/tables.py --readme README.md    # also the README's tables, in their marked blocks
+    python experiments/tables.py                                   # results/tables.md, and printed
+    python experiments/tables.py --findings docs/findings.md       # also the findings page's marked blocks
     python experiments/tables.py --results results --out results/tables.md
+
+--findings (and --readme, its older name: both may be given) fills any Markdown file's marked blocks:
+"<!-- stg-table: <folder>, <data> -->" ... "<!-- /stg-table -->" and "<!-- tables: <suffix> -->" ... "<!-- /tables -->".
 
 STG: every alpha_study.py folder under --results named alpha-study-* (one per model and precision), one table per
 data set: every setting's runs (the chosen one in bold; the attr-, in- and tgt- settings, whose N_i or rows are not
@@ -49,8 +52,9 @@ PRECISIONS = {"smollm2": "bfloat16 autocast", "smollm2-fp32": "float32"}
 class TablesConfig:
     results: str = "results"            # the folder holding the <task>-smollm2 study folders
     out: str = "results/tables.md"      # where the tables are written (markdown)
-    readme: str = ""                    # a Markdown file whose <!-- stg-table: <folder>, <data> --> and
-                                        # <!-- tables: <suffix> --> blocks are filled
+    findings: str = ""                  # a Markdown file whose <!-- stg-table: <folder>, <data> --> and
+                                        # <!-- tables: <suffix> --> blocks are filled (docs/findings.md)
+    readme: str = ""                    # another such file (the flag's older name; any file with those blocks)
 
 
 def summarize(folder: Path) -> dict:
@@ -148,10 +152,10 @@ def stg_sections(results: Path) -> dict[str, list[str]]:
     return sections
 
 
-def fill_readme(path: Path, stg_tables: dict[str, list[str]], downstream: dict[str, list[str]]) -> None:
+def fill_blocks(path: Path, stg_tables: dict[str, list[str]], downstream: dict[str, list[str]]) -> None:
     """Replace each block of `path` between "<!-- stg-table: <folder>, <data> -->" and "<!-- /stg-table -->" with
     that STG section's table, and between "<!-- tables: <suffix> -->" and "<!-- /tables -->" with that precision's
-    Table 2 and Table 5, so that the README shows what the committed runs give and nothing else."""
+    Table 2 and Table 5, so that the page (docs/findings.md) shows what the committed runs give and nothing else."""
     def fill(match: re.Match) -> str:
         kind, key = match.group(1), match.group(2)
         sections = stg_tables if kind == "stg-table" else downstream
@@ -275,8 +279,8 @@ def main(argv=None) -> str:
         f"folders *-{suffix})", "", *section, "")]
     text = "\n".join(["# The README's result tables (full fine-tuning)", "", *stg_lines, *downstream_lines])
     cli.write_text(Path(cfg.out), text)
-    if cfg.readme:
-        fill_readme(Path(cfg.readme), sections, downstream)
+    for page in dict.fromkeys(path for path in (cfg.findings, cfg.readme) if path):
+        fill_blocks(Path(page), sections, downstream)
     print(text)
     return text
 

@@ -448,8 +448,34 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     readme = tmp_path / "README.md"                              # --readme fills each precision's block
     readme.write_text("a\n<!-- tables: smollm2-fp32 -->\nold\n<!-- /tables -->\nb\n")
     tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md"), "--readme", str(readme)])
-    assert readme.read_text() == "a\n<!-- tables: smollm2-fp32 -->\n" + float32.split("\n", 2)[2].rstrip("\n") \
-        + "\n<!-- /tables -->\nb\n"
+    filled = "a\n<!-- tables: smollm2-fp32 -->\n" + float32.split("\n", 2)[2].rstrip("\n") + "\n<!-- /tables -->\nb\n"
+    assert readme.read_text() == filled
+    findings = tmp_path / "findings.md"                          # --findings does the same; both flags fill both
+    for page in (readme, findings):
+        page.write_text("a\n<!-- tables: smollm2-fp32 -->\nold\n<!-- /tables -->\nb\n")
+    tables.main(["--results", str(results), "--out", str(tmp_path / "t.md"), "--findings", str(findings),
+                 "--readme", str(readme)])
+    assert findings.read_text() == filled and readme.read_text() == filled
+    assert (tmp_path / "t.md").read_text() == text                  # results/tables.md whatever pages are filled
+
+
+def test_findings_page_holds_the_tables_the_committed_runs_give(tmp_path):
+    """docs/findings.md's marked blocks and results/tables.md are exactly what tables.py writes from the committed
+    study folders (on a copy of them, so that the repository's summaries are not rewritten)."""
+    import shutil
+    import tables
+    stems = {f"{stem}-{suffix}" for _, stem, _, _ in tables.COLUMNS for suffix in tables.PRECISIONS}
+    results = tmp_path / "results"
+    for folder in sorted((ROOT / "results").iterdir()):
+        if (folder.name.startswith("alpha-study-") or folder.name in stems) and (folder / "study_config.json").exists():
+            shutil.copytree(folder, results / folder.name, ignore=shutil.ignore_patterns(
+                "*.safetensors", "*.bin", "checkpoint", "predictions_*", "*.png", ".claims"))
+    page = tmp_path / "findings.md"
+    shutil.copy(ROOT / "docs" / "findings.md", page)
+    tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md"), "--findings", str(page)])
+    assert page.read_text(encoding="utf-8") == (ROOT / "docs" / "findings.md").read_text(encoding="utf-8")
+    assert (tmp_path / "tables.md").read_text(encoding="utf-8") == \
+        (ROOT / "results" / "tables.md").read_text(encoding="utf-8")
 
 
 def fake_stg_run(run: Path, alpha: float, ood: list[bool], val: float, val_majority: float = 0.5) -> None:
