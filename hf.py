@@ -96,13 +96,13 @@ def _check_tensors(expected: dict, found: dict, source, optional=()) -> None:
     """Raise naming the first missing, unexpected or mis-shaped tensor. expected: name -> shape."""
     for name in found:
         if name not in expected:
-            raise ValueError(f"{source}: unexpected tensor {name} {tuple(found[name].shape)}")
+            raise InputError(f"{source}: unexpected tensor {name} {tuple(found[name].shape)}")
         if tuple(found[name].shape) != tuple(expected[name]):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(found[name].shape)}, "
+            raise InputError(f"{source}: tensor {name} has shape {tuple(found[name].shape)}, "
                              f"the config expects {tuple(expected[name])}")
     for name in expected:
         if name not in found and name not in optional:
-            raise ValueError(f"{source}: missing tensor {name}, expected shape {tuple(expected[name])}")
+            raise InputError(f"{source}: missing tensor {name}, expected shape {tuple(expected[name])}")
 
 
 def resolve(name_or_path: str) -> Path:

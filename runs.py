@@ -1,6 +1,7 @@
 """Running a training job, everything train.py's loop needs that is not in the paper: flags checked and the paper's
 defaults filled in, the run folder, records -> examples, the model built (from scratch, a checkpoint, with LoRA),
 DDP/FSDP, checkpoints and resume, the end of a run (save, test, summary) and its progress lines."""
+import argparse
 import dataclasses
 import json
 import math
@@ -60,6 +61,9 @@ CHOICES = {"gamma_schedule": ("exp", "constant"), "attn": ("fast", "explicit"), 
            "dtype": ("auto", "float32", "bfloat16")}
 
 
+LINEAR_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}   # model.py's names
+
+
 def validate(cfg) -> None:
     """Every flag checked before any work is done or any file written: the flag, its value, what is allowed."""
     def flag(name):
@@ -88,6 +92,12 @@ def validate(cfg) -> None:
         raise cli.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise cli.InputError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or auto)")
+    if not 0 <= cfg.seed < 2**32:
+        raise cli.InputError(f"--seed {cfg.seed}: must be between 0 and {2**32 - 1}")
+    unknown = sorted(set(cfg.lora_targets.split(",")) - LINEAR_LAYERS)
+    if cfg.lora and unknown:
+        raise cli.InputError(f"--lora-targets: {', '.join(unknown)} names no linear layer of the model; choose among "
+                             f"{', '.join(sorted(LINEAR_LAYERS))}")
     if cfg.fsdp and cfg.lora:
         raise cli.InputError("--fsdp shards full fine-tuning; LoRA trains few weights and uses plain DDP under "
                              "torchrun")
@@ -215,8 +225,8 @@ def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
         folder = run_dir / "checkpoint.old"
     if not (folder / "state.pt").exists():
         raise cli.InputError(f"--resume {run_dir}: no checkpoint/state.pt there; start the run again without --resume")
-    weights = load_file(str(folder / "trainable.safetensors"))
-    state = torch.load(folder / "state.pt", weights_only=True)  # tensors and plain containers only
+    weights = read_checkpoint_file(folder / "trainable.safetensors", run_dir)
+    state = read_checkpoint_file(folder / "state.pt", run_dir)
     if fsdp:   # every rank reads the whole state and keeps its own shard of it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
@@ -228,6 +238,35 @@ def load_checkpoint(run_dir: Path, model, optimizer, fsdp: bool) -> int:
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"]
+
+
+def read_checkpoint_file(path: Path, run_dir: Path):
+    """A checkpoint file (trainable.safetensors, or state.pt through torch.load(weights_only=True): tensors and
+    plain containers only); a damaged or truncated one is an input error that says what to do."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, weights_only=True)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step in it")
+        return state
+    except Exception as error:   # torch and safetensors raise several error types for a cut or foreign file
+        raise cli.InputError(f"{path}: damaged or incomplete ({type(error).__name__}: {str(error)[:120]}); the run "
+                             f"cannot continue from it: start it again with --overwrite (python train.py ... "
+                             f"--name {run_dir.name} --overwrite)") from None
+
+
+def read_train_config(run_dir: Path) -> dict:
+    """A run folder's train_config.json as a dict; a damaged one is an input error that names it."""
+    path = run_dir / "train_config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise cli.InputError(f"{path}: damaged, not a JSON object ({error}); the run cannot be resumed or compared: "
+                             "start it again with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise cli.InputError(f"{path}: damaged, not a JSON object; start the run again with --overwrite")
+    return saved
 
 
 def put_weights(model, weights: dict, source) -> None:
@@ -300,7 +339,7 @@ def folder_state(run_dir: Path) -> str | None:
         return None
     for folder in ("checkpoint", "checkpoint.old"):
         if (run_dir / folder / "state.pt").exists():
-            step = torch.load(run_dir / folder / "state.pt", weights_only=True)["step"]
+            step = read_checkpoint_file(run_dir / folder / "state.pt", run_dir)["step"]
             return f"a run interrupted at step {step}"
     if (run_dir / "results.json").exists() or (run_dir / "model.safetensors").exists() or \
             (run_dir / "adapter_model.safetensors").exists():
@@ -321,6 +360,41 @@ def check_run_folder(cfg, run_dir: Path) -> None:
         raise cli.InputError(f"{run_dir} already holds {state}. "
                              + (f"Continue it with --resume {run_dir}, or c" if "interrupted" in state else "C")
                              + "hoose another --name, or replace it with --overwrite")
+
+
+RESOLVED = {"epochs": None, "lr": None, "dtype": "auto", "name": ""}   # unset flags the run's saved values resolve
+
+
+def given_flags(parser, argv) -> dict:
+    """The flags a command line gave explicitly (name -> value), told apart from defaults: argparse fills in a
+    default only where the namespace has no value yet, so every field starts as a marker that stays where unset."""
+    unset = object()
+    names = [a.dest for a in parser._actions if a.dest != "help"]
+    given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**{n: unset for n in names})))
+    return {name: value for name, value in given.items() if value is not unset}
+
+
+def check_resume_flags(given: dict, run_dir: Path) -> None:
+    """--resume continues a run with the configuration it was started with: any other flag (but --stop-after) must
+    agree with the saved one, or the command is refused, naming what differs."""
+    saved = read_train_config(run_dir)
+    differ = [f"--{name.replace('_', '-')} {value} (the run has {saved.get(name)!r})" for name, value in given.items()
+              if name not in ("resume", "stop_after") and value != saved.get(name)
+              and not (name in RESOLVED and value == RESOLVED[name])]
+    if differ:
+        raise cli.InputError(f"--resume {run_dir} continues the run with its saved train_config.json, but "
+                             f"{'; '.join(differ)}: drop these flags, or start a new run with another --name")
+
+
+def interrupted(run: "Run", step: int) -> str:
+    """What to do after Ctrl-C: where the last checkpoint is and the command that continues from it."""
+    if run.saved_step < 0:
+        when = f"every {run.cfg.save_every} steps" if run.cfg.save_every > 0 else "at the end of each epoch"
+        return (f"interrupted at step {step} of {run.total}, before the first checkpoint (saved {when}"
+                + ("; --save-every -1 saves none" if run.cfg.save_every < 0 else "") + "): start the run again, with "
+                f"--overwrite (its folder {run.run_dir} holds only its configuration)")
+    return (f"interrupted at step {step} of {run.total}; the last checkpoint (step {run.saved_step}) is in "
+            f"{run.run_dir / 'checkpoint'}: continue with python train.py --resume {run.run_dir}")
 
 
 def split_validation(records: list[dict], cfg) -> tuple[list[dict], list[dict]]:
@@ -359,8 +433,12 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
     (train.losses) measures the starting C/N that --alpha-scale places α against."""
     if cfg.resume:
         check_run_folder(cfg, Path(cfg.resume))
-        saved = json.loads((Path(cfg.resume) / "train_config.json").read_text())
+        saved = read_train_config(Path(cfg.resume))
         saved.setdefault("pad_multiple", 1)   # a run started before batches were padded keeps its batch shapes
+        unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(cfg)})
+        if unknown:
+            raise cli.InputError(f"{Path(cfg.resume) / 'train_config.json'}: unknown keys {unknown}; it was not written "
+                                 "by this train.py, or it is damaged: start the run again with --overwrite")
         cfg = type(cfg)(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
     validate(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -223,36 +223,49 @@ def train(cfg: TrainConfig) -> Path:
     metrics = open(run.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
     progress = runs.Progress(run.cfg.name, run.total, step, enabled=run.rank == 0)
     run.model.train()
-    while step < run.total:
-        record = train_step(run, step)
-        step += 1
-        if run.rank == 0:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            progress.update(record)
-        cfg = run.cfg
-        stopping = cfg.stop_after and step >= cfg.stop_after
-        end_of_epoch = step % run.steps_per_epoch == 0
-        if (cfg.save_every > 0 and step % cfg.save_every == 0) or (end_of_epoch and cfg.save_every == 0) or stopping:
-            runs.save_checkpoint(run.run_dir, run.model, run.optimizer, step, cfg.fsdp, run.rank)
-            run.saved_step = step
-        if stopping:
-            break
-    progress.close()
-    if metrics:
-        metrics.close()
-    runs.finish(run, step, started, resumed_at)   # its last collective gathers the model; rank 0 then evaluates alone
+    try:
+        while step < run.total:
+            record = train_step(run, step)
+            step += 1
+            if run.rank == 0:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                progress.update(record)
+            cfg = run.cfg
+            stopping = cfg.stop_after and step >= cfg.stop_after
+            end_of_epoch = step % run.steps_per_epoch == 0
+            if (cfg.save_every > 0 and step % cfg.save_every == 0) or (end_of_epoch and cfg.save_every == 0) \
+                    or stopping:
+                runs.save_checkpoint(run.run_dir, run.model, run.optimizer, step, cfg.fsdp, run.rank)
+                run.saved_step = step
+            if stopping:
+                break
+        progress.close()
+        if metrics:
+            metrics.close()
+        runs.finish(run, step, started, resumed_at)   # its last collective gathers the model; rank 0 then tests alone
+    except KeyboardInterrupt:                         # Ctrl-C: say where the run can continue from
+        print(f"\n{runs.interrupted(run, step)}", file=sys.stderr)
+        raise
     if dist.is_initialized():
         dist.destroy_process_group()
     return run.run_dir
 
 
 def parse_args(argv=None) -> TrainConfig:
-    return TrainConfig(**vars(cli.config_parser(TrainConfig, __doc__, skip=("extra",)).parse_args(argv)))
+    """The command line as a TrainConfig; with --resume, any other flag (but --stop-after) must agree with the run's."""
+    parser = cli.config_parser(TrainConfig, __doc__, skip=("extra",))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.resume:
+        runs.check_resume_flags(runs.given_flags(parser, argv), Path(cfg.resume))
+    return cfg
 
 
 if __name__ == "__main__":
-    cli.run_cli(lambda: train(parse_args()))
+    try:
+        cli.run_cli(lambda: train(parse_args()))
+    except KeyboardInterrupt:   # train() has said where the run can continue from
+        raise SystemExit(130) from None
     if "WORLD_SIZE" in os.environ:
         # Under torchrun, leave without the interpreter's shutdown: a gloo worker thread may still be freeing the
         # tensors of the last collective, and one that needs the GIL while Python finalises aborts the process
