@@ -691,18 +691,19 @@ def default_out_dir(model: str) -> Path:
 
 
 def parse_args(argv=None) -> EvalConfig:
+    """The command line as an EvalConfig, every flag checked (a bad one raises cli.InputError naming it)."""
     p = cli.config_parser(EvalConfig, __doc__)
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if not cfg.compare and cfg.model is None:
-        p.error("give --model to evaluate, or --compare RUN ... to tabulate results")
+        raise cli.InputError("give --model to evaluate, or --compare RUN ... to tabulate results")
     cli.check_numbers(cfg)
     for name in ("batch_size", "max_new_tokens", "max_len", "limit"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+            raise cli.InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.task is not None and cfg.task not in CHECKERS:
-        p.error(f"--task {cfg.task!r}: choose one of {', '.join(CHECKERS)}")
+        raise cli.InputError(f"--task {cfg.task!r}: choose one of {', '.join(CHECKERS)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        p.error(f"--dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
+        raise cli.InputError(f"--dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
     cli.check_device(cfg.device)
     cfg.device = cli.resolve_device(cfg.device)
     return cfg

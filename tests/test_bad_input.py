@@ -333,6 +333,14 @@ def test_eval_device_is_checked_as_train_checks_it(device, model, data, tmp_path
     assert err == f"error: --device {device!r}: choose auto, cpu, cuda or cuda:N"
 
 
+@pytest.mark.parametrize("flags, message", [([], "give --model to evaluate, or --compare"),
+                                            (["--model", "m", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+                                            (["--model", "m", "--task", "gsm"], "--task 'gsm': choose one of"),
+                                            (["--model", "m", "--dtype", "fp16"], "--dtype 'fp16': choose auto")])
+def test_eval_flags_end_in_one_line(flags, message, capsys):
+    assert cli_error(lambda: evaluation.main(flags), capsys).startswith(f"error: {message}")
+
+
 def test_device_auto_and_absent_cuda(monkeypatch):
     assert evaluation.parse_args(["--model", "m", "--device", "auto"]).device == \
         ("cuda" if torch.cuda.is_available() else "cpu")
