@@ -82,7 +82,7 @@ NOTES = {"a0.6": "the paper's α", "div-a0.6": "the authors' loss",
 
 
 def typeset(text: str) -> str:
-    """Minus signs as − in the README's STG tables."""
+    """Minus signs as − in the findings page's STG tables."""
     return text.replace("-", "−")
 
 
