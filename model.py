@@ -1,6 +1,14 @@
-"""The decoder CAT tunes (Llama, Qwen2, Mistral), written out: attention that can hand back its
-probabilities (CAT §3.1) or the attention mass on causal tokens (CAT §4.2), KV-cache greedy
-generation, Hugging Face-layout loading and saving, and hand-written LoRA (Hu et al. 2021)."""
+"""The decoder CAT tunes (Llama, Qwen2, Mistral), written out, as nanoGPT's model.py reads:
+
+  ModelArgs            the hyper-parameters, read from a Hugging Face config.json
+  RMSNorm, RoPE, MLP   the Llama block's parts (SwiGLU, split-halves rotary embedding, Llama-3 scaling)
+  Attention            softmax(QKᵀ/√d_k)·V (CAT §3.1), written out when CAT reads the maps (Eq. 7), else the fused
+                       kernel plus causal_mass: the attention mass on the causal tokens of the rows that hold them,
+                       all the fast path of Eq. 8-9 needs (cat.mass_sums)
+  Transformer          embeddings -> blocks -> norm -> lm_head; logits at chosen positions only
+  generate, KVCache    batched greedy decoding with a key/value cache
+  LoRALinear           hand-written LoRA (Hu et al. 2021): W0 x + (alpha/r)·B A x, PEFT's parameter names
+Files (config.json, safetensors, tokenizers, adapters, the hub) are hf.py's."""
 import argparse
 import contextlib
 import math

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -66,8 +65,10 @@ LINEAR_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def validate(cfg) -> None:
     """Every flag checked before any work is done or any file written: the flag, its value, what is allowed."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
+    flag = cli.flag_name
+    if not 0 <= cfg.seed < 2**32:   # what numpy takes; seed × 1000 + epoch seeds each epoch's order
+        raise cli.InputError(f"--seed {cfg.seed}: must be between 0 and {2**32 - 1}")
+    cli.check_numbers(cfg)   # no NaN, no infinity, no int past 64 bits: the ranges below then hold
     for name, low in AT_LEAST.items():
         value = getattr(cfg, name)
         if value is not None and value < low:
@@ -88,12 +89,9 @@ def validate(cfg) -> None:
     if cfg.scratch_dim % cfg.scratch_heads:
         raise cli.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
                              f"{cfg.scratch_heads}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise cli.InputError(f"--device {cfg.device!r}: choose auto, cpu or cuda[:N]")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise cli.InputError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or auto)")
-    if not 0 <= cfg.seed < 2**32:
-        raise cli.InputError(f"--seed {cfg.seed}: must be between 0 and {2**32 - 1}")
+    cli.check_device(cfg.device)
+    if not cfg.resume:   # a resumed run writes into its own folder, which exists
+        cli.check_output(cfg.out, "--out", folder=True)
     unknown = sorted(set(cfg.lora_targets.split(",")) - LINEAR_LAYERS)
     if cfg.lora and unknown:
         raise cli.InputError(f"--lora-targets: {', '.join(unknown)} names no linear layer of the model; choose among "
@@ -441,7 +439,7 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
                                  "by this train.py, or it is damaged: start the run again with --overwrite")
         cfg = type(cfg)(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
     validate(cfg)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cli.resolve_device(cfg.device)
     rank, world = init_distributed(device, cfg.fsdp)
     if device == "cuda" and dist.is_initialized():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -456,6 +454,7 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
     resolve(cfg, data, device)
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
     if not cfg.resume:
+        cli.check_output(run_dir, "--out/--name", folder=True)   # --name may hold a path, or name a file
         check_run_folder(cfg, run_dir)
     if dist.is_initialized():
         dist.barrier()   # every rank has looked at the run folder before rank 0 writes into it

@@ -93,8 +93,15 @@ def test_flags_beside_resume_that_contradict_the_run_are_refused(run_copy):
     (["--seed", str(2**70)], ["--seed", "between 0 and"]),
     (["--seed", "-1"], ["--seed"]),
     (["--lora", "--lora-targets", "q_proj,k_prj"], ["--lora-targets", "k_prj", "q_proj"]),
+    (["--alpha-scale", "nan"], ["--alpha-scale", "not a number"]),          # NaN passed every range check
+    (["--alpha", "inf"], ["--alpha", "finite"]),
+    (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
+    (["--device", "gpu"], ["--device", "gpu"]),
+    (["--out", "{file}/runs"], ["--out", "file"]),                            # under a file: refused before work
 ])
 def test_plausible_mistakes_in_flags(stopped_run, tmp_path, flags, words):
+    (tmp_path / "file").write_text("a file, not a folder")
+    flags = [flag.replace("{file}", str(tmp_path / "file")) for flag in flags]
     result = train_py(*TINY, "--data", str(stopped_run / "stg.jsonl"), "--out", str(tmp_path / "runs"), *flags,
                       cwd=tmp_path)
     one_error_line(result, *words)
