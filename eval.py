@@ -742,7 +742,7 @@ def mark_out_dir(out_dir: Path, model_folder: Path) -> None:
 
 
 def check_model_folder(model: str) -> None:
-    """A run folder that training has not finished is refused with what to do (a missing path: model.resolve)."""
+    """A run folder that training has not finished is refused with what to do (a missing path: hf.resolve)."""
     path = Path(model)
     if (path / "checkpoint" / "state.pt").exists() and not (path / "model.safetensors").exists() \
             and not (path / "adapter_config.json").exists():

@@ -34,7 +34,7 @@ import stg  # noqa: E402
 
 @dataclass
 class BenchConfig:
-    model: str = ""                   # a model folder, alias or hub id (model.load_model)
+    model: str = ""                   # a model folder, alias or hub id (hf.load_model)
     weights: str = ""                 # optional: a full fine-tuned trainable.safetensors put over --model
     data: str = ""                    # a JSONL file of records with "input" (the authors' layout or ours)
     prompts: int = 128                # the first this many records

@@ -454,7 +454,7 @@ def markdown(summary: dict) -> str:
     if len(summary.get("precisions", {})) > 1:
         lines += ["**These runs differ in precision**: a paired difference between runs of different precision mixes "
                   "the precision's effect with the setting's (bf16 autocast and float32 learn the first epoch at "
-                  "different speeds: README, Results). Pin it with "
+                  "different speeds: docs/findings.md). Pin it with "
                   "`-- --dtype float32` or `-- --dtype bfloat16`, one study folder per precision.", ""]
     for data, d in summary["data"].items():
         if not d["rows"]:

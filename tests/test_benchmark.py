@@ -117,7 +117,7 @@ def test_plain_loop_answers_as_model_generate_does():
 
 def test_decoding_benchmark_runs_end_to_end_and_refuses_weights_of_another_model(tmp_path, byte_bpe):
     """A tiny model folder, four records named as GSM8K's test file, full weights put over the model: both loops
-    run every batch and the report holds what the README quotes."""
+    run every batch and the report holds what benchmarks/README.md quotes."""
     tok = hf.Tokenizer(byte_bpe, bos_id=byte_bpe.token_to_id("<s>"), eos_ids=[byte_bpe.token_to_id("</s>")],
                       pad_id=byte_bpe.token_to_id("</s>"))
     folder = tmp_path / "tiny"
