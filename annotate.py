@@ -9,7 +9,6 @@ Step 2 (annotation): M = LLM([P_t; P_d; Q; A]), a JSON dict {effect phrase: [cau
 record format's `important` list of one-key dicts. The client speaks the OpenAI chat-completions API, so
 GLM (the paper's assistant), OpenAI and local servers all work. STG needs no LLM: stg.py makes its rules.
 """
-import argparse
 import contextlib
 import email.utils
 import fnmatch
@@ -699,7 +698,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_fetch = sub.add_parser("fetch", help="download and normalise a data set into data/<task>_{train,val,test}.jsonl")
     p_fetch.add_argument("task", choices=sorted(SOURCES))

@@ -34,6 +34,15 @@ def run_cli(main) -> None:
         raise SystemExit(2) from None
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (an unknown flag, a value of the wrong type, an invalid choice) are answered as every
+    other input error: one line naming it, exit status 2; argparse's own prints its whole usage text first."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def field_comments(cls) -> dict[str, str]:
     """The comment beside each field of a dataclass (and its continuation lines): its --help text."""
     comments, name = {}, None
@@ -71,7 +80,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), rename=N
 
 def config_parser(cls, description: str, skip=(), rename=None) -> argparse.ArgumentParser:
     """A command line of one config dataclass (add_config_arguments), the module docstring as its description."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, cls, skip, rename)
     return parser
 

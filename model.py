@@ -9,7 +9,6 @@
   generate, KVCache    batched greedy decoding with a key/value cache
   LoRALinear           hand-written LoRA (Hu et al. 2021): W0 x + (alpha/r)·B A x, PEFT's parameter names
 Files (config.json, safetensors, tokenizers, adapters, the hub) are hf.py's."""
-import argparse
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import InputError, run_cli
+from cli import ArgumentParser, InputError, run_cli
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -449,7 +448,7 @@ def merge_lora(model: Transformer) -> Transformer:
 
 def main():
     import hf   # the files of a model folder (hf.py imports this module)
-    parser = argparse.ArgumentParser(description="Greedy continuation of a prompt")
+    parser = ArgumentParser(description="Greedy continuation of a prompt")
     parser.add_argument("--model", required=True, help=f"a folder, a hub id or an alias: {sorted(hf.ALIASES)}")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)

@@ -388,7 +388,7 @@ def parse_args(argv=None) -> GridConfig:
     cut = argv.index("--") if "--" in argv else len(argv)
     own, passed = argv[:cut], argv[cut + 1:]
     d = GridConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help="scratch | smollm2-135m | a model folder | a hub id")
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=d.lora)
     p.add_argument("--data", default=d.data, help="comma-separated STG data sets")

@@ -6,7 +6,10 @@ Every evaluation here is refused before the model is read, so an empty folder st
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -461,3 +464,17 @@ def test_compare_keeps_folders_of_one_name_without_config_apart(tmp_path):
     assert evaluation.compare_runs(runs).splitlines()[2:4] == [f"| run1 (folder {runs[0]}) | 70.00% |",
                                                                f"| run1 (folder {runs[1]}) | 90.00% |"]
 
+
+
+@pytest.mark.parametrize("command", [["train.py", "--alpah", "2"], ["train.py", "--epochs", "two"],
+                                     ["eval.py", "--limit", "x"], ["stg.py", "--seed", "abc"],
+                                     ["annotate.py", "fetch", "nope"], ["model.py", "--model", "m"]])
+def test_argparse_mistakes_are_one_line_too(command):
+    """A flag argparse itself refuses (unknown, of the wrong type, an invalid choice, one missing) is answered as
+    every other input error: one `error:` line that points at --help, exit status 2, not the whole usage text."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / command[0]), *command[1:]], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "--help" in lines[0] and "usage:" not in result.stderr
