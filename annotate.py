@@ -529,7 +529,7 @@ def annotate_one(client: ChatClient, task: str, record: dict) -> Result:
     prompt, text = build_prompt(task, record), record["input"] + record["target"]
     tokens_in = tokens_out = 0
     for _ in range(2):
-        reply, usage = client.complete(prompt)
+        reply, usage = client.complete(prompt)                 # Eq. 3: M = LLM([P_t; P_d; Q; A])
         tokens_in += usage.get("prompt_tokens") or approx_tokens(prompt)       # the server's count when it gives one
         tokens_out += usage.get("completion_tokens") or approx_tokens(reply)
         try:

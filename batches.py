@@ -142,7 +142,7 @@ class Batch:
     targets: torch.Tensor            # (N,) those next tokens
     cat_mask: torch.Tensor           # (B, T, T) bool, the shifted adjacency (§4.2): row i attends for token i+1; CPU
     contrast_mask: torch.Tensor | None   # (B, T, T) bool, shifted: the tokens N_i averages over (--contrast); CPU
-    rows: cat.CausalRows             # the rows of cat_mask that hold causal tokens, with their counts (fast path)
+    causal_rows: cat.CausalRows      # the rows of cat_mask that hold causal tokens, with their counts (fast path)
     annotated: bool                  # whether any row holds a causal token
     n_rows: int                      # rows that L_attn counts
 
@@ -154,7 +154,7 @@ class Batch:
             (lambda t: t.to(device))
         return dataclasses.replace(self, ids=move(self.ids), pad_mask=move(self.pad_mask),
                                    target_pos=move(self.target_pos), targets=move(self.targets),
-                                   rows=cat.CausalRows(*map(move, self.rows)))
+                                   causal_rows=cat.CausalRows(*map(move, self.causal_rows)))
 
 
 def collate(examples: list[Example], pad_id: int, multiple: int = 1) -> Batch:

@@ -3,8 +3,9 @@
   §4.1 Eq. 4   adjacency: the annotation M = {effect: [causes]} -> token spans -> A_adj in {0,1}^{T x T}
   §4.2 Eq. 6   shift_up: A_adj[i, j] <- A_adj[i+1, j], row i predicts token i+1
   §4.2 Eq. 7   average_attention: the mean over all layers and heads of what each layer's attention returns
-  §4.2 Eq. 8-9 causal_ratio: C_i and N_i, from the attention sums of attention_sums (the map) or mass_sums (the
-               attention mass on the causal tokens, the fast path: no T x T map is formed)
+  §4.2 Eq. 8-9 causal_ratio: C_i and N_i, from the sums over each row's causal and other tokens: attention_sums
+               reads them off the map, mass_sums from the mass on the causal tokens alone (the fast path: no
+               T x T map is formed)
   §4.2 Eq. 10  hinge: L_attn = sum_i max(0, alpha - C_i/N_i)
   §5.1         gamma: the weight of L_attn in L_total = L_next + gamma * L_attn (train.py)
 Pure functions on strings and tensors. Token offsets come from batches.py, where records are tokenised; the loss's
@@ -43,14 +44,14 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> 
 def relations(important) -> list[tuple[str, list[str]]]:
     """(effect, [causes]) pairs of the record field `important`: a list of {effect: [causes]} dicts."""
     entries = [important] if isinstance(important, dict) else list(important or [])
-    relations = []
+    pairs = []
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"important[{n}] should be a dict {{effect: [causes]}}, found {entry!r}")
         for key, values in entry.items():
             values = [values] if isinstance(values, (str, int, float)) else values
-            relations.append((str(key).strip(), [str(v).strip() for v in values]))
-    return relations
+            pairs.append((str(key).strip(), [str(v).strip() for v in values]))
+    return pairs
 
 
 def adjacency(pieces: Sequence[str], offsets: Sequence[tuple[int, int]], important) -> tuple[Tensor, dict]:
@@ -60,7 +61,7 @@ def adjacency(pieces: Sequence[str], offsets: Sequence[tuple[int, int]], importa
     adj = np.zeros((len(offsets), len(offsets)), dtype=bool)
     spans: dict[str, list[tuple[int, int]]] = {}        # phrase -> its character spans, found once
     found, missing = 0, []
-    for key, values in relations(important):
+    for key, values in relations(important):                          # each (k^M, v^M) of M
         for phrase in (key, *values):
             if phrase not in spans:
                 spans[phrase] = find_phrase(full, phrase) if phrase else []
@@ -76,7 +77,7 @@ def adjacency(pieces: Sequence[str], offsets: Sequence[tuple[int, int]], importa
             rows = tokens_in_span(offsets, key_start, key_end)
             # A cause must come before the effect it causes: only value occurrences that end before this key.
             cols = [j for v in values for s, e in spans[v] if e <= key_start for j in tokens_in_span(offsets, s, e)]
-            adj[np.ix_(rows, cols)] = True
+            adj[np.ix_(rows, cols)] = True                                  # Eq. 4
     # Coverage for the caller to report: a phrase not found leaves its rows or columns empty, never silently.
     stats = {"found": found, "not_found": len(missing), "missing_phrases": missing, "edges": int(adj.sum())}
     return torch.from_numpy(adj), stats
@@ -89,14 +90,15 @@ def adjacency(pieces: Sequence[str], offsets: Sequence[tuple[int, int]], importa
 def shift_up(adj: Tensor) -> Tensor:
     """Eq. 6: (..., T, T) -> (..., T, T), row i <- row i+1 (row i predicts token i+1), last row zero."""
     out = torch.zeros_like(adj)
-    out[..., :-1, :] = adj[..., 1:, :]
+    out[..., :-1, :] = adj[..., 1:, :]                                  # Eq. 6: A[i, j] = A[i+1, j]
     return out
 
 
 def average_attention(per_layer: list[Tensor]) -> Tensor:
     """Eq. 7: the mean over layers and heads of what each layer's attention returned, (B, H, ...) a layer: the
     softmax maps (B, H, T, S) -> (B, T, S); or, on the fast path, each causal row's attention mass on its causal
-    tokens, sum_j P_ij A_ij (B, H, R) -> (B, R). Both are linear in P, so the mean commutes with the sum over j."""
+    tokens, m_i = sum_j P_ij A_adj[i, j] (B, H, R) -> (B, R). Both are linear in P, so the mean commutes with the
+    sum over j: the mean of the masses is the mass of the mean map."""
     return torch.stack([p.mean(dim=1) for p in per_layer]).mean(dim=0)       # heads, then layers
 
 
@@ -136,8 +138,8 @@ def attention_sums(avg_attn: Tensor, causal: Tensor, other: Tensor) -> tuple[Ten
     return (avg_attn * causal).sum(-1), causal.sum(-1), (avg_attn * other).sum(-1), other.sum(-1)
 
 
-# The fast path. Each row of the average map sums to 1 over its real j <= i, so with mass_i = sum_j A_ij M_ij the
-# attention on the other tokens is 1 - mass_i: Eq. 8, 9 need only mass_i of the R rows that hold causal tokens,
+# The fast path. Each row of the average map P̄ sums to 1 over its real j <= i, so with m_i = sum_j P̄_ij A_adj[i, j]
+# the attention on the other tokens is 1 - m_i: Eq. 8, 9 need only m_i of the R rows that hold causal tokens,
 # which the model computes without forming the map (model.Attention.causal_mass). Which rows, and their counts
 # |M_i| and n_i - |M_i|, come from the mask alone.
 
@@ -167,14 +169,14 @@ def causal_rows(cat_mask: Tensor, pad_mask: Tensor | None = None) -> CausalRows:
 
 
 def mass_sums(mass: Tensor, rows: CausalRows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The sums and counts of Eq. 8, 9 from the causal rows' average causal mass (B, R): the rest of each row's
-    attention, 1 - mass, lies on its other tokens."""
-    return mass, rows.n_causal, 1 - mass, rows.n_other
+    """The sums and counts of Eq. 8, 9 from the causal rows' average causal mass m (B, R): the rest of each row's
+    attention, 1 - m, lies on its other tokens."""
+    return mass, rows.n_causal, 1 - mass, rows.n_other              # the fast path's identity
 
 
 def hinge(cn: CausalRatio, alpha: float) -> Tensor:
     """Eq. 10: sum_i max(0, alpha - C_i/N_i) over the counted rows of each sequence, mean over the batch."""
-    return (torch.relu(alpha - cn.ratio) * cn.counted).sum(-1).mean()
+    return (torch.relu(alpha - cn.ratio) * cn.counted).sum(-1).mean()      # Eq. 10
 
 
 # -----------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def hinge(cn: CausalRatio, alpha: float) -> Tensor:
 def gamma(epoch: int, schedule: str = "exp") -> float:
     """§5.1: gamma = e^{-epoch}, epoch counted from 0; "constant" keeps gamma = 1 (Table 3 ablation)."""
     if schedule == "exp":
-        return math.exp(-epoch)
+        return math.exp(-epoch)                                         # §5.1: γ = e^{-epoch}, 1 at epoch 0
     if schedule == "constant":
         return 1.0
     raise ValueError(f"unknown gamma schedule {schedule!r}: expected 'exp' or 'constant'")

@@ -90,7 +90,8 @@ class ModelOutput:
     logits: torch.Tensor                        # (B, T, V); (N, V) with logits_at; (B, 1, V) with last_only
     attentions: list[torch.Tensor] | None       # per layer, what CAT reads (cat.average_attention, Eq. 7): the
                                                 # softmax probabilities (B, H, T, S), float32 (return_attn), or the
-                                                # causal rows' mass sum_j P_ij M_ij (B, H, R) (causal_rows); else None
+                                                # causal rows' mass m_i = sum_j P_ij A_adj[i, j] (B, H, R)
+                                                # (causal_rows); else None
     cache: "KVCache | None"
 
 
@@ -183,11 +184,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                             # (B, H_kv, S, D)
-        n_rep = self.n_heads // self.n_kv_heads   # grouped-query attention: kv head g serves query heads g*n ..
+        n_rep = self.n_heads // self.n_kv_heads   # grouped-query attention: kv head g serves n_rep query heads
         for_cat = None
-        if return_attn:  # CAT §3.1 written out: softmax(Q Kᵀ / sqrt(d_k)) · V, the map kept for Eq. 7
+        if return_attn:  # Eq. 1 written out: Z = softmax(Q Kᵀ / √d_k) · V, the map kept for Eq. 7
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)   # (B, H, S, D)
             S = k.shape[2]
+            # Eq. 5: the lower-triangular map, j <= i (offset by the cached positions), or the padding-aware mask
             allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if visible is None else visible
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)         # (B, H, T, S)
             for_cat = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)   # float32 attention map
@@ -198,13 +200,13 @@ class Attention(nn.Module):
             if causal_rows is not None:
                 for_cat = self.causal_mass(q, k.repeat_interleave(n_rep, dim=1), visible, causal_rows,
                                            causal_row_mask)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)             # heads concatenated
-        return self.o_proj(out), for_cat
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)             # Eq. 2: Concat(Z_1, ..., Z_h)
+        return self.o_proj(out), for_cat                                      # ... · W_O
 
     def causal_mass(self, q, k_all, visible, causal_rows, causal_row_mask):
         """CAT §4.2's fast path (docs/design.md, "Speed"): the loss reads, of the attention map, only the rows that
-        hold causal tokens, and of each such row only m_i = sum_j P_ij M_ij. So §3.1's softmax is written out for
-        those R rows alone, (R × S) a head instead of (T × S), beside the fused call. Returns m (B, H, R)."""
+        hold causal tokens, and of each such row only m_i = sum_j P_ij A_adj[i, j]. So Eq. 1's softmax is written out
+        for those R rows alone, (R × S) a head instead of (T × S), beside the fused call. Returns m (B, H, R)."""
         B, H, _, D = q.shape
         S, R = k_all.shape[2], causal_rows.shape[1]
         q_rows = q.gather(2, causal_rows[:, None, :, None].expand(B, H, R, D))       # (B, H, R, D)

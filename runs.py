@@ -85,7 +85,8 @@ def validate(cfg) -> None:
     if cfg.alpha > 0 and cfg.alpha_scale > 0 and not cfg.resume:   # a resumed run holds the α its scale gave
         raise cli.InputError(f"--alpha {cfg.alpha} and --alpha-scale {cfg.alpha_scale}: give one of them")
     if cfg.contrast != "all" and cfg.attn != "explicit":
-        raise cli.InputError(f"--contrast {cfg.contrast}: N_i is then read from the attention maps; add --attn explicit")
+        raise cli.InputError(f"--contrast {cfg.contrast}: N_i is then read from the attention maps; "
+                             "add --attn explicit")
     if cfg.scratch_dim % cfg.scratch_heads:
         raise cli.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
                              f"{cfg.scratch_heads}")
@@ -109,7 +110,10 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[batches.Example
     """Encode every record (batches.encode; --contrast and --rows: variants.adapt); report the skipped ones and the
     annotation's coverage, with examples of missing phrases."""
     examples, found, missing, skipped = [], 0, [], 0
-    for rec in records:
+    for n, rec in enumerate(records, start=1):
+        if not rec["input"] and tok.bos_id is None:   # the answer's first token would be predicted from nothing
+            raise cli.InputError(f"{cfg.data}: record {n} has an empty input and this tokenizer adds no BOS token; "
+                                 "give every record some input text")
         ex, stats = batches.encode(rec, tok)
         ex = variants.adapt(ex, rec, tok, cfg.contrast, cfg.rows, task)     # past the paper; "all": unchanged
         if len(ex.ids) > cfg.max_len:
@@ -196,6 +200,13 @@ def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
         return {n: weights[n].contiguous() for n in names if n in weights}, optim   # empty off rank 0
     params = dict(unwrap(model).named_parameters())
     return {n: params[n].detach().cpu().contiguous() for n in names}, optimizer.state_dict()
+
+
+def checkpoint_due(cfg, step: int, steps_per_epoch: int) -> bool:
+    """Whether a checkpoint is written after `step` steps: every --save-every steps, or (0) at each epoch's end."""
+    if cfg.save_every > 0:
+        return step % cfg.save_every == 0
+    return cfg.save_every == 0 and step % steps_per_epoch == 0
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, step: int, fsdp: bool, rank: int) -> None:
@@ -435,8 +446,8 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
         saved.setdefault("pad_multiple", 1)   # a run started before batches were padded keeps its batch shapes
         unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(cfg)})
         if unknown:
-            raise cli.InputError(f"{Path(cfg.resume) / 'train_config.json'}: unknown keys {unknown}; it was not written "
-                                 "by this train.py, or it is damaged: start the run again with --overwrite")
+            raise cli.InputError(f"{Path(cfg.resume) / 'train_config.json'}: unknown keys {unknown}; it was not "
+                                 "written by this train.py, or it is damaged: start the run again with --overwrite")
         cfg = type(cfg)(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
     validate(cfg)
     device = cli.resolve_device(cfg.device)

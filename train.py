@@ -4,8 +4,8 @@
     python train.py --model tinyllama --data stg_s --alpha 0.6    # the paper's setting (§5.1, Appendix F)
     torchrun --nproc_per_node 4 train.py ...                      # the same run on 4 processes (DDP)
 
-A plain loop, as nanoGPT's reads: batches → forward → L_next + γ·L_attn → backward → clip → AdamW step, with a
-visible lr_at(step). Read beside §4.2 and §5.1: TrainConfig (the paper's settings first), losses (Eq. 7-11),
+A plain loop, as nanoGPT's reads: batches → forward → L_next + γ·L_attn → backward → clip → AdamW step,
+with a visible lr_at(step). Read beside §4.2 and §5.1: TrainConfig (the paper's settings first), losses (Eq. 7-11),
 train_step (Eq. 12). Everything else a job needs (flags checked, the run folder, checkpoints and resume, DDP/FSDP,
 the end-of-run summary) is in runs.py; the variants past the paper are in variants.py. Writes runs/<name>/: the
 model (HF layout) or LoRA adapter, train_config.json, metrics.jsonl, a resumable checkpoint/, and results.json.
@@ -32,7 +32,7 @@ import variants
 
 @dataclass
 class TrainConfig:
-    # --- the paper (§4.2, §5.1, Appendix F) ------------------------------------------------------
+    # --- the paper (§4.2, §5.1, Appendix F; batch size and clipping are not stated there) ---------
     model: str = "scratch"           # alias (tinyllama, qwen2.5-1.5b, llama3.1-8b, smollm2-135m), folder, hub id,
                                      # or "scratch": a small Llama-style model from random init, its tokenizer trained
                                      # on the data
@@ -69,13 +69,13 @@ class TrainConfig:
 
     # --- running a job (runs.py) -----------------------------------------------------------------
     attn: str = "fast"               # how L_attn reads attention: "fast" (causal mass, no T×T maps) or "explicit"
-    log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (fast path, no gradient)
+    log_ratio: bool = True           # vanilla runs too: measure C/N on the causal rows (by --attn's path; no loss)
     fsdp: bool = False               # under torchrun, full fine-tuning sharded with FSDP (one unit per decoder layer)
     grad_accum: int = 1              # micro-batches per optimiser step on each process
     max_len: int = 1024              # longer records are skipped (and counted)
     pad_multiple: int = 16           # a batch's length rounded up to a multiple of this: few distinct matmul shapes,
-                                     # so the CPU's oneDNN caches (an entry kept per shape, under bf16 1-2 MB each)
-                                     # stop growing; 1 = none. The losses do not change: pads sit after every token
+                                     # so the CPU's oneDNN caches (an entry kept per shape) stop growing; 1 = none.
+                                     # The losses do not change: pads sit after every token
     val_frac: float = 0.0            # carve this share of the training file out as a validation split (choose α on it)
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "auto"              # compute precision: auto = bfloat16 autocast (float32 weights) on CUDA and on CPUs
@@ -106,8 +106,8 @@ class Losses:
     cn: cat.CausalRatio | None       # C_i, N_i of the causal rows (detached unless L_attn uses them); None: not read
 
 
-def losses(model, batch: batches.Batch, alpha: float, *, attn: str = "fast", measure: bool = True, attn_loss: str = "hinge",
-           counts: tuple[int, int, int] | None = None) -> Losses:
+def losses(model, batch: batches.Batch, alpha: float, *, attn: str = "fast", measure: bool = True,
+           attn_loss: str = "hinge", counts: tuple[int, int, int] | None = None) -> Losses:
     """L_next and L_attn of one micro-batch, averaged over `counts` = (target tokens, sequences, counted CAT rows) of
     the *global* batch (default: this micro-batch's own), so that any split into micro-batches and processes sums to
     the same loss. alpha > 0 adds L_attn; measure reads C/N without it (vanilla runs). attn: "explicit" (every
@@ -119,8 +119,8 @@ def losses(model, batch: batches.Batch, alpha: float, *, attn: str = "fast", mea
     if fast and batch.contrast_mask is not None:
         raise ValueError("a contrast mask (--contrast) is read from the attention maps: use attn='explicit'")
     # right padding: no real token sees a pad under j <= i, so the model needs no padding mask
-    out = model(batch.ids, return_attn=explicit, causal_rows=batch.rows.rows if fast else None,
-                causal_row_mask=batch.rows.row_mask if fast else None, logits_at=batch.target_pos)
+    out = model(batch.ids, return_attn=explicit, causal_rows=batch.causal_rows.rows if fast else None,
+                causal_row_mask=batch.causal_rows.row_mask if fast else None, logits_at=batch.target_pos)
     # Eq. 11, L_next = -Σ_t log P(x_{t+1} | x_≤t) over the target tokens, as a mean: divided by their number
     l_next = F.cross_entropy(out.logits.float(), batch.targets, reduction="sum") / n_tokens
     zero = l_next.new_zeros(())
@@ -132,27 +132,29 @@ def losses(model, batch: batches.Batch, alpha: float, *, attn: str = "fast", mea
         other = variants.narrow_other(other, batch.contrast_mask)        # --contrast; the paper's: unchanged
         sums = cat.attention_sums(avg, causal, other)
     else:
-        sums = cat.mass_sums(avg.float(), batch.rows)
+        sums = cat.mass_sums(avg, batch.causal_rows)
     cn = cat.causal_ratio(*sums)                                         # Eq. 8, 9: C_i, N_i
     if alpha <= 0:
         return Losses(l_next, zero, cat.CausalRatio(*(t.detach() for t in cn)))
-    l_attn = cat.hinge(cn, alpha) if attn_loss == "hinge" else variants.div_loss(cn, alpha)   # Eq. 10
-    # a mean over this micro-batch's sequences (hinge) or counted rows (div), rescaled to the global batch's
-    share = len(batch.ids) / n_seqs if attn_loss == "hinge" else batch.n_rows / max(n_rows, 1)
-    return Losses(l_next, l_attn * share, cn)
+    if attn_loss == "hinge":   # a mean over this micro-batch's sequences, rescaled to the global batch's
+        l_attn = cat.hinge(cn, alpha) * (len(batch.ids) / n_seqs)                       # Eq. 10
+    else:                      # past the paper: the authors' loss, a mean over the counted rows (--attn-loss div)
+        l_attn = variants.div_loss(cn, alpha) * (batch.n_rows / max(n_rows, 1))
+    return Losses(l_next, l_attn, cn)
 
 
 # ---------------------------------------------------------------------------------------------
 # The optimiser and its schedule (§5.1)
 
 def adamw(params, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW (§5.1). fused: one kernel for all parameters instead of a loop of small ones, the same update; on
-    2 CPU cores it takes a SmolLM2 step's optimiser from 0.30 to 0.09 s. FSDP's sharded parameters use the loop."""
+    """AdamW (§5.1; the paper gives no weight decay, so 0 by default: Adam's update). fused: one kernel for all
+    parameters instead of a loop of small ones, the same update, faster (benchmarks/README.md). FSDP's sharded
+    parameters use the loop."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """§5.1: linear warm-up over warmup_ratio of the steps, then cosine decay to zero."""
+    """§5.1: linear warm-up over warmup_ratio of the steps, then cosine decay towards zero."""
     warmup = max(1, int(cfg.warmup_ratio * total))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -223,6 +225,7 @@ def train(cfg: TrainConfig) -> Path:
     metrics = open(run.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
     progress = runs.Progress(run.cfg.name, run.total, step, enabled=run.rank == 0)
     run.model.train()
+    cfg = run.cfg
     try:
         while step < run.total:
             record = train_step(run, step)
@@ -231,11 +234,8 @@ def train(cfg: TrainConfig) -> Path:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 progress.update(record)
-            cfg = run.cfg
             stopping = cfg.stop_after and step >= cfg.stop_after
-            end_of_epoch = step % run.steps_per_epoch == 0
-            if (cfg.save_every > 0 and step % cfg.save_every == 0) or (end_of_epoch and cfg.save_every == 0) \
-                    or stopping:
+            if stopping or runs.checkpoint_due(cfg, step, run.steps_per_epoch):
                 runs.save_checkpoint(run.run_dir, run.model, run.optimizer, step, cfg.fsdp, run.rank)
                 run.saved_step = step
             if stopping:
@@ -269,7 +269,7 @@ if __name__ == "__main__":
     if "WORLD_SIZE" in os.environ:
         # Under torchrun, leave without the interpreter's shutdown: a gloo worker thread may still be freeing the
         # tensors of the last collective, and one that needs the GIL while Python finalises aborts the process
-        # ("terminate called without an active exception", SIGABRT about one run in ten; pytorch#117762).
+        # ("terminate called without an active exception", SIGABRT now and then; pytorch#117762).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

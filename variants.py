@@ -1,14 +1,16 @@
-"""Past the paper: the variants of CAT's loss that the studies tried, each hooking into the paper's path at one place.
+"""Past the paper: the variants of CAT's loss that the studies tried, and where each enters the paper's path.
 
-  flag                      hooks in at                         what it changes
-  --alpha-scale K           train.train (place_alpha)           α = K × the median C/N before the first step
-  --attn-loss div           train.losses (div_loss)             Eq. 10 -> the authors' published loss
-  --contrast attributes     batches.Example.contrast (adapt)       Eq. 9's N_i over the record's other attributes
-  --contrast input          batches.Example.contrast (adapt)       Eq. 9's N_i over the input but its first token
-  --rows target             batches.Example.adj (adapt)            Eq. 10 over the rows that predict the answer
-  (measured for every run)  runs.setup (row_counts)             how many rows Eq. 10 sums a record
+  flag                    what it changes                                   enters at
+  --alpha-scale K         α = K × the median C/N before the first step      runs.setup: place_alpha
+  --attn-loss div         Eq. 10 -> the authors' published loss             train.losses: div_loss
+  --contrast attributes   Eq. 9's N_i over the record's other attributes    runs.encode_all: adapt sets
+  --contrast input        Eq. 9's N_i over the input but its first token      Example.contrast, which batches carry
+                                                                              to train.losses: narrow_other
+  --rows target           Eq. 10 over the rows that predict the answer      runs.encode_all: adapt clears A_adj's
+                                                                              input rows
+  (every run)             how many rows Eq. 10 sums a record                runs.setup: row_counts
 
-Each docstring names the finding it produced; the figures are on the findings page (docs/findings.md).
+Each docstring names the finding it produced; the numbers are on the findings page (docs/findings.md).
 """
 import dataclasses
 
@@ -26,8 +28,8 @@ import stg
 def starting_ratios(losses, model, examples: list, pad_id: int, device, autocast, n: int = 64,
                     attn: str = "fast") -> torch.Tensor:
     """C_i/N_i on the causal rows of up to n annotated records before training, read by `losses` (train.losses):
-    α acts on the rows below it. SmolLM2-135M starts at a median 0.36 on STG_S, above the paper's α range
-    (0.05-0.35), where the hinge is zero on almost every row and CAT trains as vanilla (docs/findings.md)."""
+    α acts on the rows below it. A pretrained model can start above the paper's whole α range, where the hinge is
+    zero on almost every row and CAT trains as vanilla (docs/findings.md, "The earlier grid")."""
     annotated = [ex for ex in examples if ex.n_cat_rows][:n]
     ratios = []
     was_training = model.training
@@ -43,8 +45,8 @@ def starting_ratios(losses, model, examples: list, pad_id: int, device, autocast
 
 def place_alpha(cfg, ratios: torch.Tensor) -> None:
     """Print where the model starts (docs/design.md, "What α means"), and with --alpha-scale set α from it: k<K> in
-    the studies, α = K × the starting median. It recorded that α = 2-3 × the start moves C/N to about 1 and OOD
-    accuracy a little, up to the majority answer (docs/findings.md)."""
+    the studies, α = K × the starting median. With it CAT as published moved the attention as the paper says and
+    OOD accuracy a little, up to the majority answer (docs/findings.md, "The α study")."""
     if not len(ratios):
         return
     q10, q50, q90 = torch.quantile(ratios, torch.tensor([0.1, 0.5, 0.9])).tolist()
@@ -64,8 +66,9 @@ def place_alpha(cfg, ratios: torch.Tensor) -> None:
 def div_loss(cn: cat.CausalRatio, alpha: float) -> torch.Tensor:
     """The loss of the authors' published code (myloss.py, compute_attention_constraint_loss_batch, its default
     loss_type="div"), not Eq. 10: -log(1 + C_i) / log(1 + N_i) on each counted row with C_i/N_i < alpha (0 on the
-    others), summed and divided by the number of counted rows in the batch. On STG_M it is the setting validation
-    chose (OOD +4.0 over vanilla, at the majority answer); on STG_S level with vanilla (docs/findings.md)."""
+    others), summed and divided by the number of counted rows in the batch. Validation chose it on STG_M, where it
+    was ahead of vanilla OOD up to the majority answer, and on STG_S in float32, where it was level
+    (docs/findings.md, "The α study")."""
     below = cn.counted & (cn.ratio < alpha)
     per_row = -torch.log1p(cn.C) / torch.log1p(cn.N).clamp(min=torch.finfo(cn.N.dtype).tiny)
     return torch.where(below, per_row, torch.zeros_like(per_row)).sum() / cn.counted.sum().clamp(min=1)
@@ -78,8 +81,9 @@ def div_loss(cn: cat.CausalRatio, alpha: float) -> torch.Tensor:
 def attribute_contrast(record: dict, task: str) -> list[dict]:
     """--contrast attributes: for each effect of the record's `important`, its input's other "Name: value" phrases
     (stg.attribute_spans), in `important`'s own layout, so that cat.adjacency marks them. With N_i over them, C/N
-    compares the causes with the alternatives to them, and OOD accuracy on STG_S/M rose 19-22 points over vanilla,
-    where the paper's N_i, over every other token, is satisfied by attending to the whole list, copies included."""
+    compares the causes with the alternatives to them, where the paper's N_i, over every other token, is satisfied
+    by attending to the whole list, spurious copies included; it is the one change that took OOD accuracy far past
+    vanilla's and the majority answer (docs/findings.md, "In short")."""
     text, relations = record["input"], cat.relations(record.get("important"))
     causes = {cause for _, values in relations for cause in values}
     others = [text[start:end] for _, _, start, end in stg.attribute_spans(text, task) if text[start:end] not in causes]
@@ -89,8 +93,9 @@ def attribute_contrast(record: dict, task: str) -> list[dict]:
 def input_contrast(n_tokens: int, n_prompt: int) -> torch.Tensor:
     """--contrast input: every row's N_i over the input's tokens but the sequence's first, where a pretrained model
     parks the attention it does not need (the attention sink), and not over the answer; so C/N can no longer rise by
-    moving attention off the sink onto every input token. Needs no annotation beyond Eq. 4's. It stayed within noise
-    of vanilla on STG_S (+1.9 OOD), as the paper's N_i does. (T, T) bool, unshifted, the same columns in every row."""
+    moving attention off the sink onto every input token. Needs no annotation beyond Eq. 4's. It stayed within the
+    noise of vanilla, as the paper's N_i does (docs/findings.md, "In short"). (T, T) bool, unshifted, the same
+    columns in every row."""
     mask = torch.zeros(n_tokens, n_tokens, dtype=torch.bool)
     mask[:, 1:n_prompt] = True
     return mask
@@ -100,9 +105,9 @@ def adapt(example: batches.Example, record: dict, tok, contrast: str = "all", ro
           task: str = "generic") -> batches.Example:
     """An encoded record (batches.encode) with --contrast's mask and --rows' rows; "all" and "all" leave it as it is.
     --rows target clears the rows of the input's tokens, so that once shifted only the rows that predict an answer
-    token hold causes: the assistant-LLM annotations link phrases inside the question, 18-24 rows a record instead
-    of STG's 2, and the hinge over them made every downstream task worse; over the answer's rows the harm was gone
-    on MAWPS and SVAMP, and so was any gain (docs/findings.md)."""
+    token hold causes: the assistant-LLM annotations link phrases inside the question, ten times STG's rows a
+    record, and the hinge over them made every downstream task worse; over the answer's rows the harm was gone on
+    MAWPS and SVAMP, and so was any gain (docs/findings.md, "Table 2 and Table 5")."""
     if example.adj is None:
         return example
     adj, mask, n_prompt = example.adj, None, example.n_prompt

@@ -201,7 +201,7 @@ def run_variants(cfg: BenchConfig, variants, T: int) -> dict:
                 if on_cuda:
                     out[v]["peak_mem_bytes"] = max(out[v]["peak_mem_bytes"], torch.cuda.max_memory_allocated())
     for v in variants:
-        out[v]["supervised_rows"] = batch.rows.rows.shape[-1] if v != "vanilla" else 0
+        out[v]["supervised_rows"] = batch.causal_rows.rows.shape[-1] if v != "vanilla" else 0
         out[v]["n_matmul_params"] = matmul_params(model)
         out[v]["n_trained_matmul_params"] = matmul_params(model, trainable_only=True)
         if not on_cuda:  # one variant per process: the process's peak resident memory, and before any step

@@ -143,3 +143,15 @@ def test_ctrl_c_says_where_to_continue(stopped_run, tmp_path):
     assert f"python train.py --resume {run}" in err and "last checkpoint (step" in err
     step = torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"]
     assert step >= 1
+
+
+def test_an_empty_input_without_bos_names_its_record(byte_bpe):
+    """With no BOS token (Qwen2.5's tokenizer adds none) an empty input leaves the answer's first token nothing to
+    be predicted from, and its labels one longer than its ids: the record is named instead of a shape error."""
+    tok = hf.Tokenizer(byte_bpe, bos_id=None, eos_ids=[byte_bpe.token_to_id("</s>")],
+                       pad_id=byte_bpe.token_to_id("</s>"))
+    cfg = __import__("train").TrainConfig(data="mine.jsonl")
+    records = [{"input": "Smoking: 8 Answer: ", "target": "High Risk"}, {"input": "", "target": "High Risk"}]
+    with pytest.raises(cli.InputError, match="mine.jsonl: record 2 has an empty input"):
+        runs.encode_all(records, tok, cfg)
+    assert len(runs.encode_all(records[:1], tok, cfg)) == 1

@@ -134,10 +134,10 @@ def test_collate_masks_only_target_tokens_and_shifts_the_adjacency(stg_file, tmp
         assert torch.equal(mask[b, :n - 1, :n], ex.adj[1:n, :n])     # row i holds adjacency row i+1
         # the fast path's rows are exactly the rows that hold causal tokens, each with its counts over j <= i
         has = mask[b].any(-1).nonzero().flatten().tolist()
-        assert batch.rows.rows[b, :len(has)].tolist() == has
+        assert batch.causal_rows.rows[b, :len(has)].tolist() == has
         for r, i in enumerate(has):
-            assert batch.rows.n_causal[b, r] == mask[b, i, :i + 1].sum()
-            assert batch.rows.n_other[b, r] == i + 1 - mask[b, i, :i + 1].sum()
+            assert batch.causal_rows.n_causal[b, r] == mask[b, i, :i + 1].sum()
+            assert batch.causal_rows.n_other[b, r] == i + 1 - mask[b, i, :i + 1].sum()
         # the row that predicts the first answer token attends to the three causal attributes
         row = mask[b, ex.n_prompt - 1]
         causal_text = tok.decode(ids[b][row].tolist())
