@@ -573,3 +573,20 @@ def test_a_default_training_step_goes_through_the_papers_functions(stg_file, tmp
     hinge_args, l_attn = calls["hinge"][0]
     assert hinge_args[0] is cn and hinge_args[1] == 2.0
     assert record["l_attn"] == pytest.approx(l_attn.item(), rel=1e-6) and record["l_attn"] > 0
+
+
+def test_progress_in_a_log_file_is_plain_lines_not_a_redrawn_bar(capsys):
+    """Written to a file (not a terminal), the loop's progress is a plain line every `every` seconds and at the last
+    step, never a tqdm bar redrawn with carriage returns into one endless line."""
+    progress = runs.Progress("run", total=3, initial=0, every=0.0)
+    for step in range(3):
+        progress.update({"epoch": 0, "l_next": 1.5 - step, "l_attn": 0.25, "tokens_per_s": 100.0})
+    progress.close()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "\r" not in captured.out + captured.err and len(lines) == 3
+    assert lines[-1].startswith("run: step 3/3, ep 0, l_next -0.500, l_attn 0.250, tok_s 100")
+    quiet = runs.Progress("run", total=3, initial=1, every=3600.0)      # a line only at the last step
+    for _ in range(2):
+        quiet.update({"epoch": 0, "l_next": 1.0, "l_attn": 0.0, "tokens_per_s": 1.0})
+    assert capsys.readouterr().out.count("\n") == 1
