@@ -297,6 +297,9 @@ def fetch(task: str, sources: list[str] | None = None, out_dir="data", overwrite
     if sources:              # 'SPLIT=FILE' keeps an upstream split, a bare FILE joins the pool of everything
         files = [tuple(s.split("=", 1)) if s.split("=", 1)[0] in ("train", "validation", "test") else ("all", s)
                  for s in sources]
+        named = [str(Path(path).resolve()) for _, path in files]
+        if len(set(named)) < len(named):   # its rows would be written twice, test rows into train too
+            raise cli.InputError(f"--source: a file is given more than once ({', '.join(sources)}); name each once")
         for split, path in files:
             if split == "all" and "=" in path and not Path(path).exists():
                 raise cli.InputError(f"--source {path}: no such file, and {path.split('=', 1)[0]!r} is no split "

@@ -579,7 +579,8 @@ def setting_key(cfg: dict) -> dict:
     """What a run learns from, as train_config.json says it: every field but BOOKKEEPING. A field an older file
     lacks (a flag added since, whose default is what runs did before it) counts as train.py's default."""
     import train                                       # here: train.py imports this module
-    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)
+                if f.default is not dataclasses.MISSING}
     cfg = {RENAMED.get(k, k): v for k, v in cfg.items()}
     return {k: v for k, v in {**defaults, **cfg}.items() if k not in BOOKKEEPING}
 
@@ -620,6 +621,9 @@ def setting(field_name: str, value) -> str:
     return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {json.dumps(value) if value == '' else value}"
 
 
+TABLE_HEAD = "| method | "   # how a table of --compare starts: an --out that does not is a file of something else
+
+
 def compare_runs(runs: list[str]) -> str:
     """Table 1's layout as Markdown: one row per setting, one column per data set and split, accuracies in %, and
     the majority-label baseline as the last row. Runs whose train_config.json differ only in the seed (and
@@ -639,7 +643,15 @@ def compare_runs(runs: list[str]) -> str:
         seen[run.resolve()] = run
         cfg = run_config(run)
         key = {"folder": str(run)} if cfg is None else setting_key(cfg)
-        entries.append((run_label(run, cfg), key, read_results(path, run)))
+        results = read_results(path, run)
+        # a copy of a run folder: the same setting, seed and results (a config without its seed cannot tell)
+        same = (json.dumps(key, sort_keys=True), None if cfg is None else cfg.get("seed"),
+                json.dumps(results, sort_keys=True))
+        if same[1] is not None and same in seen:
+            raise cli.InputError(f"--compare {run}: the same setting, seed and results as {seen[same]} (a copy?); "
+                                 "its results would count twice in a mean")
+        seen[same] = run
+        entries.append((run_label(run, cfg), key, results))
 
     # the fields that differ between runs of one label that land in one cell (data set and split)
     in_cell: dict[tuple[str, str], list[dict]] = {}
@@ -671,7 +683,7 @@ def compare_runs(runs: list[str]) -> str:
         text = f"{100 * statistics.fmean(values):.2f}%"
         return text + (f" (mean of {len(values)})" if len(values) > 1 else "")
 
-    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [TABLE_HEAD + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label in rows:
         lines.append(f"| {label} | " + " | ".join(cell(cells[label, c]) if (label, c) in cells else "–"
                                                   for c in columns) + " |")
@@ -721,7 +733,10 @@ def check_out_dir(out_dir: Path, model_folder: Path, chosen: bool) -> None:
     before any work, rather than after it."""
     if (out_dir / "results.json").exists():
         read_results(out_dir / "results.json")
-    if (out_dir / "train_config.json").exists():
+    if (out_dir / "train_config.json").exists():   # a training run's folder holds that run's results only
+        if out_dir.resolve() != Path(model_folder).resolve():
+            raise cli.InputError(f"{out_dir} is another training run's folder, and its results.json would take this "
+                                 f"model's results: give this evaluation of {model_folder} its own --out")
         return
     mark, model = out_dir / MODEL_MARK, str(Path(model_folder).resolve())
     if mark.exists():
@@ -755,6 +770,10 @@ def main(argv=None) -> None:
     if cfg.compare:
         if cfg.out:
             cli.check_output(cfg.out, "--out", folder=False)
+            out = Path(cfg.out)
+            if out.exists() and not out.read_text(encoding="utf-8", errors="replace").startswith(TABLE_HEAD):
+                raise cli.InputError(f"--out {out}: the file exists and is not a table of eval.py --compare; "
+                                     "give a new file (a .md) for the table")
         table = compare_runs(cfg.compare)
         print(table)
         if cfg.out:

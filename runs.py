@@ -3,6 +3,7 @@ defaults filled in, the run folder, records -> examples, the model built (from s
 DDP/FSDP, checkpoints and resume, the end of a run (save, test, summary) and its progress lines."""
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import random
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,10 @@ def validate(cfg) -> None:
     cli.check_device(cfg.device)
     if not cfg.resume:   # a resumed run writes into its own folder, which exists
         cli.check_output(cfg.out, "--out", folder=True)
+    if cfg.name and (cfg.name != Path(cfg.name).name or cfg.name in (".", "..") or not cfg.name.strip()
+                     or any(ord(c) < 32 for c in cfg.name)):
+        raise cli.InputError(f"--name {cfg.name!r}: one plain folder name (no '/', not '.' or '..'); the folder it is "
+                             "made in is --out")
     unknown = sorted(set(cfg.lora_targets.split(",")) - LINEAR_LAYERS)
     if cfg.lora and unknown:
         raise cli.InputError(f"--lora-targets: {', '.join(unknown)} names no linear layer of the model; choose among "
@@ -256,8 +262,8 @@ def read_checkpoint_file(path: Path, run_dir: Path):
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, weights_only=True)
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError("no step in it")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+            raise ValueError("no step count in it")
         return state
     except Exception as error:   # torch and safetensors raise several error types for a cut or foreign file
         raise cli.InputError(f"{path}: damaged or incomplete ({type(error).__name__}: {str(error)[:120]}); the run "
@@ -356,12 +362,17 @@ def folder_state(run_dir: Path) -> str | None:
     return "a run that stopped before its first checkpoint"
 
 
+JOB_FILES = {"log.txt", "wall_time.json"}   # what the experiments' job runner writes into a run folder first
+
+
 def check_run_folder(cfg, run_dir: Path) -> None:
-    """A fresh run never writes into another run's folder, and --resume needs an interrupted run."""
+    """A fresh run never writes into another run's folder nor into a folder of other files, and --resume needs an
+    interrupted run."""
     state = folder_state(run_dir)
     if cfg.resume:
         if state is None:
-            raise cli.InputError(f"--resume {run_dir}: no run there (no train_config.json)")
+            raise cli.InputError(f"--resume {run_dir}: no run there (no train_config.json); give the folder of an "
+                                 "interrupted training run")
         if "interrupted" not in state:
             raise cli.InputError(f"--resume {run_dir}: it holds {state}, with no checkpoint to continue from"
                                  + ("" if "finished" in state else "; start it again with --overwrite"))
@@ -369,6 +380,11 @@ def check_run_folder(cfg, run_dir: Path) -> None:
         raise cli.InputError(f"{run_dir} already holds {state}. "
                              + (f"Continue it with --resume {run_dir}, or c" if "interrupted" in state else "C")
                              + "hoose another --name, or replace it with --overwrite")
+    elif state is None and run_dir.is_dir():   # --overwrite replaces a run, never a folder of the user's files
+        foreign = sorted(path.name for path in run_dir.iterdir() if path.name not in JOB_FILES)
+        if foreign:
+            raise cli.InputError(f"{run_dir} holds files that are not a training run's ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}); choose another --name or --out")
 
 
 RESOLVED = {"epochs": None, "lr": None, "dtype": "auto", "name": ""}   # unset flags the run's saved values resolve
@@ -383,9 +399,42 @@ def given_flags(parser, argv) -> dict:
     return {name: value for name, value in given.items() if value is not unset}
 
 
+REQUIRED = ("model", "data", "alpha", "seed", "epochs", "lr", "batch_size")   # in every train_config.json written
+
+
+def saved_config(cfg, saved: dict):
+    """The configuration of a run to resume, from its train_config.json (`saved`), each value checked against its
+    field's type; keys added to TrainConfig since the run started take their defaults."""
+    where = Path(cfg.resume) / "train_config.json"
+    fields = {f.name: f.type for f in dataclasses.fields(cfg)}
+    problems = [f"unknown key {k!r}" for k in saved if k not in fields] + \
+               [f"no {k!r}" for k in REQUIRED if k not in saved] + \
+               [f"{k} = {v!r} is not {getattr(fields[k], '__name__', fields[k])}" for k, v in saved.items()
+                if k in fields and not fits(v, fields[k])]
+    if problems:
+        raise cli.InputError(f"{where}: {problems[0]}; it was not written by this train.py, or it is damaged: start "
+                             "the run again with --overwrite")
+    return type(cfg)(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
+
+
+def fits(value, kind) -> bool:
+    """Whether a JSON value fits a TrainConfig field's type (float | None, int, str, bool, dict)."""
+    kinds = typing.get_args(kind) or (kind,)
+    for k in kinds:
+        if k is type(None) and value is None or k is bool and isinstance(value, bool) or \
+                k is float and isinstance(value, (int, float)) and not isinstance(value, bool) or \
+                k is int and isinstance(value, int) and not isinstance(value, bool) or \
+                k in (str, dict) and isinstance(value, k):
+            return True
+    return False
+
+
 def check_resume_flags(given: dict, run_dir: Path) -> None:
     """--resume continues a run with the configuration it was started with: any other flag (but --stop-after) must
     agree with the saved one, or the command is refused, naming what differs."""
+    if folder_state(run_dir) is None:
+        raise cli.InputError(f"--resume {run_dir}: no run there (no train_config.json); give the folder of an "
+                             "interrupted training run")
     saved = read_train_config(run_dir)
     differ = [f"--{name.replace('_', '-')} {value} (the run has {saved.get(name)!r})" for name, value in given.items()
               if name not in ("resume", "stop_after") and value != saved.get(name)
@@ -398,10 +447,11 @@ def check_resume_flags(given: dict, run_dir: Path) -> None:
 def interrupted(run: "Run", step: int) -> str:
     """What to do after Ctrl-C: where the last checkpoint is and the command that continues from it."""
     if run.saved_step < 0:
-        when = f"every {run.cfg.save_every} steps" if run.cfg.save_every > 0 else "at the end of each epoch"
-        return (f"interrupted at step {step} of {run.total}, before the first checkpoint (saved {when}"
-                + ("; --save-every -1 saves none" if run.cfg.save_every < 0 else "") + "): start the run again, with "
-                f"--overwrite (its folder {run.run_dir} holds only its configuration)")
+        when = ("checkpoints are off (--save-every -1)" if run.cfg.save_every < 0 else
+                f"before the first checkpoint (saved every {run.cfg.save_every} steps)" if run.cfg.save_every > 0 else
+                "before the first checkpoint (saved at the end of each epoch)")
+        return (f"interrupted at step {step} of {run.total}, {when}: nothing to continue from; start the run again "
+                f"with --overwrite (its folder {run.run_dir} holds only its configuration)")
     return (f"interrupted at step {step} of {run.total}; the last checkpoint (step {run.saved_step}) is in "
             f"{run.run_dir / 'checkpoint'}: continue with python train.py --resume {run.run_dir}")
 
@@ -444,12 +494,14 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
         check_run_folder(cfg, Path(cfg.resume))
         saved = read_train_config(Path(cfg.resume))
         saved.setdefault("pad_multiple", 1)   # a run started before batches were padded keeps its batch shapes
-        unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(cfg)})
-        if unknown:
-            raise cli.InputError(f"{Path(cfg.resume) / 'train_config.json'}: unknown keys {unknown}; it was not "
-                                 "written by this train.py, or it is damaged: start the run again with --overwrite")
-        cfg = type(cfg)(**{**saved, "resume": cfg.resume, "stop_after": cfg.stop_after})
-    validate(cfg)
+        cfg = saved_config(cfg, saved)
+        try:
+            validate(cfg)
+        except cli.InputError as error:   # the values came from the file, not from flags
+            raise cli.InputError(f"{Path(cfg.resume) / 'train_config.json'}: {error}; the file is damaged: start the "
+                                 "run again with --overwrite") from None
+    else:
+        validate(cfg)
     device = cli.resolve_device(cfg.device)
     rank, world = init_distributed(device, cfg.fsdp)
     if device == "cuda" and dist.is_initialized():
@@ -463,6 +515,11 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
         raise cli.InputError(f"--contrast attributes: {data.train} is not STG data (task {data.task!r}); its records "
                              "have no known \"Name: value\" attributes to contrast the causes with")
     resolve(cfg, data, device)
+    digest = hashlib.sha256(data.train.read_bytes()).hexdigest()   # the training file this run trains on
+    if cfg.resume and cfg.extra.get("data_sha256", digest) != digest:
+        raise cli.InputError(f"--resume {cfg.resume}: {data.train} has changed since the run started (its SHA-256 "
+                             "differs from train_config.json's); restore the file, or start a new run")
+    cfg.extra["data_sha256"] = digest
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / cfg.name
     if not cfg.resume:
         cli.check_output(run_dir, "--out/--name", folder=True)   # --name may hold a path, or name a file
@@ -496,7 +553,7 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
         variants.place_alpha(cfg, variants.starting_ratios(losses, model, examples, tok.pad_id, device, autocast,
                                                            attn=cfg.attn))
     if rank == 0 and not cfg.resume:   # a resumed run keeps the configuration it was started with
-        if cfg.overwrite and run_dir.exists():
+        if cfg.overwrite and folder_state(run_dir) is not None:   # a run's folder (check_run_folder), nothing else
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.extra["world_size"] = world
@@ -515,11 +572,22 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
     run = Run(cfg, run_dir, data, rank, world, device, model, tok, lora_cfg, optimizer, params, examples, autocast,
               steps_per_epoch, steps_per_epoch * cfg.epochs)
     step = load_checkpoint(run_dir, model, optimizer, cfg.fsdp) if cfg.resume else 0
+    if step > run.total:
+        raise cli.InputError(f"{run_dir / 'checkpoint'}: step {step} is past the run's last step ({run.total}): "
+                             "the checkpoint is damaged or belongs to another run; start it again with --overwrite")
     run.saved_step = step if cfg.resume else -1
     if cfg.resume and rank == 0:   # metrics of steps after the checkpoint are about to be recomputed
         path = run_dir / "metrics.jsonl"
         lines = cli.complete_lines(path) if path.exists() else []    # a line cut by a kill is dropped
-        cli.write_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        kept = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise cli.InputError(f"{path}:{n}: damaged (not a metrics record with a step); the run cannot be "
+                                     "continued: start it again with --overwrite") from None
+        cli.write_text(path, "".join(kept))
     return run, step
 
 

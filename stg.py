@@ -241,6 +241,8 @@ def read_records(path, flag: str | None = None) -> list[dict]:
                 found = "nothing" if field not in record else type(record[field]).__name__
                 raise InputError(f"{where}: field {field!r} must be a string, found {found}; "
                                  'each record needs {"input": "...", "target": "..."}')
+        if not record["target"].strip():   # an empty answer trains nothing and is "right" for an empty output
+            raise InputError(f"{where}: field 'target' is empty; each record needs the answer it teaches or tests")
         important = record.get("important", [])
         if not (isinstance(important, list) and all(isinstance(d, dict) for d in important)):
             raise InputError(f"{where}: 'important' must be a list of {{effect: [causes]}} objects")

@@ -220,7 +220,12 @@ def train_step(run: runs.Run, step: int) -> dict:
 def train(cfg: TrainConfig) -> Path:
     """Run the whole training: setup, then one train_step per optimiser step, then finish; returns the run folder."""
     started = time.time()
-    run, step = runs.setup(cfg, losses, adamw)
+    try:
+        run, step = runs.setup(cfg, losses, adamw)
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first step: run the same command again (with --overwrite if it then says "
+              "the run folder holds a run that stopped before its first checkpoint)", file=sys.stderr)
+        raise
     resumed_at = step
     metrics = open(run.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
     progress = runs.Progress(run.cfg.name, run.total, step, enabled=run.rank == 0)
@@ -256,8 +261,11 @@ def parse_args(argv=None) -> TrainConfig:
     """The command line as a TrainConfig; with --resume, any other flag (but --stop-after) must agree with the run's."""
     parser = cli.config_parser(TrainConfig, __doc__, skip=("extra",))
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    given = runs.given_flags(parser, argv)
+    if "resume" in given and not cfg.resume.strip():
+        raise cli.InputError("--resume is empty: give the folder of the run to continue")
     if cfg.resume:
-        runs.check_resume_flags(runs.given_flags(parser, argv), Path(cfg.resume))
+        runs.check_resume_flags(given, Path(cfg.resume))
     return cfg
 
 

@@ -138,7 +138,7 @@ def setting_flags(setting: str) -> list[str]:
         number = float(value[1:])
     except ValueError:
         number = -1.0
-    if value[:1] not in ("k", "a") or number <= 0:
+    if value[:1] not in ("k", "a") or not 0 < number < math.inf:   # NaN fails both
         raise cli.InputError(f"--settings: {setting!r} is not vanilla, k<K>, a<α>, div-a<α> or div-k<K> (K, α > 0), "
                          "nor one of these but vanilla after attr-, in- or tgt-")
     flags = ["--alpha-scale", f"{number:g}"] if value[0] == "k" else ["--alpha", f"{number:g}"]
@@ -611,12 +611,28 @@ def parse_args(argv=None) -> StudyConfig:
         setting_flags(setting)
     if not cfg.summary_only and not cfg.model:
         p.error("--model: the model to fine-tune (a folder, alias or hub id)")
+    if not cfg.summary_only:   # every run would fail at its start, each saying so only in its own log.txt
+        cli.check_numbers(cfg)
+        cli.check_device(cfg.device)
+        if not 0 <= cfg.val_frac < 1:
+            raise cli.InputError(f"--val-frac {cfg.val_frac}: must be in [0, 1)")
+        try:
+            seeds = items(cfg.seeds, int)
+        except ValueError:
+            raise cli.InputError(f"--seeds {cfg.seeds!r}: comma-separated whole numbers, e.g. 42,1,2") from None
+        if not seeds or not items(cfg.settings) or not items(cfg.data):
+            raise cli.InputError("--seeds, --settings and --data each need at least one item")
+        if any(not 0 <= seed < 2**32 for seed in seeds):
+            raise cli.InputError(f"--seeds {cfg.seeds}: each must be between 0 and {2**32 - 1}")
     return cfg
 
 
 def main(argv=None) -> Path:
     cfg = parse_args(argv)
-    out = Path(cfg.out)
+    out = cli.check_output(cfg.out, "--out", folder=True)
+    if not cfg.summary_only and out.is_dir() and any(out.iterdir()) and not (out / "study_config.json").exists():
+        raise cli.InputError(f"--out {out}: the folder holds other files and no study_config.json; give a new "
+                             "folder, or the folder of the study to continue")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study_config.json"
     if cfg.summary_only and config_path.exists():   # the committed configuration, with this run's --out

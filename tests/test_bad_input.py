@@ -478,3 +478,66 @@ def test_argparse_mistakes_are_one_line_too(command):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and "--help" in lines[0] and "usage:" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- the second sweep's findings
+def test_compare_refuses_an_out_that_is_not_a_table_and_a_copy_of_a_run(a_file, tmp_path, capsys):
+    run = Path(a_run(tmp_path / "base", {"model": "m", "alpha": 0.0, "seed": 42}, {"stg_s": {"iid": split(0.5)}}))
+    before = (run / "results.json").read_text()
+    for out in (run / "results.json", a_file):                       # a run's own file, a user's file
+        err = cli_error(lambda: evaluation.main(["--compare", str(run), "--out", str(out)]), capsys)
+        assert "not a table of eval.py --compare" in err
+    assert (run / "results.json").read_text() == before and a_file.read_text() == "mine\n"
+    table = tmp_path / "table.md"                                    # a table of its own is replaced, as before
+    evaluation.main(["--compare", str(run), "--out", str(table)])
+    evaluation.main(["--compare", str(run), "--out", str(table)])
+    import shutil
+    shutil.copytree(run, tmp_path / "base.bak")                      # the same setting and seed twice
+    err = cli_error(lambda: evaluation.main(["--compare", str(run), str(tmp_path / "base.bak")]), capsys)
+    assert "the same setting, seed and results" in err
+
+
+def test_eval_refuses_to_write_into_another_training_runs_folder(model, data, tmp_path, capsys):
+    other = Path(a_run(tmp_path / "other", {"model": "m", "alpha": 0.0, "seed": 42}, {"test": {"test": split(0.0)}}))
+    before = (other / "results.json").read_text()
+    err = cli_error(lambda: evaluation.main(["--model", str(model), "--data", str(data), "--out", str(other)]), capsys)
+    assert "another training run's folder" in err and (other / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("target", ["", "   "])
+def test_an_empty_target_names_its_line(tmp_path, target, capsys):
+    """An empty answer teaches nothing and is 'right' for an empty output (accuracy 100 %)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(RECORD) + "\n" + json.dumps({**RECORD, "target": target}) + "\n")
+    with pytest.raises(cli.InputError, match=rf"{path}:2: field 'target' is empty"):
+        stg.read_records(path)
+
+
+def test_fetch_refuses_a_source_named_twice(tmp_path, capsys):
+    source = tmp_path / "g.jsonl"
+    cli.write_jsonl(source, [{"question": "1 + 1?", "answer": "#### 2"}] * 4)
+    err = cli_error(lambda: A.main(["fetch", "gsm8k", "--source", str(source), "--source", str(source),
+                                    "--out", str(tmp_path / "o")]), capsys)
+    assert "more than once" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", ""], "--out is empty"),
+    (["--out", "{busy}"], "holds other files and no study_config.json"),
+    (["--settings", "knan"], "'knan' is not"),
+    (["--seeds", "a,b"], "--seeds 'a,b'"),
+    (["--device", "gpu"], "--device 'gpu'"),
+    (["--val-frac", "nan"], "--val-frac"),
+])
+def test_alpha_study_checks_its_flags_before_any_run(tmp_path, flags, message, capsys):
+    import sys as _sys
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import alpha_study
+    busy = tmp_path / "mine"
+    busy.mkdir()
+    (busy / ".gitignore").write_text("data/\n")
+    flags = [f.replace("{busy}", str(busy)) for f in flags]
+    args = ["--model", "scratch", "--data", "gen-stg_s", "--out", str(tmp_path / "study"), *flags]
+    err = cli_error(lambda: alpha_study.main(args), capsys)
+    assert message in err
+    assert (busy / ".gitignore").read_text() == "data/\n" and not (tmp_path / "study").exists()

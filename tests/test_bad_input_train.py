@@ -155,3 +155,50 @@ def test_an_empty_input_without_bos_names_its_record(byte_bpe):
     with pytest.raises(cli.InputError, match="mine.jsonl: record 2 has an empty input"):
         runs.encode_all(records, tok, cfg)
     assert len(runs.encode_all(records[:1], tok, cfg)) == 1
+
+
+@pytest.mark.parametrize("name", ["notes", "..", ".", "a/b", "   "])
+def test_overwrite_never_removes_a_folder_of_the_users_files(stopped_run, tmp_path, name):
+    """--overwrite replaces a run's folder; a folder of other files (notes, the data) is refused, and --name is one
+    plain folder name, so that it cannot reach above --out."""
+    out = tmp_path / "out" / "sub"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "todo.txt").write_text("mine")
+    (out / "other-run.txt").write_text("mine too")
+    result = train_py(*TINY, "--data", str(stopped_run / "stg.jsonl"), "--out", str(out), "--name", name,
+                      "--overwrite", cwd=tmp_path)
+    one_error_line(result, "--name" if name != "notes" else "not a training run's")
+    assert (out / "notes" / "todo.txt").read_text() == "mine" and (out / "other-run.txt").read_text() == "mine too"
+
+
+def test_resume_refuses_an_empty_folder_name_and_a_damaged_configuration(run_copy):
+    run = run_copy / "runs" / "r"
+    one_error_line(train_py("--resume", "", cwd=run_copy), "--resume is empty")
+    assert not (run_copy / "runs" / "scratch-stg_s-vanilla-s42").exists()          # no default run was started
+    one_error_line(train_py("--resume", str(run_copy / "nowhere"), cwd=run_copy), "no run there")
+    saved = json.loads((run / "train_config.json").read_text())
+    for damaged, words in ((lambda c: c.pop("data"), ["train_config.json", "no 'data'"]),
+                           (lambda c: c.update(lr="abc"), ["train_config.json", "lr = 'abc'"]),
+                           (lambda c: c.update(lr=float("nan")), ["train_config.json", "--lr nan"])):
+        config = dict(saved)
+        damaged(config)
+        (run / "train_config.json").write_text(json.dumps(config))
+        one_error_line(train_py("--resume", str(run), cwd=run_copy), *words)
+    (run / "train_config.json").write_text(json.dumps(saved))
+
+
+def test_resume_refuses_a_checkpoint_past_the_run_and_changed_data(run_copy):
+    run = run_copy / "runs" / "r"
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    torch.save({**state, "step": 999}, run / "checkpoint" / "state.pt")
+    one_error_line(train_py("--resume", str(run), cwd=run_copy), "step 999", "--overwrite")
+    torch.save(state, run / "checkpoint" / "state.pt")
+    data = Path(json.loads((run / "train_config.json").read_text())["data"])   # the file the run trains on
+    original = data.read_bytes()
+    try:
+        cli.write_jsonl(data, stg.read_records(data)[:8])                     # the training file cut since the start
+        one_error_line(train_py("--resume", str(run), cwd=run_copy), "stg.jsonl has changed")
+    finally:
+        data.write_bytes(original)
+    result = train_py("--resume", str(run), cwd=run_copy)                 # restored: the run goes on
+    assert result.returncode == 0, result.stderr[-2000:]
