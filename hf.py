@@ -184,9 +184,10 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
     if not (folder / "config.json").exists():
         raise InputError(f"{folder / 'config.json'} not found: a model folder in Hugging Face layout holds "
                          "config.json, *.safetensors and tokenizer.json")
+    config = _read_json(folder / "config.json")            # names its own path when it is damaged
     try:
-        args = ModelArgs.from_hf_config(_read_json(folder / "config.json"))
-    except InputError as error:
+        args = ModelArgs.from_hf_config(config)
+    except InputError as error:                             # its messages begin "config.json: ..."
         raise InputError(f"{folder}/{error}") from None
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
         model = Transformer(args)

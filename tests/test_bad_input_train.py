@@ -202,3 +202,12 @@ def test_resume_refuses_a_checkpoint_past_the_run_and_changed_data(run_copy):
         data.write_bytes(original)
     result = train_py("--resume", str(run), cwd=run_copy)                 # restored: the run goes on
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_test_file_that_cannot_be_read_is_named_before_training(stopped_run, tmp_path):
+    bad = tmp_path / "ood.jsonl"
+    bad.write_bytes('{"input": "a", "target": "b"}\n'.encode("utf-16"))
+    result = train_py(*TINY, "--eval", "--data", str(stopped_run / "stg.jsonl"), "--test", f"ood={bad}",
+                      "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    one_error_line(result, str(bad))
+    assert not (tmp_path / "runs").exists()                      # nothing trained, nothing written
