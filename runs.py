@@ -400,12 +400,14 @@ def given_flags(parser, argv) -> dict:
 
 
 REQUIRED = ("model", "data", "alpha", "seed", "epochs", "lr", "batch_size")   # in every train_config.json written
+RENAMED = {"gamma": "gamma_schedule"}                                            # field names train.py had before
 
 
 def saved_config(cfg, saved: dict):
     """The configuration of a run to resume, from its train_config.json (`saved`), each value checked against its
     field's type; keys added to TrainConfig since the run started take their defaults."""
     where = Path(cfg.resume) / "train_config.json"
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}   # an older run's name for a field
     fields = {f.name: f.type for f in dataclasses.fields(cfg)}
     problems = [f"unknown key {k!r}" for k in saved if k not in fields] + \
                [f"no {k!r}" for k in REQUIRED if k not in saved] + \

@@ -590,3 +590,15 @@ def test_progress_in_a_log_file_is_plain_lines_not_a_redrawn_bar(capsys):
     for _ in range(2):
         quiet.update({"epoch": 0, "l_next": 1.0, "l_attn": 0.0, "tokens_per_s": 1.0})
     assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_every_committed_runs_train_config_still_loads():
+    """The runs committed under results/ were written by earlier train.py's (one named gamma_schedule `gamma`):
+    each train_config.json must still load as a TrainConfig, as --resume and the tables read it."""
+    paths = sorted((ROOT / "results").glob("**/train_config.json"))
+    assert len(paths) > 100
+    for path in paths:
+        saved = json.loads(path.read_text())
+        cfg = runs.saved_config(train.TrainConfig(resume=str(path.parent)), saved)
+        cli.check_numbers(cfg)
+        assert cfg.gamma_schedule == saved.get("gamma_schedule", saved.get("gamma", "exp")), path
