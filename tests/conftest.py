@@ -83,3 +83,13 @@ def decoder(monkeypatch):
 
     monkeypatch.setattr(eval, "generate", Decoder())
     return eval.generate
+
+
+def a_run(folder: Path, config: dict | None, results: dict) -> str:
+    """A finished run folder as eval.py --compare reads it: results.json and, unless None, train_config.json."""
+    import json
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    if config is not None:
+        (folder / "train_config.json").write_text(json.dumps(config))
+    return str(folder)

@@ -19,6 +19,7 @@ import annotate as A
 import cli
 import eval as evaluation
 import stg
+from conftest import a_run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORD = {"input": "Tom has 2 apples and buys 3 more. How many? Answer: ", "target": "5.0"}
@@ -359,14 +360,6 @@ def test_device_auto_and_absent_cuda(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 9. damaged files of the project's own
-def a_run(folder: Path, config: dict | None, results: dict) -> str:
-    folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps(results))
-    if config is not None:
-        (folder / "train_config.json").write_text(json.dumps(config))
-    return str(folder)
-
-
 def split(accuracy, majority=0.5):
     return {"accuracy": accuracy, "n": 400, "majority": majority}
 

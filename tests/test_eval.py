@@ -13,6 +13,7 @@ import torch
 import eval as ev
 import cli
 import stg
+from conftest import a_run
 import batches
 import hf
 import model as M
@@ -142,12 +143,7 @@ def test_default_out_dir(tmp_path, monkeypatch):
 
 def test_compare_runs_table1_layout(tmp_path):
     def run(name, config, results):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "results.json").write_text(json.dumps(results))
-        if config is not None:
-            (folder / "train_config.json").write_text(json.dumps(config))
-        return str(folder)
+        return a_run(tmp_path / name, config, results)
 
     def split(acc, majority=0.69):
         return {"accuracy": acc, "n": 400, "majority": majority}
