@@ -39,6 +39,8 @@ class ArgumentParser(argparse.ArgumentParser):
     other input error: one line naming it, exit status 2; argparse's own prints its whole usage text first."""
 
     def error(self, message):
+        if "expected one argument" in message:   # "--lr -1" reads -1 as a flag of its own
+            message += " (a value that starts with '-' is written --flag=-value)"
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         raise SystemExit(2)
 

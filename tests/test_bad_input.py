@@ -461,7 +461,8 @@ def test_compare_keeps_folders_of_one_name_without_config_apart(tmp_path):
 
 @pytest.mark.parametrize("command", [["train.py", "--alpah", "2"], ["train.py", "--epochs", "two"],
                                      ["eval.py", "--limit", "x"], ["stg.py", "--seed", "abc"],
-                                     ["annotate.py", "fetch", "nope"], ["model.py", "--model", "m"]])
+                                     ["annotate.py", "fetch", "nope"], ["model.py", "--model", "m"],
+                                     ["train.py", "--max-grad-norm", "-inf"]])
 def test_argparse_mistakes_are_one_line_too(command):
     """A flag argparse itself refuses (unknown, of the wrong type, an invalid choice, one missing) is answered as
     every other input error: one `error:` line that points at --help, exit status 2, not the whole usage text."""
@@ -471,6 +472,8 @@ def test_argparse_mistakes_are_one_line_too(command):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and "--help" in lines[0] and "usage:" not in result.stderr
+    if "-inf" in command:   # a negative value reads as a flag: the line says how to write it
+        assert "--flag=-value" in lines[0]
 
 
 # ----------------------------------------------------------------------------- the second sweep's findings
