@@ -274,11 +274,7 @@ def read_checkpoint_file(path: Path, run_dir: Path):
 def read_train_config(run_dir: Path) -> dict:
     """A run folder's train_config.json as a dict; a damaged one is an input error that names it."""
     path = run_dir / "train_config.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise cli.InputError(f"{path}: damaged, not a JSON object ({error}); the run cannot be resumed or compared: "
-                             "start it again with --overwrite") from None
+    saved = cli.read_json(path, "the run cannot be resumed: start it again with --overwrite")   # names a damaged one
     if not isinstance(saved, dict):
         raise cli.InputError(f"{path}: damaged, not a JSON object; start the run again with --overwrite")
     return saved
