@@ -115,13 +115,15 @@ def validate(cfg) -> None:
 def encode_all(records, tok, cfg, task: str = "generic") -> list[batches.Example]:
     """Encode every record (batches.encode; --contrast and --rows: variants.adapt); report the skipped ones and the
     annotation's coverage, with examples of missing phrases."""
-    examples, found, missing, skipped = [], 0, [], 0
+    examples, found, missing, skipped, no_contrast = [], 0, [], 0, []
     for n, rec in enumerate(records, start=1):
         if not rec["input"] and tok.bos_id is None:   # the answer's first token would be predicted from nothing
             raise cli.InputError(f"{cfg.data}: record {n} has an empty input and this tokenizer adds no BOS token; "
                                  "give every record some input text")
         ex, stats = batches.encode(rec, tok)
         ex = variants.adapt(ex, rec, tok, cfg.contrast, cfg.rows, task)     # past the paper; "all": unchanged
+        if ex.contrast is not None and ex.adj is not None and ex.adj.any() and not ex.contrast.any():
+            no_contrast.append(n)
         if len(ex.ids) > cfg.max_len:
             skipped += 1
             continue
@@ -137,6 +139,14 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[batches.Example
               + (f"; not found, e.g. {sorted(set(missing))[:5]}" if missing else ""))
     if not examples:
         raise cli.InputError(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
+    annotated = sum(ex.adj is not None and bool(ex.adj.any()) for ex in examples)
+    if no_contrast and len(no_contrast) >= annotated:
+        raise cli.InputError(f"--contrast attributes: no annotated record of {cfg.data} has another \"Name: value\" "
+                             f"attribute of task {task} besides its causes (record {no_contrast[0]}, ...), so N_i "
+                             "would be empty; use --contrast all, or STG records in stg.py's or the authors' layout")
+    if no_contrast:
+        print(f"--contrast attributes: {len(no_contrast)} annotated records have no other attribute (e.g. record "
+              f"{no_contrast[0]}); their rows add nothing to L_attn")
     return examples
 
 

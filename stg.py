@@ -196,27 +196,49 @@ def write_stg(out_dir, seed: int = 42, only_missing: bool = False, overwrite: bo
 
 
 # ----------------------------------------------------------------------------- reading
-NAME_RE = {task: "|".join(re.escape(n) for n in sorted(sum(kinds.values(), []), key=len, reverse=True))
-           for task, kinds in FACTORS.items()}
-PHRASE_RE = {task: re.compile(rf"\b(?P<name>{names}): (?P<value>-?\d+(?:\.\d+)?)") for task, names in NAME_RE.items()}
+# The authors' STG_H files (their repository, STG_H/) spell the 14 attributes their own way and print units
+# ("Coal Dependency: 41.9%", "City Anniversary: 38th", "Average Internet Speed: 114.2Mbps"): their spelling -> ours.
+# Their STG_E files spell the 8 attributes as we do.
+AUTHORS_NAMES = {"stg_e": {},
+                 "stg_h": {"Industrial Emissions": "Industrial emissions", "Vehicle Emissions": "Vehicle emissions",
+                           "Coal Dependency": "Coal dependency", "Agricultural Burning": "Agricultural burning",
+                           "Urban Green Coverage": "Urban green coverage",
+                           "Meteorological Dispersion": "Meteorological dispersion",
+                           "Ice Cream Sales Index": "Ice cream sales", "Allergy Complaints Level": "Allergy complaints",
+                           "Renewable Stock Index": "Renewable stock index",
+                           "Public Transport Subscriptions (k)": "Public transport subscriptions",
+                           "Water Awareness Score": "Water awareness score", "City Anniversary": "City anniversary",
+                           "Average Internet Speed": "Internet speed", "Number of Libraries": "Number of libraries"}}
+CANONICAL = {task: {**{name: name for names in kinds.values() for name in names}, **AUTHORS_NAMES[task]}
+             for task, kinds in FACTORS.items()}          # any spelling -> our name
+NAME_RE = {task: "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+           for task, names in CANONICAL.items()}
+UNIT = r"(?:%|st|nd|rd|th|Mbps)?"                          # the authors' STG_H units, part of the phrase
+PHRASE_RE = {task: re.compile(rf"\b(?P<name>{names}): (?P<value>-?\d+(?:\.\d+)?){UNIT}")
+             for task, names in NAME_RE.items()}
 KIND = {task: {name: kind for kind, names in kinds.items() for name in names} for task, kinds in FACTORS.items()}
 
 
 def attribute_spans(text: str, task: str) -> list[tuple[str, str, int, int]]:
-    """(name, "causal" | "spurious" | "irrelevant", start, end) of each 'Name: value' phrase in text.
+    """(name, "causal" | "spurious" | "irrelevant", start, end) of each 'Name: value' phrase in text, its unit
+    included; the name is ours whichever spelling the text uses (AUTHORS_NAMES).
 
     Tasks without known factors (the downstream ones) have no attribute spans: [].
     """
     if task not in PHRASE_RE:
         return []
-    return [(m["name"], KIND[task][m["name"]], m.start(), m.end()) for m in PHRASE_RE[task].finditer(text)]
+    spans = []
+    for m in PHRASE_RE[task].finditer(text):
+        name = CANONICAL[task][m["name"]]
+        spans.append((name, KIND[task][name], m.start(), m.end()))
+    return spans
 
 
 def parse_attributes(text: str, task: str) -> dict:
     """{name: value} of the 'Name: value' phrases in text (int or float, as printed)."""
     values = {}
     for name, _, start, end in attribute_spans(text, task):
-        value = text[start:end].split(": ")[1]
+        value = PHRASE_RE[task].match(text, start)["value"]
         values[name] = float(value) if "." in value else int(value)
     return values
 

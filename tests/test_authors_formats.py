@@ -27,8 +27,10 @@ LAYOUTS = {
     "gsm8k_val": {"idx": 0, "question": "Tom has 3 apples...", "answer": "3 + 4 = <<3+4=7>>7\n#### 7",
                   "input": "Tom has 3 apples and buys 4 more. How many apples now? Answer: ",
                   "target": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7", "important": [{"7": ["3 apples", "4 more"]}]},
-    "STG_H_train": {"input": "City data: Industrial emissions: 50.1, Ice cream sales: 20.3 Answer: ", "target": 32,
-                    "important": [{"Answer: 32": ["Industrial emissions: 50.1"]}]},    # the AQI as a JSON number
+    "STG_H_train": {"input": "Industrial Emissions: 50.1; Coal Dependency: 41.9%. Ice Cream Sales Index: 20.3. City "
+                             "Anniversary: 38th. Given these diverse conditions, what is the projected Air Quality "
+                             "Index (AQI) on a 0-100 scale? Answer: ", "target": 32,    # the AQI as a JSON number
+                    "important": [{"Answer: 32": ["50.1", "41.9%"]}]},                # the causes as bare values
     "merged_asdiv": {"idx": 0, "body": "Tom has 3 apples.", "question": "How many?", "formula": "3+4=7",
                      "solution_type": "Addition", "answer": "7 (apples)",
                      "input": "Tom has 3 apples and buys 4 more. How many apples now? Answer: ",

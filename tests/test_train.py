@@ -412,6 +412,41 @@ def test_attribute_contrast_lists_the_other_attributes_in_the_layout_of_importan
     assert variants.attribute_contrast(CONTRAST_RECORD, "mawps") == [{"High Risk": []}]   # no known attributes
 
 
+# The authors' STG_H layout (made-up values): their spelling of the 14 attributes, units, causes as bare values
+STG_H_AUTHORS = {"input": "Industrial Emissions: 47.9; Vehicle Emissions: 28.9; Coal Dependency: 41.9%; Agricultural "
+                          "Burning: 19.2; Urban Green Coverage: 73.8%; Meteorological Dispersion: 74.0. Ice Cream "
+                          "Sales Index: 26.0; Allergy Complaints Level: 3.6; Renewable Stock Index: 51; Public Transport "
+                          "Subscriptions (k): 4.2; Water Awareness Score: -6.9. City Anniversary: 38th; Average "
+                          "Internet Speed: 114.2Mbps; Number of Libraries: 17. Given these diverse conditions, what is "
+                          "the projected Air Quality Index (AQI) on a 0-100 scale? Answer: ",
+                 "target": 32, "important": [{"Answer: 32": ["47.9", "28.9", "41.9%", "19.2", "73.8%", "74.0"]}]}
+
+
+def test_attribute_contrast_covers_the_14_attributes_of_the_authors_stg_h_layout():
+    text = STG_H_AUTHORS["input"]
+    spans = stg.attribute_spans(text, "stg_h")
+    assert [name for name, *_ in spans] == [*stg.H_CAUSAL, *stg.H_SPURIOUS, *stg.H_IRRELEVANT]   # ours, in order
+    assert [kind for _, kind, *_ in spans] == ["causal"] * 6 + ["spurious"] * 5 + ["irrelevant"] * 3
+    assert [text[s:e] for *_, s, e in spans][2::9] == ["Coal Dependency: 41.9%", "City Anniversary: 38th"]
+    assert stg.parse_attributes(text, "stg_h")["Internet speed"] == 114.2
+    others = ["Ice Cream Sales Index: 26.0", "Allergy Complaints Level: 3.6", "Renewable Stock Index: 51",
+              "Public Transport Subscriptions (k): 4.2", "Water Awareness Score: -6.9", "City Anniversary: 38th",
+              "Average Internet Speed: 114.2Mbps", "Number of Libraries: 17"]
+    # a cause given as its bare value ("41.9%") still keeps its whole attribute out of the contrast
+    assert variants.attribute_contrast(STG_H_AUTHORS, "stg_h") == [{"Answer: 32": others}]
+
+
+def test_contrast_attributes_refuses_records_whose_attributes_it_does_not_know(tmp_path):
+    record = {**CONTRAST_RECORD, "input": CONTRAST_RECORD["input"].replace("Room size", "Room area")
+              .replace("Hormones", "Hormone").replace("Yellow fingers", "Yellow nails")
+              .replace("Certain gene", "Gene").replace("Clothing size", "Shoe size")}
+    cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "stg_s.jsonl"), scratch_dim=32, scratch_layers=2,
+                            scratch_heads=2, scratch_vocab=300, contrast="attributes", attn="explicit")
+    _, tok, _ = runs.build_model(cfg, [record], "cpu", None)
+    with pytest.raises(cli.InputError, match=r"--contrast attributes: no annotated record .* \(record 1, ...\)"):
+        runs.encode_all([record], tok, cfg, "stg_e")
+
+
 def test_the_contrast_mask_marks_the_other_attributes_on_the_causal_rows(tmp_path):
     cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "stg_s.jsonl"), scratch_dim=32, scratch_layers=2,
                             scratch_heads=2, scratch_vocab=300, contrast="attributes", attn="explicit")
