@@ -413,12 +413,13 @@ def test_attribute_contrast_lists_the_other_attributes_in_the_layout_of_importan
 
 
 # The authors' STG_H layout (made-up values): their spelling of the 14 attributes, units, causes as bare values
-STG_H_AUTHORS = {"input": "Industrial Emissions: 47.9; Vehicle Emissions: 28.9; Coal Dependency: 41.9%; Agricultural "
-                          "Burning: 19.2; Urban Green Coverage: 73.8%; Meteorological Dispersion: 74.0. Ice Cream "
-                          "Sales Index: 26.0; Allergy Complaints Level: 3.6; Renewable Stock Index: 51; Public "
-                          "Transport Subscriptions (k): 4.2; Water Awareness Score: -6.9. City Anniversary: 38th; Average "
-                          "Internet Speed: 114.2Mbps; Number of Libraries: 17. Given these diverse conditions, what is "
-                          "the projected Air Quality Index (AQI) on a 0-100 scale? Answer: ",
+STG_H_AUTHORS = {"input": "Industrial Emissions: 47.9; Vehicle Emissions: 28.9; Coal Dependency: 41.9%; "
+                          "Agricultural Burning: 19.2; Urban Green Coverage: 73.8%; Meteorological Dispersion: 74.0. "
+                          "Ice Cream Sales Index: 26.0; Allergy Complaints Level: 3.6; Renewable Stock Index: 51; "
+                          "Public Transport Subscriptions (k): 4.2; Water Awareness Score: -6.9. "
+                          "City Anniversary: 38th; Average Internet Speed: 114.2Mbps; Number of Libraries: 17. "
+                          "Given these diverse conditions, what is the projected Air Quality Index (AQI) on a 0-100 "
+                          "scale? Answer: ",
                  "target": 32, "important": [{"Answer: 32": ["47.9", "28.9", "41.9%", "19.2", "73.8%", "74.0"]}]}
 
 
