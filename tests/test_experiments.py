@@ -545,6 +545,88 @@ def test_tables_put_each_stg_study_in_table_1s_columns(tmp_path):
         assert paths == [folder / "figure4_stg_s.png"] and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_table1_puts_each_study_in_the_papers_layout(tmp_path):
+    """Table 1's cells from fabricated study folders: a Full STG_S study with two seeds, an STG_H one with one seed
+    of vanilla and CAT (its CAT not chosen yet, and its MAE), and no LoRA study; checked against hand-worked values."""
+    study = alpha_study()
+    import table1
+    results = tmp_path / "results"
+    right, wrong = True, False
+
+    def a_study(stem: str, data: str) -> Path:
+        folder = results / stem
+        folder.mkdir(parents=True)
+        cfg = study.StudyConfig(model="m", data=data, settings="vanilla,a0.6,attr-k3", seeds="1,2", out=str(folder))
+        (folder / "study_config.json").write_text(json.dumps({**study.dataclasses.asdict(cfg), "revision": "abc"}))
+        return folder
+
+    full = a_study("alpha-study-smollm2-fp32", "stg_s")
+    outcomes = {1: ([right, wrong, wrong, wrong], [right, right, wrong, wrong], [right] * 4),
+                2: ([right, right, wrong, wrong], [right, right, wrong, wrong], [right] * 3 + [wrong])}
+    for seed, (v, a, t) in outcomes.items():
+        fake_stg_run(full / f"stg_s-vanilla-s{seed}", 0.0, v, val=0.5)      # OOD 25 %, 50 %
+        fake_stg_run(full / f"stg_s-a0.6-s{seed}", 0.6, a, val=0.75)        # 50 %, 50 %: chosen, the only CAT
+        fake_stg_run(full / f"stg_s-attr-k3-s{seed}", 2.7, t, val=1.0)     # 100 %, 75 %: never chosen
+    h = a_study("stg-h-smollm2-fp32", "stg_h")
+    for setting, alpha, mae in (("vanilla", 0.0, 8.0), ("a0.6", 0.6, 6.5)):
+        fake_stg_run(h / f"stg_h-{setting}-s1", alpha, [right, wrong, wrong, wrong], val=0.5)
+        path = h / f"stg_h-{setting}-s1" / "results.json"
+        runs = json.loads(path.read_text())
+        runs["stg_s"]["ood"]["mae"] = mae
+        path.write_text(json.dumps(runs))
+    text = table1.main(["--results", str(results), "--out", str(tmp_path / "table1.md")])
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| **"):
+            regime = cells[0].strip("*")
+        elif line.startswith("| ") and cells[0]:
+            rows[(regime, cells[0])] = dict(zip(table1.COLUMNS, cells[1:]))
+    full_rows = {label: row["STG_S"] for (regime, label), row in rows.items() if regime == "Full"}
+    assert full_rows["CAT: the setting chosen on val, its α"] == "a0.6: α 0.600"
+    assert full_rows["IID Vanilla"] == "100.00 ± 0.00 (2)"
+    assert [full_rows[f"OOD {m}"] for m in ("Vanilla", "CAT", "attr-k3")] == [
+        "37.50 ± 17.68 (2)", "50.00 ± 0.00 (2)", "87.50 ± 17.68 (2)"]
+    assert full_rows["OOD CAT − Vanilla (95 % CI)"].startswith("+12.50 (")          # paired: +25 and 0 points
+    assert full_rows["OOD attr-k3 − Vanilla (95 % CI)"].startswith("+50.00 (")      # +75 and +25
+    assert full_rows["OOD majority answer"] == "25.00"
+    assert full_rows["paper, TinyLlama-1.1B: OOD CAT"] == "63.75"
+    h_rows = {label: row["STG_H"] for (regime, label), row in rows.items() if regime == "Full"}
+    assert h_rows["CAT: the setting chosen on val, its α"] == "a0.6: α 0.600*"      # seed 2 has not finished
+    assert [h_rows[f"OOD MAE {m}"] for m in ("Vanilla", "CAT", "attr-k3")] == ["8.00 (1)", "6.50 (1)", "—"]
+    assert rows[("Full", "OOD MAE Vanilla")]["STG_S"] == ""                         # no MAE on STG_E
+    assert rows[("Full", "OOD Vanilla")]["STG_L"] == "—"                            # planned, not run yet
+    assert rows[("LoRA", "OOD Vanilla")]["STG_S"] == "—" and rows[("LoRA", "OOD Vanilla")]["STG_L"] == "n/a"
+    page = tmp_path / "findings.md"
+    page.write_text("intro\n<!-- table1 -->\nold\n<!-- /table1 -->\nrest\n")
+    table1.main(["--results", str(results), "--out", str(tmp_path / "table1.md"), "--findings", str(page)])
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert page.read_text() == "intro\n<!-- table1 -->\n" + "\n".join(table) + "\n<!-- /table1 -->\nrest\n"
+    page.write_text("no block\n")
+    with pytest.raises(cli.InputError, match="no <!-- table1 --> .* block"):
+        table1.main(["--results", str(results), "--out", str(tmp_path / "table1.md"), "--findings", str(page)])
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "table1_ood_by_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_is_what_the_committed_runs_give(tmp_path):
+    """results/table1.md and docs/findings.md's table1 block are exactly what table1.py writes from the committed
+    study folders (on a copy of them, so that the repository's summaries are not rewritten)."""
+    import shutil
+    import table1
+    results = tmp_path / "results"
+    for stem in dict.fromkeys(stem for stem, _ in table1.SOURCES.values()):
+        if (ROOT / "results" / stem / "study_config.json").exists():
+            shutil.copytree(ROOT / "results" / stem, results / stem, ignore=shutil.ignore_patterns(
+                "*.safetensors", "*.bin", "checkpoint", "predictions_*", "*.png", ".claims"))
+    page = tmp_path / "findings.md"
+    shutil.copy(ROOT / "docs" / "findings.md", page)
+    table1.main(["--results", str(results), "--out", str(tmp_path / "table1.md"), "--findings", str(page)])
+    assert page.read_text(encoding="utf-8") == (ROOT / "docs" / "findings.md").read_text(encoding="utf-8")
+    assert (tmp_path / "table1.md").read_text(encoding="utf-8") == \
+        (ROOT / "results" / "table1.md").read_text(encoding="utf-8")
+
+
 def test_names_of_settings_at_close_alpha_do_not_overprint():
     plt = pytest.importorskip("matplotlib.pyplot", reason="matplotlib draws Figure 4 (an optional extra)")
     fig, ax = plt.subplots()
