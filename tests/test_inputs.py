@@ -272,6 +272,47 @@ def test_the_readme_test_command_is_what_ci_runs_and_installs_pytest():
     assert "../shared" not in readme, "the README points at nothing outside the repository"
 
 
+def test_the_readme_demonstration_quotes_what_its_runs_printed_and_ran():
+    """The README's SmolLM2 demonstration: each quoted summary is what runs.summary prints from the committed run's
+    files (results.json, train_config.json, the steps of metrics.jsonl, wall_time.json's minutes), and each command
+    is the one the run recorded, but for --data naming the same files by name, --out, the default --save-every, and
+    --model naming a folder of that name."""
+    import re
+    import shlex
+    from types import SimpleNamespace
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.search(r"```bash\nM=smollm2-135m-instruct.*?\n```", readme, re.S).group(0).splitlines()[1:-1]
+    quoted = re.search(r"its first lines, from the study's runs \(`(results/[^`]+)/`\):\n\n```\n(.*?)```", readme,
+                       re.S)
+    folder, lines = ROOT / quoted.group(1), quoted.group(2).splitlines()
+    model = commands[0].split("=", 1)[1].split()[0]                               # M=smollm2-135m-instruct
+    run_line = shlex.split(commands[1].split("=", 1)[1].strip('"').replace("$M", model))[2:]   # RUN="python ..."
+    demos = [run_line + shlex.split(line.split("#")[0])[1:] for line in commands[2:]]
+    assert len(lines) == 4 * len(demos) == 12
+    for n, argv in enumerate(demos):
+        flags = [a for a in argv if a != "--no-save"]
+        given = dict(zip(flags[::2], flags[1::2]))
+        run = folder / given["--name"]
+        config = json.loads((run / "train_config.json").read_text())
+        results = next(iter(json.loads((run / "results.json").read_text()).values()))
+        wall = json.loads((run / "wall_time.json").read_text())
+        steps = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        printed = runs.summary(SimpleNamespace(total=steps, cfg=SimpleNamespace(**config), run_dir=run), results,
+                               wall["seconds"]).splitlines()[:4]
+        assert lines[4 * n:4 * n + 4] == printed
+        recorded = shlex.split(wall["attempts"][0]["commands"][0])[2:]
+        assert "--no-save" in recorded and "--no-save" in argv
+        recorded = [a for a in recorded if a != "--no-save"]
+        ran = dict(zip(recorded[::2], recorded[1::2]))
+        data = stg.resolve_data(given["--data"])
+        assert ran.pop("--data") == str(data.train) and ran.pop("--test") == ",".join(
+            f"{split}={path}" for split, path in data.tests.items())
+        assert ran.pop("--save-every") == str(train.TrainConfig.save_every)       # the default
+        ran.pop("--out"), given.pop("--out"), given.pop("--data")
+        assert Path(ran.pop("--model")).name == given.pop("--model")     # the local copy the comment speaks of
+        assert ran == given, f"{given['--name']}: the README's flags are not the ones the run recorded"
+
+
 def test_a_vanilla_run_prints_no_hinge_and_ends_with_what_a_person_wants(stg_file, tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *TINY[:-1], "--data", str(stg_file), "--test",
                            f"iid={stg_file}", "--eval-limit", "4", "--out", str(tmp_path)],
