@@ -439,7 +439,8 @@ def with_runs(value, names: list[str]) -> str:
 def markdown(summary: dict) -> str:
     cfg = summary["config"]
     revisions = summary.get("revisions") or {summary["revision"]: []}
-    lines = [f"# α study: {Path(cfg['model']).name}, full fine-tuning", "",
+    regime = "LoRA" if "--lora" in cfg["train_args"] else "full fine-tuning"
+    lines = [f"# α study: {Path(cfg['model']).name}, {regime}", "",
              "Revision " + "; ".join(with_runs(rev, names) if len(revisions) > 1 else str(rev)
                                      for rev, names in revisions.items())
              + "; runs on " + ("; ".join(with_runs(m, n) for m, n in summary.get("machines", {}).items())

@@ -366,6 +366,9 @@ def test_the_summary_borrows_the_shared_vanilla_and_names_each_runs_revision(tmp
     (out / "mawps-k2-s42" / "train_config.json").write_text(json.dumps({**config, "dtype": "float32"}))
     mixed = study.markdown(study.summarize(cfg, out))
     assert "precision: bfloat16 (2 runs), float32 (1 run)" in mixed and "**These runs differ in precision**" in mixed
+    assert text.startswith("# α study: m, full fine-tuning\n")
+    cfg.train_args = ["--lora", "--lr", "1e-3"]                                 # a LoRA study says so
+    assert study.markdown(study.summarize(cfg, out)).startswith("# α study: m, LoRA\n")
 
 
 def test_a_setting_on_other_tokens_or_rows_is_shown_but_never_chosen(tmp_path):
