@@ -462,6 +462,23 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
     assert (tmp_path / "t.md").read_text() == text                  # results/tables.md whatever pages are filled
 
 
+def copy_studies(stems: list[str], results: Path) -> None:
+    """Copy the committed files of each study folder under results/ (its study_config.json and each run's small
+    files, alpha_study.KEEP) into `results`: what a clean clone holds, and nothing a live run is writing (a checkpoint
+    being saved, a log)."""
+    for stem in stems:
+        source = ROOT / "results" / stem
+        if not (source / "study_config.json").exists():
+            continue
+        (results / stem).mkdir(parents=True)
+        (results / stem / "study_config.json").write_bytes((source / "study_config.json").read_bytes())
+        for run in sorted(path for path in source.iterdir() if path.is_dir()):
+            for name in alpha_study().KEEP:
+                if (run / name).is_file():
+                    (results / stem / run.name).mkdir(exist_ok=True)
+                    (results / stem / run.name / name).write_bytes((run / name).read_bytes())
+
+
 def test_findings_page_holds_the_tables_the_committed_runs_give(tmp_path):
     """docs/findings.md's marked blocks and results/tables.md are exactly what tables.py writes from the committed
     study folders (on a copy of them, so that the repository's summaries are not rewritten)."""
@@ -469,10 +486,8 @@ def test_findings_page_holds_the_tables_the_committed_runs_give(tmp_path):
     import tables
     stems = {f"{stem}-{suffix}" for _, stem, _, _ in tables.COLUMNS for suffix in tables.PRECISIONS}
     results = tmp_path / "results"
-    for folder in sorted((ROOT / "results").iterdir()):
-        if (folder.name.startswith("alpha-study-") or folder.name in stems) and (folder / "study_config.json").exists():
-            shutil.copytree(folder, results / folder.name, ignore=shutil.ignore_patterns(
-                "*.safetensors", "*.bin", "checkpoint", "predictions_*", "*.png", ".claims"))
+    copy_studies([folder.name for folder in sorted((ROOT / "results").iterdir())
+                  if folder.name.startswith("alpha-study-") or folder.name in stems], results)
     page = tmp_path / "findings.md"
     shutil.copy(ROOT / "docs" / "findings.md", page)
     tables.main(["--results", str(results), "--out", str(tmp_path / "tables.md"), "--findings", str(page)])
@@ -618,10 +633,7 @@ def test_table1_is_what_the_committed_runs_give(tmp_path):
     import shutil
     import table1
     results = tmp_path / "results"
-    for stem in dict.fromkeys(stem for stem, _ in table1.SOURCES.values()):
-        if (ROOT / "results" / stem / "study_config.json").exists():
-            shutil.copytree(ROOT / "results" / stem, results / stem, ignore=shutil.ignore_patterns(
-                "*.safetensors", "*.bin", "checkpoint", "predictions_*", "*.png", ".claims"))
+    copy_studies(list(dict.fromkeys(stem for stem, _ in table1.SOURCES.values())), results)
     page = tmp_path / "findings.md"
     shutil.copy(ROOT / "docs" / "findings.md", page)
     table1.main(["--results", str(results), "--out", str(tmp_path / "table1.md"), "--findings", str(page)])
