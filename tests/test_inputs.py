@@ -313,6 +313,16 @@ def test_the_readme_demonstration_quotes_what_its_runs_printed_and_ran():
         assert ran == given, f"{given['--name']}: the README's flags are not the ones the run recorded"
 
 
+def test_the_readme_layout_counts_the_lines_each_module_has():
+    """The README's layout tables say "Lines are `wc -l` at this commit": each count is the file's."""
+    import re
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    counts = re.findall(r"^\| `([a-z_]+\.py)` \| (\d+) \|", readme, re.M)
+    assert len(counts) >= 11
+    for name, lines in counts:
+        assert int(lines) == len((ROOT / name).read_text(encoding="utf-8").splitlines()), f"README: {name}"
+
+
 def test_a_vanilla_run_prints_no_hinge_and_ends_with_what_a_person_wants(stg_file, tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *TINY[:-1], "--data", str(stg_file), "--test",
                            f"iid={stg_file}", "--eval-limit", "4", "--out", str(tmp_path)],
