@@ -164,6 +164,9 @@ def refuse_to_replace(texts: dict[Path, str], overwrite: bool, flag: str = "--ou
 
 
 # ----------------------------------------------------------------------------- reading JSON and JSONL
+NOT_REGULAR = "not a regular file (a device such as /dev/null, a FIFO or a socket)"   # a path that exists, no file
+
+
 def read_text(path, flag: str | None = None, torn_tail: bool = False) -> str:
     """The text of a UTF-8 file (a UTF-8 byte-order mark is skipped). A missing file, a folder, an unreadable
     file, UTF-16 or other bytes that are not UTF-8 raise InputError naming the file (and `flag`, the option that
@@ -173,6 +176,8 @@ def read_text(path, flag: str | None = None, torn_tail: bool = False) -> str:
     path = Path(path)
     name = f"{flag} {path}" if flag else str(path)
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():   # a FIFO's read would wait for a writer
+            raise InputError(f"{name}: {NOT_REGULAR}; give the path of a file")
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import (InputError, check_output, config_parser, jsonl_text, read_jsonl, refuse_to_replace, run_cli,
-                 write_jsonl)
+from cli import (NOT_REGULAR, InputError, check_output, config_parser, jsonl_text, read_jsonl, refuse_to_replace,
+                 run_cli, write_jsonl)
 
 # ----------------------------------------------------------------------------- STG_E (Appendix A)
 QUESTION_E = "Here is the statistical data for a person. Please predict the probability of cancer. "
@@ -311,8 +311,13 @@ def parse_tests(text: str) -> dict[str, Path]:
         split, sep, path = item.partition("=")
         if not sep or not split.strip() or not path.strip():
             raise InputError(f"--test {text!r}: write each test file as split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl")
-        if not Path(path.strip()).is_file():
-            raise InputError(f"--test: {path.strip()} (split {split.strip()!r}) is not a file")
+        file = Path(path.strip())
+        if not file.exists():
+            raise InputError(f"--test: {file} (split {split.strip()!r}) is not a file")
+        if not file.is_file():
+            what = "is a folder" if file.is_dir() else NOT_REGULAR
+            raise InputError(f"--test: {file} (split {split.strip()!r}): {what}; give the path of a JSONL file of test "
+                             "records")
         if split.strip() in tests:   # a dict keeps one of them, and the results would carry the other's name
             raise InputError(f"--test {text!r}: the split name {split.strip()!r} is given twice; give each test "
                              f"file its own name, e.g. {split.strip()}={tests[split.strip()]},"
@@ -354,6 +359,8 @@ def _resolve_data(name_or_path: str, data_dir: Path) -> DataSet:
         return DataSet(path.stem, guess_task(path.stem), path, None, {"test": path})
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the path of a JSONL file of records, or a data set name")
+    if path.exists():
+        raise InputError(f"{path}: {NOT_REGULAR}; give the path of a JSONL file of records, or a data set name")
     if path.suffix == ".jsonl" or os.sep in name_or_path:
         raise InputError(f"{path}: no such file (expected a JSONL file of records, one object a line)")
     raise InputError(f"unknown data set {name_or_path!r}: expected one of {', '.join([*STG_TRAIN, *DOWNSTREAM])} "
