@@ -10,6 +10,7 @@ Stopped midway, the same command continues: each batch's answers are kept as the
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import statistics
 from collections import Counter
@@ -205,6 +206,35 @@ def split_task(data: stg.DataSet, split: str) -> str:
     if named == "generic":
         return data.task
     return "gsm8k-ood" if data.task == "gsm8k" and CHECKERS[named] is check_numeric else named
+
+
+def target_problem(task: str, target: str) -> str | None:
+    """Why `task`'s checker cannot read a test target (check_stg_h and majority_baseline read it as a number,
+    check_gsm8k as a number or a solution ending in "#### N"), or None when it can."""
+    if task == "stg_h":
+        try:
+            return None if math.isfinite(float(target)) else "not a number"
+        except ValueError:
+            return "not a number"
+    if task == "gsm8k" and NUMBER.match(_answer_text(target)) is None:
+        return "neither a number nor a solution ending in '#### <number>'"
+    return None
+
+
+def check_test_files(data: stg.DataSet, task: str | None = None, limit: int | None = None) -> None:
+    """Every test file read (stg.read_records: a record without string input and target is named by file and line)
+    and each target checked by its split's answer checker (`task`, else split_task) before the model is looked up:
+    a bad record found while scoring would cost the whole decoding before it."""
+    for split, path in data.tests.items():
+        records = stg.read_records(path)[:limit]
+        if not records:
+            raise cli.InputError(f"{path}: no records to evaluate; give a test file with at least one record")
+        checker = task or split_task(data, split)
+        for i, record in enumerate(records):
+            if problem := target_problem(checker, record["target"]):
+                line = cli.read_jsonl(path)[i][0]     # read again to name the line: read_records keeps no numbers
+                raise cli.InputError(f"{path}:{line}: target {record['target']!r} is {problem}, which the {checker} "
+                                     "answer checker needs; correct the record, or choose the checker with --task")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +535,7 @@ def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_n
     stopped midway continues where it stopped when called again with the same weights, device and precision;
     removed at the end."""
     check_attention(data, attention)
+    check_test_files(data, task, limit)   # train.py's evaluation too: a bad record is named before any decoding
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(data.task, 512)
     out_dir = Path(out_dir) if out_dir is not None else None
     device = next(model.parameters()).device
@@ -782,14 +813,13 @@ def main(argv=None) -> None:
     out_dir = Path(cli.check_output(cfg.out if cfg.out is not None else default_out_dir(cfg.model), "--out",
                                     folder=True))
     check_model_folder(cfg.model)
-    folder = str(hf.resolve(cfg.model))    # a hub id is looked up once, here
-    check_out_dir(out_dir, Path(folder), chosen=cfg.out is not None)
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if cfg.task:
         data = replace(data, task=cfg.task)
     check_attention(data, cfg.attention)
-    for path in data.tests.values():      # a file that cannot be read is named now, not after the model loads
-        stg.read_records(path)
+    check_test_files(data, cfg.task, cfg.limit)   # a bad record is named now, not after a download and the decoding
+    folder = str(hf.resolve(cfg.model))    # a hub id is looked up (and downloaded) once, here
+    check_out_dir(out_dir, Path(folder), chosen=cfg.out is not None)
     precision = cli.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32

@@ -243,6 +243,9 @@ def parse_attributes(text: str, task: str) -> dict:
     return values
 
 
+JSON_KINDS = {type(None): "null", bool: "true/false", list: "a list", dict: "an object"}   # not NoneType, dict
+
+
 def read_records(path, flag: str | None = None) -> list[dict]:
     """Records of a JSONL file (cli.read_jsonl: a file that is missing, a folder or not UTF-8, a line that is not a
     JSON object raise InputError naming file and line, and `flag`, the option that named the file). Each record
@@ -260,7 +263,8 @@ def read_records(path, flag: str | None = None) -> list[dict]:
             record["target"] = str(target)   # the authors' STG_H files hold the AQI as a number
         for field in ("input", "target"):
             if not isinstance(record.get(field), str):
-                found = "nothing" if field not in record else type(record[field]).__name__
+                found = "nothing" if field not in record else JSON_KINDS.get(type(record[field]),
+                                                                             type(record[field]).__name__)
                 raise InputError(f"{where}: field {field!r} must be a string, found {found}; "
                                  'each record needs {"input": "...", "target": "..."}')
         if not record["target"].strip():   # an empty answer trains nothing and is "right" for an empty output

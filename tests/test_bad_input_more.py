@@ -2,6 +2,7 @@
 before the model is read), Ctrl-C in eval.py, a --data that is a device or a FIFO, flags beside alpha_study.py's
 --summary-only, annotate.py fetch --source without a file or a split, and results.json values out of range. Each
 ends in one `error:` line naming the file, line, flag or field, exit status 2, and nothing a user made changed."""
+import json
 import os
 import re
 from pathlib import Path
@@ -66,3 +67,38 @@ def test_data_that_is_not_a_regular_file_is_named_so(not_regular, tmp_path, mode
                                                  str(tmp_path / "e"), "--test", f"iid={path}"]), capsys)
         assert f"{path} (split 'iid'): not a regular file" in err
     assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- 1. test targets, before the model
+@pytest.mark.parametrize("stem, target, message", [
+    ("stg_h_test_iid", "high", "not a number"),          # STG_H's checker reads the target as a number (AQI)
+    ("stg_h_test_iid", "nan", "not a number"),
+    ("gsm8k_test", "seventy-two", "'#### <number>'"),     # GSM8K's: a number or a solution ending in "#### N"
+    ("mawps_test", None, "field 'target' must be a string, found null"),
+    ("mawps_test", ["5"], "field 'target' must be a string, found a list"),
+    ("mawps_test", {"a": 5}, "field 'target' must be a string, found an object"),
+    ("mawps_test", "  ", "field 'target' is empty"),
+])
+def test_a_test_target_the_checker_cannot_read_is_named_before_the_model(stem, target, message, tmp_path, model,
+                                                                         capsys, monkeypatch):
+    """Found after decoding, each cost the whole decoding (minutes) and ended in a traceback or an error then; each
+    is named now by file and line before the model is looked up or read (an empty folder stands in for it)."""
+    monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: pytest.fail("the model was read"))
+    good, bad = tmp_path / "good.jsonl", tmp_path / f"{stem}.jsonl"
+    cli.write_jsonl(good, [{"input": "a", "target": "1"}])
+    bad.write_text(json.dumps({"input": "a", "target": "57"}) + "\n\n" + json.dumps({"input": "b", "target": target})
+                   + "\n")
+    err = cli_error(lambda: evaluation.main(["--model", str(model), "--data", str(good), "--out", str(tmp_path / "e"),
+                                             "--test", f"first={good},second={bad}"]), capsys)
+    assert f"{bad}:3: " in err and message in err, err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_test_file_without_records_is_named_before_the_model(tmp_path, model, capsys, monkeypatch):
+    monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: pytest.fail("the model was read"))
+    good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
+    cli.write_jsonl(good, [{"input": "a", "target": "1"}])
+    empty.write_text("\n")
+    err = cli_error(lambda: evaluation.main(["--model", str(model), "--data", str(good), "--out", str(tmp_path / "e"),
+                                             "--test", f"first={good},second={empty}"]), capsys)
+    assert f"{empty}: no records to evaluate" in err
