@@ -13,6 +13,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -796,6 +797,19 @@ def check_model_folder(model: str) -> None:
                              f"finish it with python train.py --resume {path}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after main has said what was kept: __main__ ends in exit status 130 without saying more."""
+
+
+def interrupted(out_dir: Path, data: stg.DataSet) -> str:
+    """What to say after Ctrl-C in the evaluation: what is kept (resume_point's files) and how to go on."""
+    kept = [partial_path(out_dir, data.name, split) for split in data.tests
+            if partial_path(out_dir, data.name, split).exists()]
+    where = (f"the answers decoded so far are kept in {', '.join(map(str, kept))}: run the same command again to "
+             f"continue from them" if kept else "no answer was decoded: run the same command again")
+    return f"interrupted: {out_dir / 'results.json'} was not written (it is written when every split is done); {where}"
+
+
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.compare:
@@ -823,16 +837,25 @@ def main(argv=None) -> None:
     precision = cli.precision(cfg.device, cfg.dtype)
     print(f"precision: {precision} on {cfg.device}")
     weights = torch.bfloat16 if precision == "bfloat16" and cfg.device.startswith("cuda") else torch.float32
-    model, tokenizer = load_model(folder, dtype=weights, device=cfg.device)
-    key = weights_key(*hf.source_files(folder))
-    mark_out_dir(out_dir, Path(folder))
-    results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                       out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision,
-                       max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"), task=cfg.task,
-                       weights=key)
+    try:
+        model, tokenizer = load_model(folder, dtype=weights, device=cfg.device)
+        key = weights_key(*hf.source_files(folder))
+        mark_out_dir(out_dir, Path(folder))
+        results = evaluate(model, tokenizer, data, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                           out_dir=out_dir, attention=cfg.attention, limit=cfg.limit, dtype=precision,
+                           max_len=cfg.max_len or model.args.extra.get("max_position_embeddings"), task=cfg.task,
+                           weights=key)
+    except KeyboardInterrupt:   # Ctrl-C: every file is written whole (cli.atomic_path) or appended a line at a time
+        print(f"\n{interrupted(out_dir, data)}", file=sys.stderr)
+        raise Interrupted from None
     print(format_results(data.name, results))
     print(f"results in {out_dir / 'results.json'}, predictions in {out_dir}/predictions_{data.name}_*.jsonl")
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)
+    try:
+        cli.run_cli(main)
+    except KeyboardInterrupt as stop:
+        if not isinstance(stop, Interrupted):   # before the evaluation, or in --compare: nothing is written until then
+            print("\ninterrupted before any result was written: run the same command again", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -5,14 +5,20 @@ ends in one `error:` line naming the file, line, flag or field, exit status 2, a
 import json
 import os
 import re
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 import eval as evaluation
+import hf
+import model as M
 import stg
 import train
+from model import ModelArgs, Transformer
 
 TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "1", "--scratch-heads", "2",
         "--scratch-vocab", "300", "--batch-size", "8", "--epochs", "1", "--no-eval", "--no-save"]
@@ -102,3 +108,77 @@ def test_a_test_file_without_records_is_named_before_the_model(tmp_path, model, 
     err = cli_error(lambda: evaluation.main(["--model", str(model), "--data", str(good), "--out", str(tmp_path / "e"),
                                              "--test", f"first={good},second={empty}"]), capsys)
     assert f"{empty}: no records to evaluate" in err
+
+
+# ----------------------------------------------------------------------------- 2. Ctrl-C in eval.py
+@pytest.fixture
+def saved_model(byte_bpe, tmp_path) -> Path:
+    """A 1-layer random model over the conftest tokenizer, saved as a model folder eval.py reads."""
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=byte_bpe.get_vocab_size(), dim=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                     hidden_dim=64, tie_word_embeddings=True)
+    tok = hf.Tokenizer(byte_bpe, bos_id=byte_bpe.token_to_id("<s>"), eos_ids=[byte_bpe.token_to_id("</s>")],
+                       pad_id=byte_bpe.token_to_id("</s>"))
+    hf.save_model(Transformer(args), tok, tmp_path / "model")
+    return tmp_path / "model"
+
+
+def stg_tests(folder: Path) -> str:
+    """Three IID and three OOD STG_E test records as eval.py's --test."""
+    for split in ("iid", "ood"):
+        cli.write_jsonl(folder / f"stg_e_test_{split}.jsonl", stg.make_records(f"stg_e_test_{split}", 42)[:3])
+    return f"iid={folder / 'stg_e_test_iid.jsonl'},ood={folder / 'stg_e_test_ood.jsonl'}"
+
+
+def test_ctrl_c_in_eval_says_what_is_kept_and_leaves_no_half_file(saved_model, tmp_path, capsys, decoder):
+    """Stopped in the second split's first batch: one line says results.json was not written and which files keep
+    the answers decoded so far; every file there reads whole, and the same command continues from them."""
+    out = tmp_path / "out"
+    argv = ["--model", str(saved_model), "--data", str(tmp_path / "stg_e_test_iid.jsonl"), "--test",
+            stg_tests(tmp_path), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu",
+            "--dtype", "float32"]
+    decoder.stop[:] = [3]   # iid: batches of 2 and 1; then ood's first
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and f"{out / 'results.json'} was not written" in last, last
+    assert "predictions_stg_e_test_iid_iid.partial.jsonl" in last and "run the same command again" in last
+    assert not (out / "results.json").exists() and not list(out.glob(".*.tmp"))
+    for path in out.glob("*.jsonl"):
+        cli.read_jsonl(path)                        # whole: no line cut short
+    decoder.stop.clear()
+    decoder.batches.clear()
+    evaluation.main(argv)
+    assert decoder.batches == [2, 1] and (out / "results.json").exists()
+
+
+def run_eval_as_main(argv, monkeypatch) -> int:
+    """python eval.py ARGV, in this process (so that a stand-in can raise Ctrl-C): its exit status."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    try:
+        runpy.run_path(str(Path(evaluation.__file__)), run_name="__main__")
+    except KeyboardInterrupt:                    # caught here, or it would stop pytest itself
+        pytest.fail("Ctrl-C left eval.py as a KeyboardInterrupt (a traceback)")
+    except SystemExit as stop:
+        return stop.code
+    pytest.fail("eval.py ended without an exit status")
+
+
+def test_ctrl_c_in_eval_ends_in_one_line_and_status_130(saved_model, tmp_path, capsys, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    argv = ["--model", str(saved_model), "--data", str(tmp_path / "stg_e_test_iid.jsonl"), "--test",
+            stg_tests(tmp_path), "--out", str(out), "--device", "cpu", "--dtype", "float32"]
+    monkeypatch.setattr(M, "generate", ctrl_c)      # eval.py run afresh imports generate from model
+    capsys.readouterr()
+    assert run_eval_as_main(argv, monkeypatch) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted: {out / 'results.json'} was not written")
+    monkeypatch.setattr(stg, "resolve_data", ctrl_c)    # before the evaluation: nothing written
+    assert run_eval_as_main(argv, monkeypatch) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted before any result")
