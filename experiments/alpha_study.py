@@ -38,6 +38,7 @@ val.jsonl) are ignored by the .gitignore the study writes.
 layout for the chosen setting, the paired per-seed OOD difference with a 95 % bootstrap interval over test records
 and McNemar's exact test per seed, wall times, the machine and the revision; <out>/figure4_<data>.png.
 """
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -610,6 +611,26 @@ def parse_args(argv=None) -> StudyConfig:
     cfg = StudyConfig(**vars(p.parse_args(argv[:cut])), train_args=argv[cut + 1:])
     for setting in items(cfg.settings):
         setting_flags(setting)
+    saved_path = Path(cfg.out) / "study_config.json"
+    if cfg.summary_only and saved_path.is_file():   # main then reads the study from there: a flag would be ignored
+        saved = cli.read_json(saved_path, "restore it from git, or give the study's flags without --summary-only")
+        if not isinstance(saved, dict):
+            raise cli.InputError(f"{saved_path} is damaged: not the JSON object alpha_study.py writes; restore it "
+                                 "from git")
+        unset = object()   # argparse fills in a default only where the namespace has no value: what is left was given
+        given = vars(p.parse_args(argv[:cut], namespace=argparse.Namespace(
+            **{action.dest: unset for action in p._actions if action.dest != "help"})))
+        study = {**dataclasses.asdict(StudyConfig()), **saved}   # a key an older file lacks: its default, as main
+        given = {name: value for name, value in given.items() if value is not unset
+                 and name not in ("out", "summary_only", "only") and value != study[name]}
+        if cut < len(argv) and cfg.train_args != study["train_args"]:
+            given["train_args"] = " ".join(cfg.train_args) or "(none)"
+        if given:
+            name, value = next(iter(given.items()))
+            flag = "the train.py flags after --" if name == "train_args" else f"--{name.replace('_', '-')}"
+            raise cli.InputError(f"{flag} {value}: --summary-only reads the study's own {saved_path} (which has "
+                                 f"{json.dumps(study[name])}), so a flag that defines another study is not used; drop "
+                                 "it, or leave out --summary-only to run that study in another --out")
     if not cfg.summary_only and not cfg.model:
         p.error("--model: the model to fine-tune (a folder, alias or hub id)")
     if not cfg.summary_only:   # every run would fail at its start, each saying so only in its own log.txt

@@ -182,3 +182,53 @@ def test_ctrl_c_in_eval_ends_in_one_line_and_status_130(saved_model, tmp_path, c
     assert run_eval_as_main(argv, monkeypatch) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted before any result")
+
+
+# ----------------------------------------------------------------------------- 4. alpha_study.py --summary-only
+STUDY = {"model": "/models/smollm2", "authors_data": "/data/CAT", "data": "stg_s,stg_m", "settings": "vanilla,k2",
+         "seeds": "42,1", "val_frac": 0.2, "device": "cpu", "out": "/elsewhere/study", "summary_only": False,
+         "keep_weights": False, "train_args": ["--epochs", "2"], "revision": "abc"}
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--settings", "vanilla,k3"], "--settings vanilla,k3"),
+    (["--seeds", "7"], "--seeds 7"),
+    (["--data", "stg_l"], "--data stg_l"),
+    (["--model", "/models/other"], "--model /models/other"),
+    (["--val-frac", "0.3"], "--val-frac 0.3"),
+    (["--keep-weights"], "--keep-weights True"),
+    (["--settings", "vanilla,k2", "--", "--epochs", "3"], "the train.py flags after -- --epochs 3"),
+    (["--"], "the train.py flags after -- (none):"),
+])
+def test_summary_only_refuses_a_flag_of_another_study(extra, flag, tmp_path, capsys):
+    """--summary-only reads the study from its study_config.json: a flag beside it that says otherwise was ignored
+    without a word, and a summary of one study came out of a command that named another."""
+    study = alpha_study()
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study_config.json").write_text(json.dumps(STUDY, indent=2) + "\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = cli_error(lambda: study.main(["--out", str(out), "--summary-only", *extra]), capsys)
+    assert err.startswith(f"error: {flag}") and f"{out / 'study_config.json'}" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_summary_only_takes_the_studys_own_flags(tmp_path):
+    """The study's own command with --summary-only added defines the same study: nothing to refuse."""
+    study = alpha_study()
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study_config.json").write_text(json.dumps({k: v for k, v in STUDY.items() if k != "keep_weights"}))
+    same = ["--model", "/models/smollm2", "--data", "stg_s,stg_m", "--settings", "vanilla,k2", "--seeds", "42,1",
+            "--device", "cpu", "--no-keep-weights", "--only", "stg_s-k2-s1"]
+    assert study.parse_args(["--out", str(out), "--summary-only", *same, "--", "--epochs", "2"]).summary_only
+    assert study.parse_args(["--out", str(out), "--summary-only"]).summary_only
+    assert study.parse_args(["--out", str(tmp_path / "new"), "--summary-only", "--seeds", "7"]).seeds == "7"
+
+
+def alpha_study():
+    experiments = str(Path(__file__).resolve().parents[1] / "experiments")
+    if experiments not in sys.path:
+        sys.path.insert(0, experiments)
+    import alpha_study as module
+    return module
