@@ -287,6 +287,29 @@ def normalise(task: str, where: str, row: dict) -> dict | None:
                              f"{task} file of {SOURCES[task].repo}?") from None
 
 
+UPSTREAM_SPLITS = ("train", "validation", "test")
+
+
+def parse_source(text: str) -> tuple[str, str]:
+    """One --source as (split, file): 'SPLIT=FILE' keeps an upstream split, a bare FILE ("all") joins the pool of
+    everything. A form that names no file, or a split that is not one, raises InputError saying how to write it."""
+    split, sep, path = text.partition("=")
+    if not text.strip():
+        raise cli.InputError("--source is empty: give a FILE, or SPLIT=FILE with SPLIT train, validation or test")
+    if sep and split in UPSTREAM_SPLITS:
+        if not path.strip():
+            raise cli.InputError(f"--source {text}: no file after '='; write {split}=FILE")
+        return split, path
+    if not Path(text).exists():   # a file whose name holds '=' or is a split's is read when it exists
+        if text in UPSTREAM_SPLITS:
+            raise cli.InputError(f"--source {text}: a split name without its file; write {text}=FILE")
+        if sep:
+            what = "no split name before '='" if not split.strip() else f"{split!r} is no split name"
+            raise cli.InputError(f"--source {text}: no such file, and {what}: write train=FILE, validation=FILE or "
+                                 "test=FILE, or a bare FILE")
+    return "all", text
+
+
 def fetch(task: str, sources: list[str] | None = None, out_dir="data", overwrite: bool = False) -> dict[str, Path]:
     """Writes out_dir/<task>_{train,val,test}.jsonl. sources: local files, 'FILE' (all data) or 'SPLIT=FILE'.
     Existing files that would change (hand edits, other sources) are replaced only with overwrite; otherwise
@@ -295,24 +318,31 @@ def fetch(task: str, sources: list[str] | None = None, out_dir="data", overwrite
         raise cli.InputError(f"unknown task {task!r}: choose from {sorted(SOURCES)} (STG: stg.py makes its own files)")
     cli.check_output(out_dir, "--out", folder=True)
     if sources:              # 'SPLIT=FILE' keeps an upstream split, a bare FILE joins the pool of everything
-        files = [tuple(s.split("=", 1)) if s.split("=", 1)[0] in ("train", "validation", "test") else ("all", s)
-                 for s in sources]
+        files = [parse_source(s) for s in sources]
         named = [str(Path(path).resolve()) for _, path in files]
         if len(set(named)) < len(named):   # its rows would be written twice, test rows into train too
             raise cli.InputError(f"--source: a file is given more than once ({', '.join(sources)}); name each once")
-        for split, path in files:
-            if split == "all" and "=" in path and not Path(path).exists():
-                raise cli.InputError(f"--source {path}: no such file, and {path.split('=', 1)[0]!r} is no split "
-                                     f"name: write train=FILE, validation=FILE or test=FILE, or a bare FILE")
+        splits = dict(zip((split for split, _ in files), sources))
+        if not SOURCES[task].pool and "test" in splits and "train" not in splits:   # split_records keeps test apart
+            raise cli.InputError(f"--source {splits['test']}: {task} keeps its upstream test split apart, so give its "
+                                 "training file too (train=FILE), or give every file bare to pool them and split 6:2:2")
+        if not SOURCES[task].pool and "test" in splits and "all" in splits:   # the pool is read only without test
+            raise cli.InputError(f"--source {splits['all']}: a bare FILE joins the pool that {task} splits only when "
+                                 "no test=FILE is given, so its rows would be left out; name its split (train=FILE)")
     else:
         files = list(download(SOURCES[task]).items())
     parts, dropped = {}, 0
     for split, path in files:
+        found = 0
         for where, row in located_rows(path):
             record = normalise(task, where, row)
             dropped += record is None
             if record is not None:
+                found += 1
                 parts.setdefault(split, []).append(record)
+        if not found and sources:   # an empty file: the data set would be written without it, a split left empty
+            raise cli.InputError(f"--source {path}: no row {task} can use (an empty file, or every row dropped); is "
+                                 f"it a {task} file of {SOURCES[task].repo}?")
     splits = split_records(parts, pool=SOURCES[task].pool)
     out = {name: Path(out_dir) / f"{task}_{name}.jsonl" for name in SPLITS}
     cli.refuse_to_replace({out[name]: cli.jsonl_text(splits[name]) for name in SPLITS}, overwrite, "--out")

@@ -232,3 +232,45 @@ def alpha_study():
         sys.path.insert(0, experiments)
     import alpha_study as module
     return module
+
+
+# ----------------------------------------------------------------------------- 5. annotate.py fetch --source
+GSM8K_ROW = {"question": "Tom has 2 apples and buys 3 more. How many?", "answer": "2 + 3 = 5\n#### 5"}
+
+
+@pytest.mark.parametrize("source, message", [
+    ("test=", "--source test=: no file after '='; write test=FILE"),
+    ("validation=", "--source validation=: no file after '='; write validation=FILE"),
+    ("test", "--source test: a split name without its file; write test=FILE"),
+    ("=rows.jsonl", "--source =rows.jsonl: no such file, and no split name before '='"),
+    ("", "--source is empty"),
+    ("test=rows.jsonl", "--source test=rows.jsonl: gsm8k keeps its upstream test split apart, so give its training "
+                        "file too (train=FILE)"),
+])
+def test_fetch_source_without_a_file_or_a_split_is_one_line(source, message, tmp_path, capsys, monkeypatch):
+    """Each was a traceback (ValueError, KeyError: 'train') or named the current folder ("--source .: is a folder")."""
+    import annotate as A
+    monkeypatch.chdir(tmp_path)
+    cli.write_jsonl(tmp_path / "rows.jsonl", [GSM8K_ROW])
+    err = cli_error(lambda: A.main(["fetch", "gsm8k", "--source", source, "--out", str(tmp_path / "out")]), capsys)
+    assert err == f"error: {message}" or err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fetch_source_with_no_rows_or_rows_left_out_is_refused(tmp_path, capsys, monkeypatch):
+    """An empty file wrote empty data files (or, as train=, ended in KeyError: 'train'); a bare FILE beside test=FILE
+    was left out of every split without a word."""
+    import annotate as A
+    monkeypatch.chdir(tmp_path)
+    cli.write_jsonl(tmp_path / "rows.jsonl", [GSM8K_ROW])
+    cli.write_jsonl(tmp_path / "more.jsonl", [{**GSM8K_ROW, "question": "Two more?"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    for sources, message in [
+            (["empty.jsonl"], "--source empty.jsonl: no row gsm8k can use"),
+            (["train=empty.jsonl", "test=rows.jsonl"], "--source empty.jsonl: no row gsm8k can use"),
+            (["train=rows.jsonl", "test=more.jsonl", "empty.jsonl"], "--source empty.jsonl: a bare FILE")]:
+        argv = ["fetch", "gsm8k", *(f"--source={s}" for s in sources), "--out", str(tmp_path / "out")]
+        assert cli_error(lambda: A.main(argv), capsys).startswith(f"error: {message}")
+        assert not (tmp_path / "out").exists()
+    A.main(["fetch", "gsm8k", "--source", "train=rows.jsonl", "--source", "test=more.jsonl", "--out", "out"])
+    assert [len(stg.read_records(tmp_path / "out" / f"gsm8k_{s}.jsonl")) for s in ("train", "test")] == [1, 1]
