@@ -520,7 +520,28 @@ def read_results(path: Path, run: Path | None = None) -> dict:
             for splits in results.values())):
         raise cli.InputError(f"{path} is damaged: not the results.json eval.py writes ({{data set: {{split: "
                              f"{{accuracy, majority, ...}}}}}}); {again}")
+    for name, splits in results.items():
+        for split, r in splits.items():
+            if problem := result_problem(r):
+                raise cli.InputError(f"{path} is damaged: {name} {split}: {problem}; {again}")
     return results
+
+
+def result_problem(r: dict) -> str | None:
+    """What is out of range in one split's results (score wrote it: a share in [0, 1], counts whole and not
+    negative, an MAE not negative or null), or None; a hand edit or another program's file would show as it is."""
+    for key in ("accuracy", "majority"):
+        if not (isinstance(r[key], (int, float)) and 0 <= r[key] <= 1):   # NaN fails both comparisons
+            return f"field {key!r} is {r[key]}, where a share from 0 to 1 belongs"
+    for key in ("n", "correct", "unparsed", "skipped_too_long"):
+        value = r.get(key, 0)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return f"field {key!r} is {json.dumps(value)}, where a count (a whole number, 0 or more) belongs"
+    if "n" in r and r.get("correct", 0) > r["n"]:
+        return f"field 'correct' is {r['correct']}, more than the {r['n']} records of field 'n'"
+    if r.get("mae") is not None and not (isinstance(r["mae"], (int, float)) and 0 <= r["mae"] < math.inf):
+        return f"field 'mae' is {json.dumps(r['mae'])}, where a mean absolute error (0 or more, or null) belongs"
+    return None
 
 
 def evaluate(model, tokenizer, data: stg.DataSet, *, batch_size: int = 64, max_new_tokens: int | None = None,

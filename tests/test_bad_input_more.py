@@ -18,6 +18,7 @@ import hf
 import model as M
 import stg
 import train
+from conftest import a_run
 from model import ModelArgs, Transformer
 
 TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "1", "--scratch-heads", "2",
@@ -274,3 +275,33 @@ def test_fetch_source_with_no_rows_or_rows_left_out_is_refused(tmp_path, capsys,
         assert not (tmp_path / "out").exists()
     A.main(["fetch", "gsm8k", "--source", "train=rows.jsonl", "--source", "test=more.jsonl", "--out", "out"])
     assert [len(stg.read_records(tmp_path / "out" / f"gsm8k_{s}.jsonl")) for s in ("train", "test")] == [1, 1]
+
+
+# ----------------------------------------------------------------------------- 6. results.json out of range
+SPLIT = {"accuracy": 0.75, "n": 4, "correct": 3, "unparsed": 0, "majority": 0.5}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"accuracy": 1.7}, "field 'accuracy' is 1.7"),
+    ({"accuracy": -0.2}, "field 'accuracy' is -0.2"),
+    ({"accuracy": float("nan")}, "field 'accuracy' is nan"),
+    ({"majority": 2}, "field 'majority' is 2"),
+    ({"n": -4}, "field 'n' is -4"),
+    ({"n": 4.5}, "field 'n' is 4.5"),
+    ({"unparsed": -1}, "field 'unparsed' is -1"),
+    ({"correct": 5}, "field 'correct' is 5, more than the 4 records"),
+    ({"mae": -3.0}, "field 'mae' is -3.0"),
+    ({"mae": float("inf")}, "field 'mae' is Infinity"),
+])
+def test_results_out_of_range_are_named_by_file_and_field(change, message, tmp_path, model, capsys):
+    """An accuracy of 1.7 or NaN was tabulated as 170.00% or nan%; a count below zero shown as it was."""
+    good = a_run(tmp_path / "runs" / "good", None, {"d": {"test": SPLIT}})
+    bad = a_run(tmp_path / "runs" / "bad", None, {"d": {"iid": SPLIT, "ood": {**SPLIT, **change}}})
+    err = cli_error(lambda: evaluation.main(["--compare", good, bad, "--out", str(tmp_path / "t.md")]), capsys)
+    assert err.startswith(f"error: {Path(bad) / 'results.json'} is damaged: d ood: {message}"), err
+    assert f"python eval.py --model {bad}" in err and not (tmp_path / "t.md").exists()
+    data = tmp_path / "test.jsonl"   # the results.json of an --out is read before the model too
+    cli.write_jsonl(data, [RECORD])
+    err = cli_error(lambda: evaluation.main(["--model", str(model), "--data", str(data), "--out", bad]), capsys)
+    assert f"{Path(bad) / 'results.json'} is damaged: d ood: {message}" in err
+    evaluation.main(["--compare", good])   # in range: read as before
