@@ -538,9 +538,9 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
         print(f"precision: {cfg.dtype}" + (" (bf16 autocast, float32 weights)" if cfg.dtype == "bfloat16" else "")
               + f" on {device}")
     records, val_records = split_validation(stg.training_records(data), cfg)
-    if cfg.eval:   # a test file that cannot be read is named now, not after the training
-        for path in data.tests.values():
-            stg.read_records(path)
+    if cfg.eval:   # a test file that cannot be read or scored is named now, not after the training
+        import eval as evaluation
+        evaluation.check_test_files(data, limit=cfg.eval_limit or None)
     if not records:
         raise cli.InputError(f"{data.train}: no training records" + (f" left after --val-frac {cfg.val_frac}"
                                                                      if val_records else ""))

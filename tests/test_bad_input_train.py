@@ -211,3 +211,15 @@ def test_a_test_file_that_cannot_be_read_is_named_before_training(stopped_run, t
                       "--out", str(tmp_path / "runs"), cwd=tmp_path)
     one_error_line(result, str(bad))
     assert not (tmp_path / "runs").exists()                      # nothing trained, nothing written
+
+
+def test_a_test_target_the_checker_cannot_score_is_named_before_training(stopped_run, tmp_path):
+    """An STG_H test file (named so: its answers are scored as the AQI) whose target is no number: refused before the
+    first step, not after the training and the decoding."""
+    bad = tmp_path / "stg_h_test_ood.jsonl"
+    cli.write_jsonl(bad, [{"input": "Industrial emissions: 50.1 Answer: ", "target": "32"},
+                          {"input": "Industrial emissions: 40.2 Answer: ", "target": "high"}])
+    result = train_py(*TINY, "--eval", "--data", str(stopped_run / "stg.jsonl"), "--test", f"ood={bad}",
+                      "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    one_error_line(result, f"{bad}:2", "'high'")
+    assert not (tmp_path / "runs").exists()
