@@ -13,7 +13,6 @@ mean absolute error of the AQI; the majority baseline; the paper's TinyLlama-1.1
 "n/a": not in the plan (LoRA on STG_L, STG_H and our generator's files).
 The summaries are made again from the run folders (tables.summarize), so the table never lags the runs.
 """
-import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import cli  # noqa: E402
+import eval as evaluation  # noqa: E402
 import alpha_study  # noqa: E402
 import tables  # noqa: E402
 
@@ -59,7 +59,7 @@ def mae(folder: Path, data: str, setting: str, seeds: list[int], split: str) -> 
     for seed in seeds:
         path = folder / alpha_study.run_name(data, setting, seed) / "results.json"
         if path.exists():
-            value = next(iter(json.loads(path.read_text()).values())).get(split, {}).get("mae")
+            value = next(iter(evaluation.read_results(path).values())).get(split, {}).get("mae")
             values += [value] if value is not None else []
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)} if values else None
