@@ -122,11 +122,11 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[batches.Example
                                  "give every record some input text")
         ex, stats = batches.encode(rec, tok)
         ex = variants.adapt(ex, rec, tok, cfg.contrast, cfg.rows, task)     # past the paper; "all": unchanged
-        if ex.contrast is not None and ex.adj is not None and ex.adj.any() and not ex.contrast.any():
-            no_contrast.append(n)
         if len(ex.ids) > cfg.max_len:
             skipped += 1
             continue
+        if ex.contrast is not None and ex.adj is not None and ex.adj.any() and not ex.contrast.any():
+            no_contrast.append(rec["input"])
         examples.append(ex)
         found += stats.get("found", 0)
         missing += stats.get("missing_phrases", [])
@@ -140,13 +140,15 @@ def encode_all(records, tok, cfg, task: str = "generic") -> list[batches.Example
     if not examples:
         raise cli.InputError(f"no training records left in {cfg.data} (all longer than --max-len {cfg.max_len}?)")
     annotated = sum(ex.adj is not None and bool(ex.adj.any()) for ex in examples)
+    example = f"e.g. the one whose input begins {no_contrast[0][:60]!r}" if no_contrast else ""
     if no_contrast and len(no_contrast) >= annotated:
         raise cli.InputError(f"--contrast attributes: no annotated record of {cfg.data} has another \"Name: value\" "
-                             f"attribute of task {task} besides its causes (record {no_contrast[0]}, ...), so N_i "
-                             "would be empty; use --contrast all, or STG records in stg.py's or the authors' layout")
+                             f"attribute of task {task} (guessed from the file name) besides its causes ({example}), "
+                             "so N_i would be empty; use --contrast all, or STG records in stg.py's or the authors' "
+                             "layout")
     if no_contrast:
-        print(f"--contrast attributes: {len(no_contrast)} annotated records have no other attribute (e.g. record "
-              f"{no_contrast[0]}); their rows add nothing to L_attn")
+        print(f"--contrast attributes: {len(no_contrast)} of {annotated} annotated records have no other attribute "
+              f"({example}); their rows add nothing to L_attn")
     return examples
 
 

@@ -213,8 +213,8 @@ CANONICAL = {task: {**{name: name for names in kinds.values() for name in names}
              for task, kinds in FACTORS.items()}          # any spelling -> our name
 NAME_RE = {task: "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
            for task, names in CANONICAL.items()}
-UNIT = r"(?:%|st|nd|rd|th|Mbps)?"                          # the authors' STG_H units, part of the phrase
-PHRASE_RE = {task: re.compile(rf"\b(?P<name>{names}): (?P<value>-?\d+(?:\.\d+)?){UNIT}")
+UNIT = r"(?:%|st|nd|rd|th|Mbps)?(?![A-Za-z])"              # the authors' STG_H units, part of the value
+PHRASE_RE = {task: re.compile(rf"\b(?P<name>{names}): (?P<value>-?\d+(?:\.\d+)?(?!\d)){UNIT}")
              for task, names in NAME_RE.items()}
 KIND = {task: {name: kind for kind, names in kinds.items() for name in names} for task, kinds in FACTORS.items()}
 

@@ -85,11 +85,17 @@ def attribute_contrast(record: dict, task: str) -> list[dict]:
     by attending to the whole list, spurious copies included; it is the one change that took OOD accuracy far past
     vanilla's and the majority answer (docs/findings.md, "In short")."""
     text, relations = record["input"], cat.relations(record.get("important"))
+    named = [cause for _, values in relations for cause in values]
     # where the causes stand in the input, as cat.adjacency finds them: a whole phrase ("Smoking: 8") or, in the
     # authors' STG_H files, a bare value ("41.9%") inside its phrase; an attribute that holds one is not an other
-    causes = [span for _, values in relations for cause in values for span in cat.find_phrase(text, cause)]
-    others = [text[start:end] for _, _, start, end in stg.attribute_spans(text, task)
-              if not any(s < end and e > start for s, e in causes)]
+    causes = [span for cause in named for span in cat.find_phrase(text, cause)]
+    # causes named by value alone are contrasted with the others' values alone, so that C_i and N_i both average
+    # over value tokens, not values against names and values
+    by_value = bool(named) and not any(": " in cause for cause in named)
+    others = []
+    for _, _, start, end in stg.attribute_spans(text, task):
+        if not any(s < end and e > start for s, e in causes):
+            others.append(text[stg.PHRASE_RE[task].match(text, start).start("value") if by_value else start:end])
     return [{effect: others} for effect, _ in relations]
 
 

@@ -463,20 +463,14 @@ def test_tables_put_each_study_in_table_2_and_5s_layout(tmp_path):
 
 
 def copy_studies(stems: list[str], results: Path) -> None:
-    """Copy the committed files of each study folder under results/ (its study_config.json and each run's small
-    files, alpha_study.KEEP) into `results`: what a clean clone holds, and nothing a live run is writing (a checkpoint
-    being saved, a log)."""
-    for stem in stems:
-        source = ROOT / "results" / stem
-        if not (source / "study_config.json").exists():
-            continue
-        (results / stem).mkdir(parents=True)
-        (results / stem / "study_config.json").write_bytes((source / "study_config.json").read_bytes())
-        for run in sorted(path for path in source.iterdir() if path.is_dir()):
-            for name in alpha_study().KEEP:
-                if (run / name).is_file():
-                    (results / stem / run.name).mkdir(exist_ok=True)
-                    (results / stem / run.name / name).write_bytes((run / name).read_bytes())
+    """Copy the committed files of each study folder under results/ into `results` (git ls-files: what a clean
+    clone holds), not the runs a live study has finished or is writing beside them and has not committed yet."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *(f"results/{stem}" for stem in stems)], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        target = results / Path(name).relative_to("results")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((ROOT / name).read_bytes())
 
 
 def test_findings_page_holds_the_tables_the_committed_runs_give(tmp_path):

@@ -430,22 +430,29 @@ def test_attribute_contrast_covers_the_14_attributes_of_the_authors_stg_h_layout
     assert [kind for _, kind, *_ in spans] == ["causal"] * 6 + ["spurious"] * 5 + ["irrelevant"] * 3
     assert [text[s:e] for *_, s, e in spans][2::9] == ["Coal Dependency: 41.9%", "City Anniversary: 38th"]
     assert stg.parse_attributes(text, "stg_h")["Internet speed"] == 114.2
-    others = ["Ice Cream Sales Index: 26.0", "Allergy Complaints Level: 3.6", "Renewable Stock Index: 51",
-              "Public Transport Subscriptions (k): 4.2", "Water Awareness Score: -6.9", "City Anniversary: 38th",
-              "Average Internet Speed: 114.2Mbps", "Number of Libraries: 17"]
-    # a cause given as its bare value ("41.9%") still keeps its whole attribute out of the contrast
+    # a cause given as its bare value ("41.9%") keeps its whole attribute out of the contrast, and the others are
+    # given by their values too, so that C_i and N_i both average over values
+    others = ["26.0", "3.6", "51", "4.2", "-6.9", "38th", "114.2Mbps", "17"]
     assert variants.attribute_contrast(STG_H_AUTHORS, "stg_h") == [{"Answer: 32": others}]
+    assert stg.attribute_spans("Number of Libraries: 17stones", "stg_h") == []      # a unit ends at a word's end
 
 
-def test_contrast_attributes_refuses_records_whose_attributes_it_does_not_know(tmp_path):
+def test_contrast_attributes_refuses_records_whose_attributes_it_does_not_know(tmp_path, capsys):
     record = {**CONTRAST_RECORD, "input": CONTRAST_RECORD["input"].replace("Room size", "Room area")
               .replace("Hormones", "Hormone").replace("Yellow fingers", "Yellow nails")
               .replace("Certain gene", "Gene").replace("Clothing size", "Shoe size")}
     cfg = train.TrainConfig(model="scratch", data=str(tmp_path / "stg_s.jsonl"), scratch_dim=32, scratch_layers=2,
                             scratch_heads=2, scratch_vocab=300, contrast="attributes", attn="explicit")
     _, tok, _ = runs.build_model(cfg, [record], "cpu", None)
-    with pytest.raises(cli.InputError, match=r"--contrast attributes: no annotated record .* \(record 1, ...\)"):
+    with pytest.raises(cli.InputError, match=r"--contrast attributes: no annotated record .* \(e\.g\. the one whose "
+                                             r"input begins 'Here is the statistical data"):
         runs.encode_all([record], tok, cfg, "stg_e")
+    runs.encode_all([record, CONTRAST_RECORD], tok, cfg, "stg_e")            # one of two: said, not refused
+    assert "--contrast attributes: 1 of 2 annotated records have no other attribute" in capsys.readouterr().out
+    longer = {**record, "input": "These are this year's figures, written down at the clinic. " + record["input"]}
+    cfg.max_len = len(runs.encode_all([CONTRAST_RECORD], tok, cfg, "stg_e")[0].ids)
+    assert len(runs.encode_all([longer, CONTRAST_RECORD], tok, cfg, "stg_e")) == 1   # `longer` is skipped ...
+    assert "have no other attribute" not in capsys.readouterr().out                    # ... and not counted
 
 
 def test_the_contrast_mask_marks_the_other_attributes_on_the_causal_rows(tmp_path):
