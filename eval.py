@@ -441,15 +441,16 @@ def majority_baseline(task: str, targets: list[str]) -> dict:
 
 def score(task: str, rows: list[dict]) -> dict:
     """Accuracy of the checked rows, with the majority-label baseline, unparsed outputs and, for STG_H, the
-    mean absolute error of the parsed numbers."""
+    mean absolute error of the parsed numbers beside that of always answering the most frequent AQI."""
     n = len(rows)
     correct = sum(row["correct"] for row in rows)
+    majority = majority_baseline(task, [row["target"] for row in rows])
     result = {"accuracy": correct / n, "n": n, "correct": correct,
-              "unparsed": sum(row["answer"] is None for row in rows),
-              "majority": majority_baseline(task, [row["target"] for row in rows])["accuracy"]}
+              "unparsed": sum(row["answer"] is None for row in rows), "majority": majority["accuracy"]}
     if task == "stg_h":
         errors = [abs(float(row["answer"]) - float(row["target"])) for row in rows if row["answer"] is not None]
         result["mae"] = statistics.fmean(errors) if errors else None
+        result["majority_mae"] = majority["mae"]
     return result
 
 
@@ -539,8 +540,9 @@ def result_problem(r: dict) -> str | None:
             return f"field {key!r} is {json.dumps(value)}, where a count (a whole number, 0 or more) belongs"
     if "n" in r and r.get("correct", 0) > r["n"]:
         return f"field 'correct' is {r['correct']}, more than the {r['n']} records of field 'n'"
-    if r.get("mae") is not None and not (isinstance(r["mae"], (int, float)) and 0 <= r["mae"] < math.inf):
-        return f"field 'mae' is {json.dumps(r['mae'])}, where a mean absolute error (0 or more, or null) belongs"
+    for key in ("mae", "majority_mae"):
+        if r.get(key) is not None and not (isinstance(r[key], (int, float)) and 0 <= r[key] < math.inf):
+            return f"field {key!r} is {json.dumps(r[key])}, where a mean absolute error (0 or more, or null) belongs"
     return None
 
 

@@ -128,8 +128,9 @@ def test_score_hand_worked():
     rows = [{"target": "50", "answer": "50", "correct": True}, {"target": "50", "answer": "47", "correct": False},
             {"target": "60", "answer": None, "correct": False}, {"target": "40", "answer": "41", "correct": False}]
     assert ev.score("stg_h", rows) == {"accuracy": 0.25, "n": 4, "correct": 1, "unparsed": 1, "majority": 0.5,
-                                       "mae": pytest.approx((0 + 3 + 1) / 3)}
-    assert "mae" not in ev.score("stg_e", rows)
+                                       "mae": pytest.approx((0 + 3 + 1) / 3),
+                                       "majority_mae": pytest.approx((0 + 0 + 10 + 10) / 4)}   # always "50"
+    assert "mae" not in ev.score("stg_e", rows) and "majority_mae" not in ev.score("stg_e", rows)
 
 
 def test_default_out_dir(tmp_path, monkeypatch):

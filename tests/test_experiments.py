@@ -580,12 +580,13 @@ def test_table1_puts_each_study_in_the_papers_layout(tmp_path):
         fake_stg_run(full / f"stg_s-a0.6-s{seed}", 0.6, a, val=0.75)        # 50 %, 50 %: chosen, the only CAT
         fake_stg_run(full / f"stg_s-attr-k3-s{seed}", 2.7, t, val=1.0)     # 100 %, 75 %: never chosen
     h = a_study("stg-h-smollm2-fp32", "stg_h")
-    for setting, alpha, mae in (("vanilla", 0.0, 8.0), ("a0.6", 0.6, 6.5)):
+    for setting, alpha, mae, unparsed in (("vanilla", 0.0, 8.0, 0), ("a0.6", 0.6, 6.5, 2)):
         fake_stg_run(h / f"stg_h-{setting}-s1", alpha, [right, wrong, wrong, wrong], val=0.5)
         path = h / f"stg_h-{setting}-s1" / "results.json"
         runs = json.loads(path.read_text())
-        runs["stg_s"]["ood"]["mae"] = mae
+        runs["stg_s"]["ood"].update(mae=mae, majority_mae=12.25, unparsed=unparsed)
         path.write_text(json.dumps(runs))
+    (h / "stg_h-attr-k3-s1").mkdir()                                              # started, not finished
     text = table1.main(["--results", str(results), "--out", str(tmp_path / "table1.md")])
     rows = {}
     for line in text.splitlines():
@@ -605,7 +606,11 @@ def test_table1_puts_each_study_in_the_papers_layout(tmp_path):
     assert full_rows["paper, TinyLlama-1.1B: OOD CAT"] == "63.75"
     h_rows = {label: row["STG_H"] for (regime, label), row in rows.items() if regime == "Full"}
     assert h_rows["CAT: the setting chosen on val, its α"] == "a0.6: α 0.600*"      # seed 2 has not finished
-    assert [h_rows[f"OOD MAE {m}"] for m in ("Vanilla", "CAT", "attr-k3")] == ["8.00 (1)", "6.50 (1)", "—"]
+    assert [h_rows[f"OOD MAE {m}"] for m in ("Vanilla", "CAT", "attr-k3")] == ["8.00 (1)", "6.50 (1, 2 unparsed)",
+                                                                                 "—"]
+    assert h_rows["OOD MAE, always the most frequent AQI"] == "12.25"
+    # the same outcomes as vanilla's; marked as its accuracy cells are: not chosen yet
+    assert h_rows["OOD CAT − Vanilla (95 % CI)"] == "+0.00 (+0.00, +0.00)*"
     assert rows[("Full", "OOD MAE Vanilla")]["STG_S"] == ""                         # no MAE on STG_E
     assert rows[("Full", "OOD Vanilla")]["STG_L"] == "—"                            # planned, not run yet
     assert rows[("LoRA", "OOD Vanilla")]["STG_S"] == "—" and rows[("LoRA", "OOD Vanilla")]["STG_L"] == "n/a"
