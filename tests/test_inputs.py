@@ -311,6 +311,19 @@ def test_the_readme_demonstration_quotes_what_its_runs_printed_and_ran():
         ran.pop("--out"), given.pop("--out"), given.pop("--data")
         assert Path(ran.pop("--model")).name == given.pop("--model")     # the local copy the comment speaks of
         assert ran == given, f"{given['--name']}: the README's flags are not the ones the run recorded"
+    # the sentence after the quote: the C/N at the end and the paired OOD differences of these seed-42 runs
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import alpha_study
+    run = {name: alpha_study.read_run(folder / f"gen-stg_s-{name}-s42") for name in ("vanilla", "a0.6", "attr-k3")}
+
+    def points(x: float) -> str:
+        return f"{100 * x:+.2f}".replace("-", "−")
+    paper, attr = (alpha_study.paired_difference({42: run[name]}, {42: run["vanilla"]}, "ood")
+                   for name in ("a0.6", "attr-k3"))
+    assert (f"C/N ends at {run['a0.6']['cn_end']:.2f} against vanilla's {run['vanilla']['cn_end']:.2f}) and not the "
+            f"OOD answer ({points(paper['mean'])} points, 95 % interval {points(paper['ci95'][0])} to "
+            f"{points(paper['ci95'][1])}); N_i over the other attributes gains {points(attr['mean'])} "
+            f"({points(attr['ci95'][0])} to {points(attr['ci95'][1])})") in " ".join(readme.split())
 
 
 def test_the_readme_layout_counts_the_lines_each_module_has():
