@@ -93,3 +93,15 @@ def a_run(folder: Path, config: dict | None, results: dict) -> str:
     if config is not None:
         (folder / "train_config.json").write_text(json.dumps(config))
     return str(folder)
+
+
+def cli_error(main, capsys) -> str:
+    """Run a command's main() as its __main__ does (cli.run_cli): it must end in exit status 2 and one line
+    'error: ...' on stderr, no traceback; that line is returned."""
+    import cli
+    capsys.readouterr()                                   # what ran before (progress bars) is not the error
+    with pytest.raises(SystemExit) as stop:
+        cli.run_cli(main)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err

@@ -19,22 +19,10 @@ import annotate as A
 import cli
 import eval as evaluation
 import stg
-from conftest import a_run
+from conftest import a_run, cli_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORD = {"input": "Tom has 2 apples and buys 3 more. How many? Answer: ", "target": "5.0"}
-
-
-def cli_error(main, capsys) -> str:
-    """Run a command's main() as its __main__ does (cli.run_cli): it must end in exit status 2 and one line
-    'error: ...' on stderr, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        cli.run_cli(main)
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2, err
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 def digest(folder: Path) -> dict[str, str]:

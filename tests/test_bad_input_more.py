@@ -18,24 +18,12 @@ import hf
 import model as M
 import stg
 import train
-from conftest import a_run
+from conftest import a_run, cli_error
 from model import ModelArgs, Transformer
 
 TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "1", "--scratch-heads", "2",
         "--scratch-vocab", "300", "--batch-size", "8", "--epochs", "1", "--no-eval", "--no-save"]
 RECORD = {"input": "Tom has 2 apples and buys 3 more. How many? Answer: ", "target": "5.0"}
-
-
-def cli_error(main, capsys) -> str:
-    """Run a command's main() as its __main__ does (cli.run_cli): it must end in exit status 2 and one line
-    'error: ...' on stderr, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        cli.run_cli(main)
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2, err
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 @pytest.fixture

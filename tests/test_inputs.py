@@ -16,6 +16,7 @@ import model as M
 import cli
 import stg
 import train
+from conftest import cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "2", "--scratch-heads", "2",
@@ -23,16 +24,6 @@ TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "2", "-
 
 
 STG_RECORDS = 16   # the conftest fixture stg_file: 2 steps an epoch at batch 8
-
-
-def cli_error(main, capsys) -> str:
-    """Run a command line's main through cli.run_cli; it must exit 2 with one line on stderr, no traceback."""
-    capsys.readouterr()                                   # what ran before (progress bars) is not the error
-    with pytest.raises(SystemExit) as stop:
-        cli.run_cli(main)
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def train_cli(argv):
