@@ -88,6 +88,11 @@ def columns(results: Path) -> dict[tuple[str, str], dict]:
     return found
 
 
+def setting_of(col: dict, method: str) -> str | None:
+    """The study setting a method's cells show in a column: vanilla, the CAT setting shown, or attr-k3."""
+    return {"Vanilla": "vanilla", "CAT": col["cat"], PAST_PAPER: PAST_PAPER}[method]
+
+
 def method_rows(found: dict, regime: str) -> list[str]:
     """One regime's rows of SmolLM2: per split the three methods, the paired differences, STG_H's MAE, the
     majority answer, and the α that CAT ran with."""
@@ -99,7 +104,7 @@ def method_rows(found: dict, regime: str) -> list[str]:
         def cell(col):
             if not col:
                 return "—"
-            setting = {"Vanilla": "vanilla", "CAT": col["cat"], PAST_PAPER: PAST_PAPER}[method]
+            setting = setting_of(col, method)
             return tables.cell(col["d"]["rows"].get(setting), split, col["mark"] if method == "CAT" else "")
         return cell
 
@@ -114,7 +119,7 @@ def method_rows(found: dict, regime: str) -> list[str]:
         def cell(col):
             if not col or col["data"] != "stg_h":
                 return "—" if not col else ""
-            setting = {"Vanilla": "vanilla", "CAT": col["cat"], PAST_PAPER: PAST_PAPER}[method]
+            setting = setting_of(col, method)
             found = setting and mae(col["folder"], col["data"], setting, col["seeds"], "ood")
             if not found or not found["mae"]:
                 return "—"
@@ -172,7 +177,7 @@ def figure(found: dict, path: Path) -> Path | None:
             xs, ys, errs = [], [], []
             for col, size in SIZES.items():
                 c = found.get((regime, col))
-                setting = c and {"Vanilla": "vanilla", "CAT": c["cat"], PAST_PAPER: PAST_PAPER}[method]
+                setting = c and setting_of(c, method)
                 stat = c and c["d"]["rows"].get(setting, {}).get("ood")
                 if stat:
                     xs.append(size), ys.append(100 * stat["mean"]), errs.append(100 * (stat["std"] or 0))
