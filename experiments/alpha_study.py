@@ -21,12 +21,13 @@ accuracy is the chosen one (the test files choose nothing); every setting's runs
                starting C/N is taken over those rows.
   The attr-, in- and tgt- settings are never the chosen setting, which answers for CAT as published.
 Data: stg_s / stg_m / stg_l / stg_h are the authors' files (their repository, github.com/Kairong-Han/CAT, folders
-STG and STG_H; --authors-data names its folder); gen-stg_m is our generator's STG_M (stg.py), to see whether the
-data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e (each with its own
-val file, which then chooses), mawps-gpt4o (Table 5: the same records with GPT-4o's annotations; its vanilla runs
-are mawps's) and gsm8k-val (the stand-in for the unpublished GSM8K training annotations; experiments/tables.py
-puts them in Table 2's and Table 5's layout). The queue runs vanilla and the second setting seed by seed first, so
-that every finished prefix compares something; a finished run (results.json) is skipped, an interrupted one resumed.
+STG and STG_H; --authors-data names its folder); gen-<name> is our generator's (stg.py: gen-stg_s, gen-stg_m, ...),
+to see whether the data source matters. Table 2's tasks are the authors' annotated files too: mawps, svamp, arc_e
+(each with its own val file, which then chooses), mawps-gpt4o (Table 5: the same records with GPT-4o's annotations;
+its vanilla runs are mawps's) and gsm8k-val (the stand-in for the unpublished GSM8K training annotations;
+experiments/tables.py puts them in Table 2's and Table 5's layout). The queue runs vanilla and the second setting
+seed by seed first, so that every finished prefix compares something; a finished run (results.json) is skipped, an
+interrupted one resumed.
 --only picks runs of the queue and their order (e.g. --only 'stg_m-k3-*,stg_m-k2-s1'); the study stays the same.
 The same command started twice shares the queue (each worker takes the next run no live worker holds): on a 2-core
 CPU, two workers with OMP_NUM_THREADS=1 each.
@@ -89,7 +90,7 @@ KEEP = ("train_config.json", "metrics.jsonl", "results.json", "wall_time.json", 
 class StudyConfig:
     model: str = ""                  # train.py --model (the study: SmolLM2-135M-Instruct, a local folder)
     authors_data: str = ""           # folder with the authors' STG/ and STG_H/ folders (their repository)
-    data: str = "stg_s,stg_m"        # comma-separated: stg_s | stg_m | stg_l | stg_h (the authors') | gen-stg_m (ours)
+    data: str = "stg_s,stg_m"        # comma-separated: stg_s | stg_m | stg_l | stg_h (the authors') | gen-stg_s ...
     settings: str = "vanilla,k2,a0.6,k1.5,k3,div-a0.6"   # see the module docstring; the first two run first
     seeds: str = "42,1,2"            # comma-separated; every setting runs with each
     val_frac: float = 0.2            # training share held out to choose the setting
