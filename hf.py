@@ -9,7 +9,7 @@ import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli import InputError, atomic_files, atomic_path
+from cli import InputError, atomic_files, atomic_path, read_text
 from model import LoRAConfig, LoRALinear, ModelArgs, Transformer, apply_lora, merge_lora
 
 ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
@@ -17,23 +17,41 @@ ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.
            "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json"]
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+SIZES = (*REQUIRED_SIZES, "num_key_value_heads", "head_dim")   # config.json's sizes; these two may be null (derived)
 BIN_WEIGHTS = "pytorch_model*.bin"   # the older weights format: fetched only without safetensors, converted once
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON file of a model folder as a dict; {} when it does not exist."""
+    """A JSON object file of a model folder as a dict; {} when it does not exist. One that is not UTF-8 (cli.read_text),
+    not JSON or not an object raises InputError naming it."""
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); restore the file from the model's "
                          "source") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: holds a JSON {type(value).__name__}, not the object of named settings a model "
+                         "folder's file holds; restore the file from the model's source")
+    return value
 
 
 def _token(value) -> str | None:
     """A special token of tokenizer_config.json: a string, a dict with "content", or null."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _token_ids(config: dict, key: str, path: Path) -> list[int]:
+    """A token id field of a model folder's JSON file (eos_token_id, pad_token_id: an id, a list of ids, or null) as
+    a list; a value of another kind raises InputError naming the file and the field."""
+    value = config.get(key)
+    ids = value if isinstance(value, list) else [value]
+    if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise InputError(f"{path}: {key} is {json.dumps(value)}, where a token id (a whole number, 0 or more) or a "
+                         "list of them belongs; restore the file from the model's source")
+    return [i for i in ids if i is not None]
 
 
 class Tokenizer:
@@ -54,12 +72,19 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").exists():
             raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the model folder needs this tokenizer file")
-        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as error:   # the tokenizers library raises a bare Exception for a file it cannot read
+            raise InputError(f"{path / 'tokenizer.json'}: not a tokenizer file the tokenizers library reads ({error}); "
+                             "it is damaged or incomplete: restore it from the model's source") from None
         config, gen, model_cfg = (_read_json(path / n) for n in
                                   ("tokenizer_config.json", "generation_config.json", "config.json"))
 
         def token_id(name):
             token = _token(config.get(name))
+            if token is not None and not isinstance(token, str):
+                raise InputError(f"{path / 'tokenizer_config.json'}: {name} is {json.dumps(token)}, where a token's "
+                                 "text belongs; restore the file from the model's source")
             return backend.token_to_id(token) if token is not None else None
 
         # BOS when the model's tokenizer adds it: said in tokenizer_config, else done by the post-processor
@@ -68,14 +93,15 @@ class Tokenizer:
             plain, special = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
             bos_id = special[0] if len(special) > len(plain) and special[0] != plain[0] else None
         eos_ids = [token_id("eos_token")]  # the tokenizer's own first: it ends training texts
-        for source in (gen, model_cfg):
-            value = source.get("eos_token_id")
-            eos_ids += value if isinstance(value, list) else [value]
+        for source, name in ((gen, "generation_config.json"), (model_cfg, "config.json")):
+            eos_ids += _token_ids(source, "eos_token_id", path / name)
         eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
         if not eos_ids:
-            raise ValueError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
-        pad_id = next((i for i in (token_id("pad_token"), gen.get("pad_token_id"), model_cfg.get("pad_token_id"))
-                       if i is not None), eos_ids[0])
+            raise InputError(f"{path}: no EOS token in tokenizer_config.json (eos_token), generation_config.json or "
+                             "config.json (eos_token_id), so no answer would end; restore them from the model's source")
+        pads = [token_id("pad_token"), *_token_ids(gen, "pad_token_id", path / "generation_config.json"),
+                *_token_ids(model_cfg, "pad_token_id", path / "config.json")]
+        pad_id = next((i for i in pads if i is not None), eos_ids[0])
         return cls(backend, bos_id, eos_ids, pad_id, config)
 
     def save(self, out_dir) -> None:
@@ -136,11 +162,19 @@ def _read_weights(folder: Path, device) -> dict:
     if (folder / "model.safetensors").exists():
         files = [folder / "model.safetensors"]
     elif index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = _read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+            raise InputError(f"{index}: no weight_map of tensor names to the files that hold them; restore the file "
+                             "from the model's source")
+        files = sorted({folder / f for f in weight_map.values()})
     elif bins := sorted(folder.glob(BIN_WEIGHTS)):
         tensors = {}
         for path in bins:
-            tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as error:   # torch raises several error types for a cut or foreign file
+                raise InputError(f"{path}: not a readable PyTorch weights file ({type(error).__name__}: "
+                                 f"{str(error)[:120]}); it is damaged or incomplete: download it again") from None
         with atomic_path(folder / "model.safetensors") as tmp:   # an interruption leaves no half file
             save_file({k: t.contiguous().clone() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
         files = [folder / "model.safetensors"]
@@ -148,12 +182,17 @@ def _read_weights(folder: Path, device) -> dict:
         raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     tensors = {}
     for path in files:
-        try:
-            tensors.update(load_file(str(path), device=str(device)))
-        except Exception as error:   # safetensors raises its own error type for a damaged or empty file
-            raise InputError(f"{path}: not a readable safetensors file ({error}); it is damaged or incomplete: "
-                             "download or save it again") from None
+        tensors.update(_load_safetensors(path, device))
     return tensors
+
+
+def _load_safetensors(path: Path, device) -> dict:
+    """The tensors of one safetensors file; a missing, damaged or empty one raises InputError naming it."""
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:   # safetensors raises its own error type for a damaged or empty file
+        raise InputError(f"{path}: not a readable safetensors file ({error}); it is damaged or incomplete: "
+                         "download or save it again") from None
 
 
 def source_files(name_or_path: str) -> list[Path]:
@@ -162,8 +201,20 @@ def source_files(name_or_path: str) -> list[Path]:
     folder = resolve(name_or_path)
     files = sorted({path for pattern in HUB_FILES + [BIN_WEIGHTS] for path in folder.glob(pattern)})
     if (folder / "adapter_config.json").exists():
-        files += source_files(_read_json(folder / "adapter_config.json")["base_model_name_or_path"])
+        files += source_files(_adapter_base(folder))
     return files
+
+
+def _adapter_base(folder: Path) -> str:
+    """The base model an adapter folder's adapter_config.json names; InputError naming the file when it names none."""
+    base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not (isinstance(base, str) and base.strip()):
+        raise InputError(f"{folder / 'adapter_config.json'}: no base_model_name_or_path, the model the adapter was "
+                         "trained on; write its folder, alias or hub id there")
+    if Path(base).is_dir() and Path(base).resolve() == folder.resolve():   # it would be loaded over itself forever
+        raise InputError(f"{folder / 'adapter_config.json'}: base_model_name_or_path names this folder itself; write "
+                         "the folder, alias or hub id of the model the adapter was trained on")
+    return base
 
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
@@ -176,8 +227,7 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
     merged."""
     folder = resolve(name_or_path)
     if (folder / "adapter_config.json").exists():
-        base = _read_json(folder / "adapter_config.json")["base_model_name_or_path"]
-        model, tokenizer = load_model(base, dtype, device)
+        model, tokenizer = load_model(_adapter_base(folder), dtype, device)
         if (folder / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_dir(folder)
         return merge_lora(load_adapter(model, folder)), tokenizer
@@ -185,6 +235,12 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
         raise InputError(f"{folder / 'config.json'} not found: a model folder in Hugging Face layout holds "
                          "config.json, *.safetensors and tokenizer.json")
     config = _read_json(folder / "config.json")            # names its own path when it is damaged
+    for key in SIZES:   # one of another kind fails deep inside torch, 0 heads as a division by zero; absent: below
+        value = config.get(key)
+        if key in config and not (value is None and key not in REQUIRED_SIZES) and \
+                not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise InputError(f"{folder / 'config.json'}: {key} is {json.dumps(value)}, where a size (a whole number, "
+                             "1 or more) belongs; restore the file from the model's source")
     try:
         args = ModelArgs.from_hf_config(config)
     except InputError as error:                             # its messages begin "config.json: ..."
@@ -241,14 +297,20 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     adapter_dir = Path(adapter_dir)
     config = _read_json(adapter_dir / "adapter_config.json")
     if not isinstance(config.get("target_modules"), list) or config.get("use_rslora"):
-        raise ValueError(f"{adapter_dir}/adapter_config.json: only a list of target_modules and plain LoRA "
-                         "scaling (no use_rslora) are supported")
+        raise InputError(f"{adapter_dir}/adapter_config.json: only a list of target_modules and plain LoRA "
+                         "scaling (no use_rslora) are supported; merge the adapter into its base model and give that "
+                         "folder instead")
+    if not all(isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)
+               and config[key] > 0 for key in ("r", "lora_alpha")):
+        raise InputError(f"{adapter_dir}/adapter_config.json: r {json.dumps(config.get('r'))} and lora_alpha "
+                         f"{json.dumps(config.get('lora_alpha'))}: each must be a positive number; restore the file "
+                         "from where the adapter was saved")
     cfg = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                      target_modules=tuple(config["target_modules"]))
     apply_lora(model, cfg)
     device = model.lm_head.weight.device
     tensors = {k.removeprefix("base_model.model."): v.to(model.lm_head.weight.dtype) for k, v in
-               load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(device)).items()}
+               _load_safetensors(adapter_dir / "adapter_model.safetensors", device).items()}
     expected = {k: v.shape for k, v in _lora_state(model).items()}
     _check_tensors(expected, tensors, adapter_dir / "adapter_model.safetensors")
     model.load_state_dict(tensors, strict=False)   # the base weights are loaded; _check_tensors checked the adapter's

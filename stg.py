@@ -258,7 +258,7 @@ def read_records(path, flag: str | None = None) -> list[dict]:
         where = f"{flag} {path}:{line_no}" if flag else f"{path}:{line_no}"
         target = record.get("target")
         if isinstance(target, (int, float)) and not isinstance(target, bool):
-            if not math.isfinite(target):
+            if isinstance(target, float) and not math.isfinite(target):   # math.isfinite(10**400) overflows
                 raise InputError(f"{where}: field 'target' is {target}; write the answer as a string")
             record["target"] = str(target)   # the authors' STG_H files hold the AQI as a number
         for field in ("input", "target"):
@@ -308,13 +308,16 @@ def guess_task(stem: str) -> str:
 
 
 def parse_tests(text: str) -> dict[str, Path]:
-    """--test "iid=a.jsonl,ood=b.jsonl" -> {"iid": Path("a.jsonl"), "ood": Path("b.jsonl")}; each file must exist
-    and each split name be given once."""
+    """--test "iid=a.jsonl,ood=b.jsonl" -> {"iid": Path("a.jsonl"), "ood": Path("b.jsonl")}; at least one, each file
+    must exist and each split name, without a '/', be given once."""
     tests = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         split, sep, path = item.partition("=")
         if not sep or not split.strip() or not path.strip():
             raise InputError(f"--test {text!r}: write each test file as split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl")
+        if "/" in split or os.sep in split:   # the split names the files predictions_<data>_<split>.jsonl
+            raise InputError(f"--test {text!r}: the split name {split.strip()!r} holds a '/'; name each split "
+                             "without one, e.g. iid=test.jsonl")
         file = Path(path.strip())
         if not file.exists():
             raise InputError(f"--test: {file} (split {split.strip()!r}) is not a file")
@@ -327,6 +330,9 @@ def parse_tests(text: str) -> dict[str, Path]:
                              f"file its own name, e.g. {split.strip()}={tests[split.strip()]},"
                              f"{split.strip()}2={path.strip()}")
         tests[split.strip()] = Path(path.strip())
+    if not tests:   # nothing would be tested, and eval.py would write the data set's results as none
+        raise InputError(f"--test {text!r}: names no test file; write split=FILE, e.g. iid=test.jsonl,ood=ood.jsonl, "
+                         "or leave --test out for the data set's own test files")
     return tests
 
 

@@ -152,10 +152,11 @@ def stg_sections(results: Path) -> dict[str, list[str]]:
     return sections
 
 
-def fill_blocks(path: Path, stg_tables: dict[str, list[str]], downstream: dict[str, list[str]]) -> None:
-    """Replace each block of `path` between "<!-- stg-table: <folder>, <data> -->" and "<!-- /stg-table -->" with
-    that STG section's table, and between "<!-- tables: <suffix> -->" and "<!-- /tables -->" with that precision's
-    Table 2 and Table 5, so that the page (docs/findings.md) shows what the committed runs give and nothing else."""
+def fill_blocks(path: Path, text: str, stg_tables: dict[str, list[str]], downstream: dict[str, list[str]]) -> None:
+    """Replace each block of `path`, whose text is `text`, between "<!-- stg-table: <folder>, <data> -->" and
+    "<!-- /stg-table -->" with that STG section's table, and between "<!-- tables: <suffix> -->" and
+    "<!-- /tables -->" with that precision's Table 2 and Table 5, so that the page (docs/findings.md) shows what the
+    committed runs give and nothing else."""
     def fill(match: re.Match) -> str:
         kind, key = match.group(1), match.group(2)
         sections = stg_tables if kind == "stg-table" else downstream
@@ -165,7 +166,6 @@ def fill_blocks(path: Path, stg_tables: dict[str, list[str]], downstream: dict[s
                 f"are: {', '.join(sections) or 'none'}")
         lines = [line for line in sections[key] if line.startswith("|")] if kind == "stg-table" else sections[key]
         return f"<!-- {kind}: {key} -->\n" + "\n".join(lines) + f"\n<!-- /{kind} -->"
-    text = path.read_text(encoding="utf-8")
     cli.write_text(path, re.sub(r"<!-- (stg-table|tables): (.+?) -->\n.*?<!-- /\1 -->", fill, text, flags=re.S))
 
 
@@ -270,6 +270,15 @@ def downstream_section(found: dict) -> list[str]:
 
 def main(argv=None) -> str:
     cfg = TablesConfig(**vars(cli.config_parser(TablesConfig, __doc__).parse_args(argv)))
+    if not Path(cfg.results).is_dir():   # else every table would come out empty, without a word
+        what = "not a folder" if Path(cfg.results).exists() else "no such folder"
+        raise cli.InputError(f"--results {cfg.results}: {what}; give the folder that holds the study folders "
+                             "(alpha-study-*, <task>-smollm2)")
+    cli.check_output(cfg.out, "--out", folder=False)   # before the summaries are made again, not after
+    pages = {}   # the pages whose blocks are filled, read now: a missing one is named before any work
+    for flag, page in (("--findings", cfg.findings), ("--readme", cfg.readme)):
+        if page and Path(page) not in pages:
+            pages[Path(page)] = cli.read_text(cli.check_output(page, flag, folder=False), flag)
     sections = stg_sections(Path(cfg.results))
     stg_lines = [line for key, section in sections.items() for line in (f"## STG: {key}", "", *section, "")]
     downstream = {suffix: downstream_section(found) for suffix in PRECISIONS
@@ -279,8 +288,8 @@ def main(argv=None) -> str:
         f"folders *-{suffix})", "", *section, "")]
     text = "\n".join(["# The README's result tables (full fine-tuning)", "", *stg_lines, *downstream_lines])
     cli.write_text(Path(cfg.out), text)
-    for page in dict.fromkeys(path for path in (cfg.findings, cfg.readme) if path):
-        fill_blocks(Path(page), sections, downstream)
+    for page, page_text in pages.items():
+        fill_blocks(page, page_text, sections, downstream)
     print(text)
     return text
 
