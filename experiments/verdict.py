@@ -3,11 +3,11 @@ bootstrap interval, for the CAT setting chosen on validation and for the one set
 
     python experiments/verdict.py                       # docs/verdict.png, from the committed study folders
 
-STG (OOD accuracy, the authors' files, three seeds each): the setting chosen on val and attr-k3 (N_i over the
-record's other attributes, past the paper), in the bf16 and float32 studies; a grey bar marks how far always
-answering "Low Risk" stands above vanilla's mean. Downstream (test accuracy, bf16, the authors' annotations):
-Table 2's columns, the setting chosen on each task's val file. Every number is read from the summaries that
-experiments/tables.py makes again from the run folders, so the figure never lags them.
+STG (OOD accuracy, three seeds each): the setting chosen on val and attr-k3 (N_i over the record's other attributes,
+past the paper), on the authors' files in the bf16 and float32 studies and on our generator's STG_S; a grey bar
+marks where always answering "Low Risk" stands against vanilla's mean. Downstream (test accuracy, bf16, the authors'
+annotations): Table 2's columns, the setting chosen on each task's val file. Every number is read from the summaries
+that experiments/tables.py makes again from the run folders, so the figure never lags them.
 """
 import sys
 from dataclasses import dataclass
@@ -25,7 +25,9 @@ STG_ROWS = [("STG_S, bf16", "alpha-study-smollm2", "stg_s", "chosen"),
             ("STG_S, float32", "alpha-study-smollm2-fp32", "stg_s", "chosen"),
             ("STG_S, float32", "alpha-study-smollm2-fp32", "stg_s", "attr-k3"),
             ("STG_M, float32", "alpha-study-smollm2-fp32", "stg_m", "chosen"),
-            ("STG_M, float32", "alpha-study-smollm2-fp32", "stg_m", "attr-k3")]
+            ("STG_M, float32", "alpha-study-smollm2-fp32", "stg_m", "attr-k3"),
+            ("our STG_S, float32", "gen-stg-smollm2-fp32", "gen-stg_s", "chosen"),
+            ("our STG_S, float32", "gen-stg-smollm2-fp32", "gen-stg_s", "attr-k3")]
 
 
 @dataclass
@@ -96,7 +98,8 @@ def draw(stg: list[Row], downstream: list[Row], out: Path) -> None:
     ax.set_yticklabels([r.label for r in rows], fontsize=9)
     ax.set_xlabel("CAT − vanilla, accuracy points, paired, 95 % interval (STG: OOD test file; downstream: test file)",
                   fontsize=9)
-    ax.set_title("Does CAT work? SmolLM2-135M-Instruct, full fine-tuning, the authors' files", fontsize=10)
+    ax.set_title("Does CAT work? SmolLM2-135M-Instruct, full fine-tuning, the authors' files (and our STG_S)",
+                 fontsize=10)
     handles = [Line2D([], [], color="tab:blue", marker="o", label="CAT as published, the setting chosen on val"),
                Line2D([], [], color="tab:orange", marker="o", label="past the paper: N_i over the other attributes"),
                Line2D([], [], color="0.8", linewidth=7, label='always answering "Low Risk", minus vanilla')]
