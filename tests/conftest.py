@@ -1,5 +1,6 @@
 """Shared fixtures: tokenizers built offline with `tokenizers`, and the SmolLM2 folder when it exists."""
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def _train(tok: Tokenizer, vocab_size: int, **kw) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False, **kw)
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C as a terminal delivers it, for a test that sends SIGINT: Python's own handler in this process, the
+    default in the children it starts. A test run started with `&` from a script inherits SIGINT ignored, and so
+    would every child, which Ctrl-C then would not reach."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)   # a child starts with the default
+    yield
+    signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.fixture(scope="session")

@@ -321,7 +321,7 @@ def test_killed_run_resumes_without_asking_twice(tmp_path):
     assert_no_key(tmp_path, first_out, first_err, second.stdout, second.stderr)
 
 
-def test_interrupt_keeps_the_replies_in_flight(tmp_path):
+def test_interrupt_keeps_the_replies_in_flight(tmp_path, ctrl_c):
     """Ctrl-C asks nothing more but writes every reply already on its way: nothing paid is lost."""
     cfg = config(tmp_path, None, make_records(60))
     gate, asked = threading.Event(), itertools.count(1)
@@ -332,16 +332,10 @@ def test_interrupt_keeps_the_replies_in_flight(tmp_path):
         return 200, {}, good_reply(i), 0.3
 
     with ChatServer(held) as server:
-        # A child inherits an ignored SIGINT (a test run started with `&` from a script has one), and Python then
-        # leaves Ctrl-C ignored; with a handler set here, the child starts with the default and Python's own.
-        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            proc = subprocess.Popen([sys.executable, str(ROOT / "annotate.py"), "annotate", "--task", "mawps",
-                                     "--in", cfg.inp, "--out", cfg.out, "--base-url", server.url, "--model", "m",
-                                     "--api-key-env", "CAT_TEST_KEY", "--concurrency", "4"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        finally:
-            signal.signal(signal.SIGINT, inherited)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "annotate.py"), "annotate", "--task", "mawps",
+                                 "--in", cfg.inp, "--out", cfg.out, "--base-url", server.url, "--model", "m",
+                                 "--api-key-env", "CAT_TEST_KEY", "--concurrency", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300       # a bound against hanging only
         while sum(server.calls.values()) < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -352,7 +346,7 @@ def test_interrupt_keeps_the_replies_in_flight(tmp_path):
     assert sorted(ids(cfg.out)) == sorted(server.calls) and len(server.calls) < 60
 
 
-def test_ctrl_c_while_a_reply_is_written_loses_nothing(tmp_path, monkeypatch):
+def test_ctrl_c_while_a_reply_is_written_loses_nothing(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C lands wherever the loop is, here in the middle of writing the first reply (not while it waits for the
     next): that reply and every one on its way are written, nothing more is asked, and the run says it was
     interrupted. A second Ctrl-C stops at once."""

@@ -125,7 +125,7 @@ def test_a_checkpoint_whose_config_and_tensors_disagree_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
-def test_ctrl_c_says_where_to_continue(stopped_run, tmp_path):
+def test_ctrl_c_says_where_to_continue(stopped_run, tmp_path, ctrl_c):
     """Ctrl-C in the loop: no traceback; the last checkpoint and the command that continues from it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "runs" / "long"
