@@ -17,8 +17,6 @@ ALIASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "qwen2.5-1.5b": "Qwen/Qwen2.
            "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json"]
-REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-SIZES = (*REQUIRED_SIZES, "num_key_value_heads", "head_dim")   # config.json's sizes; these two may be null (derived)
 BIN_WEIGHTS = "pytorch_model*.bin"   # the older weights format: fetched only without safetensors, converted once
 
 
@@ -235,12 +233,6 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu") -> tuple[Tr
         raise InputError(f"{folder / 'config.json'} not found: a model folder in Hugging Face layout holds "
                          "config.json, *.safetensors and tokenizer.json")
     config = _read_json(folder / "config.json")            # names its own path when it is damaged
-    for key in SIZES:   # one of another kind fails deep inside torch, 0 heads as a division by zero; absent: below
-        value = config.get(key)
-        if key in config and not (value is None and key not in REQUIRED_SIZES) and \
-                not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise InputError(f"{folder / 'config.json'}: {key} is {json.dumps(value)}, where a size (a whole number, "
-                             "1 or more) belongs; restore the file from the model's source")
     try:
         args = ModelArgs.from_hf_config(config)
     except InputError as error:                             # its messages begin "config.json: ..."

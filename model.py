@@ -10,6 +10,7 @@
   LoRALinear           hand-written LoRA (Hu et al. 2021): W0 x + (alpha/r)·B A x, PEFT's parameter names
 Files (config.json, safetensors, tokenizers, adapters, the hub) are hf.py's."""
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -57,10 +58,16 @@ class ModelArgs:
         if rope_type not in ("default", "linear", "llama3"):
             raise InputError(f"config.json: RoPE type {rope_type!r} is not supported: 'default', 'linear', 'llama3'")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size") if k not in cfg]
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        missing = [k for k in required if k not in cfg]
         if missing:
             raise InputError(f"config.json: no {', '.join(missing)}: a Llama, Qwen2 or Mistral config.json has them")
+        for key in (*required, "num_key_value_heads", "head_dim"):   # these two may be null: derived below
+            value = cfg.get(key)   # one of another kind fails deep inside torch, 0 heads as a division by zero
+            if key in cfg and not (value is None and key not in required) and \
+                    not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise InputError(f"config.json: {key} is {json.dumps(value)}, where a size (a whole number, 1 or "
+                                 "more) belongs; restore the file from the model's source")
         args = cls(architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
                    n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                    n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
