@@ -1,4 +1,5 @@
 """Shared fixtures: tokenizers built offline with `tokenizers`, and the SmolLM2 folder when it exists."""
+import importlib
 import os
 import signal
 import sys
@@ -25,6 +26,14 @@ def _train(tok: Tokenizer, vocab_size: int, **kw) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False, **kw)
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
+
+
+def experiment(name: str):
+    """A module of experiments/ (alpha_study, tables, ...), imported by name as its scripts import each other."""
+    folder = str(ROOT / "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 @pytest.fixture

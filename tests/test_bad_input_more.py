@@ -18,7 +18,7 @@ import hf
 import model as M
 import stg
 import train
-from conftest import a_run, cli_error
+from conftest import a_run, cli_error, experiment
 from model import ModelArgs, Transformer
 
 TINY = ["--model", "scratch", "--scratch-dim", "32", "--scratch-layers", "1", "--scratch-heads", "2",
@@ -192,7 +192,7 @@ STUDY = {"model": "/models/smollm2", "authors_data": "/data/CAT", "data": "stg_s
 def test_summary_only_refuses_a_flag_of_another_study(extra, flag, tmp_path, capsys):
     """--summary-only reads the study from its study_config.json: a flag beside it that says otherwise was ignored
     without a word, and a summary of one study came out of a command that named another."""
-    study = alpha_study()
+    study = experiment("alpha_study")
     out = tmp_path / "study"
     out.mkdir()
     (out / "study_config.json").write_text(json.dumps(STUDY, indent=2) + "\n")
@@ -204,7 +204,7 @@ def test_summary_only_refuses_a_flag_of_another_study(extra, flag, tmp_path, cap
 
 def test_summary_only_takes_the_studys_own_flags(tmp_path):
     """The study's own command with --summary-only added defines the same study: nothing to refuse."""
-    study = alpha_study()
+    study = experiment("alpha_study")
     out = tmp_path / "study"
     out.mkdir()
     (out / "study_config.json").write_text(json.dumps({k: v for k, v in STUDY.items() if k != "keep_weights"}))
@@ -213,14 +213,6 @@ def test_summary_only_takes_the_studys_own_flags(tmp_path):
     assert study.parse_args(["--out", str(out), "--summary-only", *same, "--", "--epochs", "2"]).summary_only
     assert study.parse_args(["--out", str(out), "--summary-only"]).summary_only
     assert study.parse_args(["--out", str(tmp_path / "new"), "--summary-only", "--seeds", "7"]).seeds == "7"
-
-
-def alpha_study():
-    experiments = str(Path(__file__).resolve().parents[1] / "experiments")
-    if experiments not in sys.path:
-        sys.path.insert(0, experiments)
-    import alpha_study as module
-    return module
 
 
 # ----------------------------------------------------------------------------- 5. annotate.py fetch --source

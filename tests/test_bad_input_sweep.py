@@ -6,7 +6,6 @@ file or a split with a '/', experiments/tables.py's paths, and a target too larg
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import cli
 import eval as evaluation
 import hf
 import stg
-from conftest import cli_error
+from conftest import cli_error, experiment
 from model import ModelArgs, Transformer
 
 RECORD = {"input": "a a", "target": "b"}
@@ -175,14 +174,6 @@ def test_a_test_flag_that_names_no_file_or_a_split_with_a_slash_is_refused(test,
 
 
 # ----------------------------------------------------------------------------- 3. experiments/tables.py
-def tables():
-    experiments = str(Path(__file__).resolve().parents[1] / "experiments")
-    if experiments not in sys.path:
-        sys.path.insert(0, experiments)
-    import tables as module
-    return module
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--results", "{tmp}/absent"], "--results {tmp}/absent: no such folder; give the folder that holds"),
     (["--results", "{tmp}/notes.txt"], "--results {tmp}/notes.txt: not a folder"),
@@ -201,7 +192,7 @@ def test_tables_checks_its_paths_before_any_work(flags, message, tmp_path, capsy
     before = digest(tmp_path)
     argv = ["--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables.md"),
             *(f.replace("{tmp}", str(tmp_path)) for f in flags)]
-    err = cli_error(lambda: tables().main(argv), capsys)
+    err = cli_error(lambda: experiment("tables").main(argv), capsys)
     assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))), err
     assert digest(tmp_path) == before
 
