@@ -308,9 +308,9 @@ def resolve_device(value: str) -> str:
 def check_output(path, flag: str, folder: bool) -> Path:
     """An output path checked before any work is done, so that a mistake does not surface after minutes of it:
     not empty, no file on the way to it ("out.txt/run"), a folder where a folder is needed (folder=True) and not a
-    folder where a file is written, and a place this process can write (the folder itself when it exists, else the
-    nearest existing folder above it, where it will be made). Nothing is created. Raises InputError naming the
-    flag; returns the path."""
+    folder, a FIFO or a device (which the write would replace) where a file is written, and a place this process
+    can write (the folder itself when it exists, else the nearest existing folder above it, where it will be made).
+    Nothing is created. Raises InputError naming the flag; returns the path."""
     if not str(path).strip():
         raise InputError(f"{flag} is empty: give a {'folder' if folder else 'file'} path")
     path = Path(path)
@@ -319,6 +319,8 @@ def check_output(path, flag: str, folder: bool) -> Path:
             raise InputError(f"{flag} {path}: a file is there, where a folder is needed; choose another {flag}")
         if not folder and path.is_dir():
             raise InputError(f"{flag} {path}: a folder is there, where a file is to be written; give a file path")
+        if not folder and path.exists() and not path.is_file():   # a write would replace it: a FIFO, /dev/null
+            raise InputError(f"{flag} {path}: {NOT_REGULAR}; give the path of a file")
         absolute = Path(os.path.abspath(path))
         base = absolute if folder and absolute.is_dir() else next(p for p in absolute.parents if p.exists())
     except PermissionError as error:

@@ -650,6 +650,14 @@ def run_config(run: Path) -> dict | None:
     cfg = cli.read_json(path, what_to_do)
     if not isinstance(cfg, dict):
         raise cli.InputError(f"{path} is damaged: not the JSON object train.py writes; {what_to_do}")
+    import runs                                        # as in setting_key
+    import train
+    fields = {f.name: f.type for f in dataclasses.fields(train.TrainConfig)}
+    for key, value in cfg.items():   # a hand edit ("alpha": "0.6") would end in a traceback in the table's labels
+        kind = fields.get(RENAMED.get(key, key))
+        if kind is not None and not runs.fits(value, kind):
+            raise cli.InputError(f"{path} is damaged: {key} is {json.dumps(value)}, not the "
+                                 f"{getattr(kind, '__name__', kind)} train.py writes; {what_to_do}")
     return cfg
 
 

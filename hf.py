@@ -36,6 +36,11 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def _number(value) -> bool:
+    """Whether a JSON value is a number (true and false are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _token(value) -> str | None:
     """A special token of tokenizer_config.json: a string, a dict with "content", or null."""
     return value.get("content") if isinstance(value, dict) else value
@@ -288,17 +293,23 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     """Wrap model with the LoRA layers of a PEFT-layout folder and load their weights (not merged)."""
     adapter_dir = Path(adapter_dir)
     config = _read_json(adapter_dir / "adapter_config.json")
-    if not isinstance(config.get("target_modules"), list) or config.get("use_rslora"):
+    targets = config.get("target_modules")
+    if not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)) or config.get("use_rslora"):
         raise InputError(f"{adapter_dir}/adapter_config.json: only a list of target_modules and plain LoRA "
                          "scaling (no use_rslora) are supported; merge the adapter into its base model and give that "
                          "folder instead")
-    if not all(isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)
-               and config[key] > 0 for key in ("r", "lora_alpha")):
-        raise InputError(f"{adapter_dir}/adapter_config.json: r {json.dumps(config.get('r'))} and lora_alpha "
-                         f"{json.dumps(config.get('lora_alpha'))}: each must be a positive number; restore the file "
-                         "from where the adapter was saved")
-    cfg = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                     target_modules=tuple(config["target_modules"]))
+    r, lora_alpha = config.get("r"), config.get("lora_alpha")
+    if not (_number(r) and _number(lora_alpha) and r > 0 and lora_alpha > 0 and isinstance(r, int)):
+        raise InputError(f"{adapter_dir}/adapter_config.json: r {json.dumps(r)} and lora_alpha "
+                         f"{json.dumps(lora_alpha)}: each must be a positive number, r a whole one (the rank); "
+                         "restore the file from where the adapter was saved")
+    layers = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    if not layers & set(targets):   # an adapter of another architecture (GPT-2's c_attn)
+        raise InputError(f"{adapter_dir}/adapter_config.json: target_modules {json.dumps(targets)} names no linear "
+                         f"layer of the base model ({', '.join(sorted(layers))}), so the adapter is of another kind "
+                         "of model; give it over the base model it was trained on")
+    # lora_dropout is left out: it acts in training only, and an adapter is loaded to be merged and evaluated
+    cfg = LoRAConfig(r=r, alpha=lora_alpha, dropout=0.0, target_modules=tuple(targets))
     apply_lora(model, cfg)
     device = model.lm_head.weight.device
     tensors = {k.removeprefix("base_model.model."): v.to(model.lm_head.weight.dtype) for k, v in

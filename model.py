@@ -18,9 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import ArgumentParser, InputError, run_cli
+from cli import ArgumentParser, InputError, check_device, resolve_device, run_cli
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ROPE_KEYS = {"default": (), "linear": ("factor",),                          # what rope_frequencies reads of each type
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -68,6 +70,16 @@ class ModelArgs:
                     not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise InputError(f"config.json: {key} is {json.dumps(value)}, where a size (a whole number, 1 or "
                                  "more) belongs; restore the file from the model's source")
+        numbers = {"rms_norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_theta": theta,
+                   **{f"rope_scaling's {key}": rope.get(key) for key in ROPE_KEYS[rope_type]}}
+        for key, value in numbers.items():   # a string here fails deep inside torch, a missing factor as a KeyError
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise InputError(f"config.json: {key} is {'missing' if value is None else json.dumps(value)}, where "
+                                 "a positive number belongs; restore the file from the model's source")
+        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):   # "false" would read as true
+            if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+                raise InputError(f"config.json: {key} is {json.dumps(cfg[key])}, where true or false belongs; "
+                                 "restore the file from the model's source")
         args = cls(architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
                    n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                    n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
@@ -462,8 +474,12 @@ def main():
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     a = parser.parse_args()
+    if a.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
+    check_device(a.device)   # else safetensors, reading the weights onto it, fails as if the file were damaged
+    a.device = resolve_device(a.device)
     model, tokenizer = hf.load_model(a.model, getattr(torch, a.dtype), a.device)
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(a.prompt)
     if not prompt:

@@ -92,6 +92,10 @@ def validate(cfg) -> None:
     if cfg.scratch_dim % cfg.scratch_heads:
         raise cli.InputError(f"--scratch-dim {cfg.scratch_dim} is not a multiple of --scratch-heads "
                              f"{cfg.scratch_heads}")
+    if cfg.scratch_dim // cfg.scratch_heads % 2:   # RoPE rotates a head's dimensions in pairs
+        raise cli.InputError(f"--scratch-dim {cfg.scratch_dim} / --scratch-heads {cfg.scratch_heads} gives heads of "
+                             f"{cfg.scratch_dim // cfg.scratch_heads} dimensions, an odd number: RoPE rotates them in "
+                             "pairs; choose them so that each head has an even number")
     cli.check_device(cfg.device)
     if not cfg.resume:   # a resumed run writes into its own folder, which exists
         cli.check_output(cfg.out, "--out", folder=True)
@@ -521,6 +525,10 @@ def setup(cfg, losses, adamw) -> tuple[Run, int]:
     data = stg.resolve_data(cfg.data, tests=cfg.test or None)
     if data.train is None:
         raise cli.InputError(f"--data {cfg.data}: no training file")
+    if cfg.val_frac > 0 and "val" in data.tests:   # the file would take the carved-out split's place, unseen
+        raise cli.InputError(f"--test: the split name 'val' ({data.tests['val']}) is the name of the validation split "
+                             f"that --val-frac {cfg.val_frac} carves out; name that test file otherwise (e.g. "
+                             f"dev={data.tests['val']}), or leave out --val-frac")
     if cfg.contrast == "attributes" and data.task not in stg.FACTORS:
         raise cli.InputError(f"--contrast attributes: {data.train} is not STG data (task {data.task!r}); its records "
                              "have no known \"Name: value\" attributes to contrast the causes with")

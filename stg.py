@@ -349,6 +349,9 @@ def _resolve_data(name_or_path: str, data_dir: Path) -> DataSet:
         data = DataSet(name_or_path, task, data_dir / f"{name_or_path}_train.jsonl", None,
                        {split: data_dir / f"{task}_test_{split}.jsonl" for split in ("iid", "ood")})
         missing = [p for p in (data.train, *data.tests.values()) if not p.exists()]
+        if missing and data_dir.exists() and not data_dir.is_dir():   # where they would be generated
+            raise InputError(f"--data {name_or_path}: its files are generated in the folder {data_dir}, and {data_dir} "
+                             "is a file here; move that file aside, or run from another folder")
         if missing:
             print(f"stg: {', '.join(map(str, missing))} missing; generating the STG files in {data_dir} (seed 42)")
             write_stg(data_dir, seed=42, only_missing=True)

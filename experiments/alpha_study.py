@@ -599,9 +599,21 @@ def selected(queue: list[Job], only: str) -> list[Job]:
 
 
 def saved_config(out: Path) -> StudyConfig:
-    """The configuration a study folder was run with (its study_config.json), with `out` where it is now."""
-    saved = json.loads((Path(out) / "study_config.json").read_text())
+    """The configuration a study folder was run with (its study_config.json), with `out` where it is now. A damaged
+    file (a merge conflict, a hand edit) raises InputError naming it and the first field that is not the study's."""
+    path = Path(out) / "study_config.json"
+    saved = cli.read_json(path, "restore it from git")
+    if not isinstance(saved, dict):
+        raise cli.InputError(f"{path} is damaged: not the JSON object alpha_study.py writes; restore it from git")
     saved.pop("revision", None)
+    fields = {f.name: f.type for f in dataclasses.fields(StudyConfig)}
+    for key, value in saved.items():
+        kind = fields.get(key)
+        if kind is None or not (isinstance(value, kind) if kind is not float else
+                                isinstance(value, (int, float)) and not isinstance(value, bool)):
+            found = f"{key} is {json.dumps(value)}, not the {kind.__name__} alpha_study.py writes" if kind else \
+                f"{key!r} is no setting of alpha_study.py's"
+            raise cli.InputError(f"{path} is damaged: {found}; restore it from git")
     return StudyConfig(**{**saved, "out": str(out), "summary_only": True})
 
 
@@ -656,8 +668,17 @@ def main(argv=None) -> Path:
     if not cfg.summary_only and out.is_dir() and any(out.iterdir()) and not (out / "study_config.json").exists():
         raise cli.InputError(f"--out {out}: the folder holds other files and no study_config.json; give a new "
                              "folder, or the folder of the study to continue")
-    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study_config.json"
+    if not cfg.summary_only and config_path.exists():   # its finished runs are skipped, taken as this study's own
+        saved = saved_config(out)
+        for name in ("model", "val_frac", "train_args"):   # what every run of the study was trained with
+            if getattr(cfg, name) != getattr(saved, name):
+                flag = "the train.py flags after --" if name == "train_args" else f"--{name.replace('_', '-')}"
+                value = (" ".join(cfg.train_args) or "(none)") if name == "train_args" else getattr(cfg, name)
+                raise cli.InputError(f"{flag} {value}: {config_path} has {json.dumps(getattr(saved, name))}, and the "
+                                     "study's finished runs would count as this study's; give this study another "
+                                     f"--out, or the study's own {flag}")
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.summary_only and config_path.exists():   # the committed configuration, with this run's --out
         cfg = saved_config(out)
     if not cfg.summary_only:

@@ -180,6 +180,7 @@ def figure(d: dict) -> Path | None:
 
 def main(argv=None) -> str:
     cfg = AttributesConfig(**vars(cli.config_parser(AttributesConfig, __doc__).parse_args(argv)))
+    cli.check_output(cfg.out, "--out", folder=False)   # before the studies are read, not after
     found = []
     for folder in map(Path, items(cfg.studies)):
         if not (folder / "study_config.json").exists():

@@ -108,6 +108,7 @@ def table(cfg: CopiesConfig) -> str:
 
 def main(argv=None) -> str:
     cfg = CopiesConfig(**vars(cli.config_parser(CopiesConfig, __doc__).parse_args(argv)))
+    cli.check_output(cfg.out, "--out", folder=False)   # before the studies are read, not after
     text = table(cfg)
     cli.write_text(Path(cfg.out), text + "\n")
     print(text)

@@ -61,6 +61,7 @@ def main(argv=None) -> str:
     cfg = RowsConfig(**vars(cli.config_parser(RowsConfig, __doc__).parse_args(argv)))
     if not cfg.model:
         raise cli.InputError("--model: the model whose tokenizer splits the records (a folder, alias or hub id)")
+    cli.check_output(cfg.out, "--out", folder=False)   # before the records are read, not after
     text = table(cfg)
     cli.write_text(Path(cfg.out), text + "\n")
     print(text)

@@ -19,6 +19,7 @@ Arguments after `--` go to every train.py call unchanged (epochs, lr, batch size
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -409,15 +410,28 @@ def parse_args(argv=None) -> GridConfig:
         p.error(f"--data {','.join(unknown)}: expected STG data sets ({', '.join(stg.STG_TRAIN)})")
     if cfg.attention and cfg.attention_data not in items(cfg.data):
         p.error(f"--attention-data {cfg.attention_data} is not one of --data {cfg.data}")
-    if cfg.jobs < 1 or not items(cfg.alphas, float) or min(items(cfg.alphas, float)) <= 0:
+    # checked here: a mistake would end the grid in a traceback midway, or fail every run in its own log.txt
+    try:
+        seeds = items(cfg.seeds, int)
+    except ValueError:
+        p.error(f"--seeds {cfg.seeds!r}: comma-separated whole numbers, e.g. 42,1,2")
+    try:
+        alphas = items(cfg.alphas, float)
+    except ValueError:
+        p.error(f"--alphas {cfg.alphas!r}: comma-separated numbers, e.g. 0.05,0.15")
+    if not seeds or any(not 0 <= seed < 2**32 for seed in seeds):
+        p.error(f"--seeds {cfg.seeds!r}: one or more seeds, each between 0 and {2**32 - 1}")
+    if cfg.jobs < 1 or not alphas or not all(0 < alpha < math.inf for alpha in alphas):   # NaN fails too
         p.error("--jobs must be ≥ 1 and --alphas a list of α > 0")
+    if not 0 < cfg.val_frac < 1:   # the selection runs are tested on the share held out
+        p.error(f"--val-frac {cfg.val_frac}: must be between 0 and 1")
     return cfg
 
 
 def main(argv=None) -> Path:
     cfg = parse_args(argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f"runs/grid-{label(cfg)}")
-    out = Path(cfg.out)
+    out = cli.check_output(cfg.out, "--out", folder=True)
     datas, seeds, alphas = items(cfg.data), items(cfg.seeds, int), items(cfg.alphas, float)
     if cfg.model == "scratch" and max(alphas) < 1:
         print("note: a scratch model starts at C/N ≈ 1 (docs/design.md), so the hinge max(0, α − C/N) stays zero for "

@@ -105,13 +105,14 @@ def draw(stg: list[Row], downstream: list[Row], out: Path) -> None:
                Line2D([], [], color="0.8", linewidth=7, label='always answering "Low Risk", minus vanilla')]
     ax.legend(handles=handles, loc="lower right", fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, metadata={"Software": None})
+    with cli.atomic_path(out) as tmp:   # a stop midway leaves the figure as it was, not half of one
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
     plt.close(fig)
 
 
 def main(argv=None) -> Path:
     cfg = VerdictConfig(**vars(cli.config_parser(VerdictConfig, __doc__).parse_args(argv)))
+    cli.check_output(cfg.out, "--out", folder=False)   # before the summaries are made again, not after
     results = Path(cfg.results)
     stg, downstream = stg_rows(results), downstream_rows(results)
     for r in stg + downstream:

@@ -1,11 +1,19 @@
 """Bad input, what a fifth sweep found: a model folder whose files are damaged or of the wrong kind (JSON that is no
 object or not UTF-8, a tokenizer.json cut short, sizes and token ids of the wrong type, an index without its
 weight_map, a pytorch_model.bin cut short, an adapter that names no base model or itself), a --test that names no
-file or a split with a '/', experiments/tables.py's paths, and a target too large for a float. Each ends in one
-`error:` line naming the file, field or flag, exit status 2, and nothing a user made is changed."""
+file or a split with a '/', experiments/tables.py's paths, and a target too large for a float. And what a sixth
+found: config.json's other numbers and switches, an adapter of another kind of model, model.py's and stg_grid.py's
+flags, an odd head size from --scratch-dim, a FIFO as an output file, the other experiments' --out, a --test split
+named 'val' beside --val-frac, a 'data' file where STG files are made, damaged train_config.json and
+study_config.json fields, and a study continued in another study's folder. Each ends in one `error:` line naming
+the file, field or flag, exit status 2, and nothing a user made is changed."""
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +22,10 @@ import torch
 import cli
 import eval as evaluation
 import hf
+import model as M
 import stg
-from conftest import cli_error, experiment
+import train
+from conftest import a_run, cli_error, experiment
 from model import ModelArgs, Transformer
 
 RECORD = {"input": "a a", "target": "b"}
@@ -206,3 +216,226 @@ def test_a_whole_number_target_of_any_size_is_read_as_its_text(tmp_path):
     path.write_text('{"input": "a", "target": Infinity}\n')
     with pytest.raises(cli.InputError, match=r"t.jsonl:1: field 'target' is inf"):
         stg.read_records(path)
+
+
+# ----------------------------------------------------------------------------- 5. the sixth sweep: model files
+@pytest.mark.parametrize("damage, message", [   # message: what the line says after the folder
+    (edit_json("config.json", lambda c: c.update(rope_scaling={"rope_type": "linear"})),
+     "/config.json: rope_scaling's factor is missing, where a positive number belongs"),
+    (edit_json("config.json", lambda c: c.update(rms_norm_eps="1e-5")),
+     '/config.json: rms_norm_eps is "1e-5", where a positive number belongs'),
+    (edit_json("config.json", lambda c: c.update(tie_word_embeddings="false")),
+     '/config.json: tie_word_embeddings is "false", where true or false belongs'),
+])
+def test_config_jsons_other_numbers_and_switches_are_named(damage, message, saved_model, data, tmp_path, capsys):
+    """A linear RoPE scaling without its factor was a KeyError, a number written as a string a TypeError deep in
+    torch; tie_word_embeddings "false" read as true and tied an untied model's output layer without a word."""
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    damage(folder)
+    before = digest(folder)
+    err = cli_error(lambda: evaluation.main(["--model", str(folder), "--data", str(data), "--out",
+                                             str(tmp_path / "e"), "--device", "cpu", "--dtype", "float32"]), capsys)
+    assert err == f"error: {folder}{message}; restore the file from the model's source", err
+    assert digest(folder) == before and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]},
+     '/adapter_config.json: target_modules ["c_attn"] names no linear layer of the base model (down_proj, '
+     "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj), so the adapter is of another kind of model; "
+     "give it over the base model it was trained on"),
+    ({"r": 8.5, "lora_alpha": 16, "target_modules": ["q_proj"]},
+     "/adapter_config.json: r 8.5 and lora_alpha 16: each must be a positive number, r a whole one (the rank); "
+     "restore the file from where the adapter was saved"),
+])
+def test_an_adapter_of_another_model_or_a_fractional_rank_is_named(config, message, saved_model, data, tmp_path,
+                                                                   capsys):
+    """GPT-2's target_modules ended in apply_lora's ValueError, a rank of 8.5 in a TypeError of torch.empty."""
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    adapter(config)(folder)
+    before = digest(tmp_path)
+    err = cli_error(lambda: evaluation.main(["--model", str(folder), "--data", str(data), "--out",
+                                             str(tmp_path / "e"), "--device", "cpu", "--dtype", "float32"]), capsys)
+    assert err == f"error: {folder}{message}", err
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags, message", [(["--device", "gpu"], "--device 'gpu': choose auto, cpu, cuda or cuda:N"),
+                                            (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1")])
+def test_model_py_checks_its_flags_before_the_weights(flags, message, saved_model, tmp_path, capsys, monkeypatch):
+    """--device gpu was read as a damaged model.safetensors ("download or save it again"), --max-new-tokens -1 a
+    traceback of torch.full."""
+    before = digest(saved_model)
+    monkeypatch.setattr(sys, "argv", ["model.py", "--model", str(saved_model), "--prompt", "a b", *flags])
+    assert cli_error(M.main, capsys) == f"error: {message}"
+    assert digest(saved_model) == before
+
+
+# ----------------------------------------------------------------------------- 6. the sixth sweep: train.py
+TINY = ["--model", "scratch", "--scratch-layers", "1", "--scratch-vocab", "300", "--batch-size", "8", "--epochs", "1",
+        "--no-save"]
+
+
+def test_scratch_heads_of_an_odd_size_are_refused_before_work(stg_file, tmp_path, capsys):
+    """--scratch-dim 6 --scratch-heads 2 (heads of 3) passed the multiple check and ended in a shape error of RoPE,
+    which rotates a head's dimensions in pairs."""
+    argv = [*TINY, "--scratch-dim", "6", "--scratch-heads", "2", "--data", str(stg_file), "--out", str(tmp_path / "r")]
+    err = cli_error(lambda: train.train(train.parse_args(argv)), capsys)
+    assert err == ("error: --scratch-dim 6 / --scratch-heads 2 gives heads of 3 dimensions, an odd number: RoPE "
+                   "rotates them in pairs; choose them so that each head has an even number")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_test_split_named_val_beside_val_frac_is_refused(stg_file, tmp_path, capsys):
+    """--test val=FILE took the place of the validation split --val-frac carves out: that split was written to
+    val.jsonl and never evaluated, and results.json's "val" was the other file's."""
+    mine = tmp_path / "mine.jsonl"
+    cli.write_jsonl(mine, stg.make_records("stg_e_test_ood", 42)[:4])
+    argv = [*TINY, "--scratch-dim", "32", "--scratch-heads", "2", "--data", str(stg_file), "--out",
+            str(tmp_path / "r"), "--test", f"val={mine}", "--val-frac", "0.25", "--eval-limit", "2"]
+    err = cli_error(lambda: train.train(train.parse_args(argv)), capsys)
+    assert err == (f"error: --test: the split name 'val' ({mine}) is the name of the validation split that "
+                   f"--val-frac 0.25 carves out; name that test file otherwise (e.g. dev={mine}), or leave out "
+                   "--val-frac")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_file_named_data_where_stg_files_are_made_is_named(saved_model, tmp_path, capsys, monkeypatch):
+    """--data stg_s makes its files in data/ when they are missing: a file of that name was a FileExistsError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").write_text("mine\n")
+    err = cli_error(lambda: evaluation.main(["--model", str(saved_model), "--data", "stg_s", "--out",
+                                             str(tmp_path / "e")]), capsys)
+    assert err == ("error: --data stg_s: its files are generated in the folder data, and data is a file here; move "
+                   "that file aside, or run from another folder")
+    assert (tmp_path / "data").read_text() == "mine\n" and not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- 7. the sixth sweep: output files
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_an_output_file_that_is_a_fifo_or_a_device_is_refused(tmp_path, capsys):
+    """tables.py --out PIPE replaced the FIFO with a regular file (as root, --out /dev/null would replace the device
+    node); eval.py --compare --out PIPE waited forever to read it."""
+    (tmp_path / "results").mkdir()
+    pipe = tmp_path / "pipe.md"
+    os.mkfifo(pipe)
+    err = cli_error(lambda: experiment("tables").main(["--results", str(tmp_path / "results"), "--out", str(pipe)]),
+                    capsys)
+    assert err == f"error: --out {pipe}: {cli.NOT_REGULAR}; give the path of a file"
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    with pytest.raises(cli.InputError, match="not a regular file"):
+        cli.check_output(os.devnull, "--out", folder=False)
+
+
+def fake_study(tmp_path: Path, **fields) -> tuple[Path, Path]:
+    """A study folder of alpha_study.py on MAWPS without runs yet, and the authors' data folder it reads."""
+    authors = tmp_path / "authors"
+    for stem in ("mawps_train", "mawps_val", "mawps_test"):
+        cli.write_jsonl(authors / "MAWPS" / f"{stem}.jsonl", [RECORD])
+    study = experiment("alpha_study")
+    folder = tmp_path / "mawps-smollm2"
+    folder.mkdir()
+    config = study.StudyConfig(model="/models/a", authors_data=str(authors), data="mawps", settings="vanilla",
+                               seeds="42", out=str(folder), **fields)
+    (folder / "study_config.json").write_text(json.dumps({**dataclasses.asdict(config), "revision": "abc"}))
+    return folder, authors
+
+
+@pytest.mark.parametrize("script", ["copies", "attributes", "row_counts", "verdict"])
+def test_the_experiments_check_their_out_before_any_work(script, saved_model, tmp_path, capsys):
+    """Each wrote --out last, after reading every study (or tokenising every record): an --out under a file ended
+    there in a traceback (FileExistsError)."""
+    folder, authors = fake_study(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    out = tmp_path / "notes.txt" / "table.md"
+    argv = {"copies": ["--studies", str(folder)],
+            "attributes": ["--studies", str(folder), "--split", "test", "--no-figure"],
+            "row_counts": ["--model", str(saved_model), "--authors-data", str(authors), "--data", "mawps"],
+            "verdict": ["--results", str(tmp_path)]}[script]
+    before = digest(tmp_path)
+    err = cli_error(lambda: experiment(script).main([*argv, "--out", str(out)]), capsys)
+    assert err == f"error: --out {out}: {tmp_path / 'notes.txt'} is a file, so nothing can be made under it; choose " \
+                  "another --out"
+    assert digest(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- 8. the sixth sweep: experiments
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "a,b"], "--seeds 'a,b': comma-separated whole numbers, e.g. 42,1,2"),
+    (["--alphas", "x"], "--alphas 'x': comma-separated numbers, e.g. 0.05,0.15"),
+    (["--alphas", "nan"], "--jobs must be ≥ 1 and --alphas a list of α > 0"),
+    (["--val-frac", "1.5"], "--val-frac 1.5: must be between 0 and 1"),
+    (["--out", "{tmp}/notes.txt/grid"], "--out {tmp}/notes.txt/grid: {tmp}/notes.txt is a file, so nothing can be "
+                                        "made under it; choose another --out"),
+])
+def test_stg_grid_checks_its_flags_before_any_run(flags, message, tmp_path, capsys, monkeypatch):
+    """--seeds a,b and --alphas x were tracebacks (ValueError), the first after grid_config.json was written; an
+    --out under a file one of mkdir; --alphas nan and --val-frac 1.5 started runs that each failed in its log."""
+    grid = experiment("stg_grid")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grid, "run_pool", lambda *args: pytest.fail("a run was started"))
+    (tmp_path / "notes.txt").write_text("mine\n")
+    before = digest(tmp_path)
+    argv = ["--data", "stg_s", "--seeds", "42", "--alphas", "2", "--out", str(tmp_path / "grid"),
+            *(f.replace("{tmp}", str(tmp_path)) for f in flags)]
+    err = cli_error(lambda: grid.main(argv), capsys)
+    assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))), err
+    assert digest(tmp_path) == before and not (tmp_path / "grid").exists()
+
+
+@pytest.mark.parametrize("field, message", [("alpha", 'alpha is "0.6", not the float train.py writes'),
+                                            ("model", "model is 5, not the str train.py writes")])
+def test_compare_names_a_train_config_field_of_the_wrong_type(field, message, tmp_path, capsys):
+    """'"alpha": "0.6"' ended in a ValueError of the row label's format, '"model": 5' in a TypeError of Path."""
+    config = {"model": "m", "alpha": 0.5, **{field: {"alpha": "0.6", "model": 5}[field]}}
+    run = Path(a_run(tmp_path / "run", config, {"d": {"test": {"accuracy": 0.5, "majority": 0.5, "n": 2}}}))
+    err = cli_error(lambda: evaluation.main(["--compare", str(run), "--out", str(tmp_path / "t.md")]), capsys)
+    assert err == (f"error: {run / 'train_config.json'} is damaged: {message}; train.py writes it when a run starts: "
+                   f"restore it from a copy, or leave {run} out of --compare")
+    assert not (tmp_path / "t.md").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{\n<<<<<<< HEAD\n"model": "m"\n}\n', "not valid JSON (Expecting property name enclosed in double quotes at "
+                                            "line 2, column 1)"),
+    ('{"model": "m", "seed": 42}', "'seed' is no setting of alpha_study.py's"),
+    ('{"model": "m", "seeds": 42}', "seeds is 42, not the str alpha_study.py writes"),
+])
+def test_a_damaged_study_config_is_named(text, message, tmp_path, capsys):
+    """A merge conflict in a committed study_config.json was a JSONDecodeError in tables.py (and copies.py,
+    attributes.py, verdict.py), a key of another name a TypeError of StudyConfig, seeds as a number an
+    AttributeError."""
+    folder = tmp_path / "results" / "mawps-smollm2"
+    folder.mkdir(parents=True)
+    (folder / "study_config.json").write_text(text)
+    before = digest(tmp_path)
+    err = cli_error(lambda: experiment("tables").main(["--results", str(tmp_path / "results"), "--out",
+                                                       str(tmp_path / "t.md")]), capsys)
+    assert err == f"error: {folder / 'study_config.json'} is damaged: {message}; restore it from git"
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags, flag, value, saved", [
+    (["--model", "/models/b"], "--model", "/models/b", '"/models/a"'),
+    (["--model", "/models/a", "--val-frac", "0.3"], "--val-frac", "0.3", "0.2"),
+    (["--model", "/models/a", "--", "--dtype", "float32"], "the train.py flags after --", "--dtype float32", "[]"),
+])
+def test_a_study_continued_in_another_studys_folder_is_refused(flags, flag, value, saved, tmp_path, capsys,
+                                                               monkeypatch):
+    """study_config.json was rewritten with the new flags, and the finished runs of the study there (of another
+    model, validation share or train.py flags) were skipped as if they were the new study's."""
+    study = experiment("alpha_study")
+    folder, authors = fake_study(tmp_path)
+    config = folder / "study_config.json"
+    monkeypatch.setattr(study, "run_job", lambda *args, **kw: {"status": "skipped"})
+    before = digest(tmp_path)
+    argv = ["--authors-data", str(authors), "--data", "mawps", "--settings", "vanilla", "--seeds", "42", "--out",
+            str(folder)]
+    err = cli_error(lambda: study.main([*argv, *flags]), capsys)
+    assert err == (f"error: {flag} {value}: {config} has {saved}, and the study's finished runs would count as this "
+                   f"study's; give this study another --out, or the study's own {flag}")
+    assert digest(tmp_path) == before
+    study.main([*argv, "--model", "/models/a"])                # the study's own flags continue it
+    assert json.loads(config.read_text())["model"] == "/models/a"
