@@ -217,6 +217,8 @@ def _adapter_base(folder: Path) -> str:
     if Path(base).is_dir() and Path(base).resolve() == folder.resolve():   # it would be loaded over itself forever
         raise InputError(f"{folder / 'adapter_config.json'}: base_model_name_or_path names this folder itself; write "
                          "the folder, alias or hub id of the model the adapter was trained on")
+    if (folder / base / "config.json").exists():   # a base saved inside the adapter's folder (a scratch LoRA run's)
+        return str(folder / base)
     return base
 
 

@@ -313,12 +313,20 @@ def unwrap(model):
 
 
 def save_final(run_dir: Path, model, tok, lora_cfg, cfg) -> None:
-    """Full fine-tuning: the model in HF layout. LoRA: the adapter in PEFT's layout (+ the tokenizer)."""
+    """Full fine-tuning: the model in HF layout. LoRA: the adapter in PEFT's layout (+ the tokenizer); over a scratch
+    model, whose random base exists only in this run, that base too, in base/, which the adapter names."""
     if lora_cfg is None:
         hf.save_model(model, tok, run_dir)
-    else:
-        hf.save_adapter(model, lora_cfg, run_dir, base_model=cfg.model)
-        tok.save(run_dir)
+        return
+    base_model = cfg.model
+    if cfg.model == "scratch":
+        base_model = "base"   # read relative to the adapter's folder (hf._adapter_base)
+        base = M.Transformer(model.args)
+        base.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+                              if ".lora_" not in k})
+        hf.save_model(base, tok, run_dir / base_model)
+    hf.save_adapter(model, lora_cfg, run_dir, base_model=base_model)
+    tok.save(run_dir)
 
 
 def gather_model(model, fsdp: bool, rank: int):

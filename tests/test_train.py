@@ -174,6 +174,29 @@ def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_pa
     assert json.loads((run / "adapter_config.json").read_text())["r"] == 4
 
 
+
+def test_a_scratch_lora_run_saves_its_base_and_loads_as_it_was_trained(stg_file, tmp_path, monkeypatch):
+    """A scratch model exists only in its run: a LoRA run over one saves it in base/, which the adapter names, so
+    that eval.py can load the run. Reference: the trained model the run tested itself with, merged."""
+    import copy
+
+    import eval as evaluation
+    import model as M
+    tested, trained = evaluation.evaluate, {}
+
+    def keep(model, *args, **kwargs):
+        trained.update(M.merge_lora(copy.deepcopy(model)).state_dict())
+        return tested(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", keep)
+    cfg = tiny_config(stg_file, tmp_path, lora=True, lora_r=4, lora_alpha=8, epochs=1, eval=True, eval_limit=1)
+    run = train.train(cfg)
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    loaded = hf.load_model(str(run))[0].state_dict()
+    assert trained and loaded.keys() == trained.keys()
+    for name, weight in loaded.items():
+        torch.testing.assert_close(weight, trained[name], atol=0, rtol=0, msg=name)
+
 def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path, capsys):
     """Stop after 5 steps (mid-epoch, with dropout on), resume: same final weights and losses as one run. The
     resumed run's last lines say where it resumed, so that its minutes are not read as the whole run's."""
