@@ -132,6 +132,14 @@ def adapter(config: dict):
      "/adapter_config.json: r null and lora_alpha 16: each must be a positive number"),
     (adapter({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "use_rslora": True}),
      "/adapter_config.json: only a list of target_modules and plain LoRA scaling"),
+    # a linear RoPE scaling without its factor was a KeyError, a number written as a string a TypeError deep in
+    # torch; tie_word_embeddings "false" read as true and tied an untied model's output layer without a word
+    (edit_json("config.json", lambda c: c.update(rope_scaling={"rope_type": "linear"})),
+     "/config.json: rope_scaling's factor is missing, where a positive number belongs"),
+    (edit_json("config.json", lambda c: c.update(rms_norm_eps="1e-5")),
+     '/config.json: rms_norm_eps is "1e-5", where a positive number belongs'),
+    (edit_json("config.json", lambda c: c.update(tie_word_embeddings="false")),
+     '/config.json: tie_word_embeddings is "false", where true or false belongs'),
 ])
 def test_a_damaged_model_folder_is_named_by_file_and_field(damage, message, saved_model, data, tmp_path, capsys):
     """Each was a traceback (AttributeError, UnicodeDecodeError, a bare Exception of tokenizers, TypeError deep in
@@ -219,27 +227,6 @@ def test_a_whole_number_target_of_any_size_is_read_as_its_text(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 5. the sixth sweep: model files
-@pytest.mark.parametrize("damage, message", [   # message: what the line says after the folder
-    (edit_json("config.json", lambda c: c.update(rope_scaling={"rope_type": "linear"})),
-     "/config.json: rope_scaling's factor is missing, where a positive number belongs"),
-    (edit_json("config.json", lambda c: c.update(rms_norm_eps="1e-5")),
-     '/config.json: rms_norm_eps is "1e-5", where a positive number belongs'),
-    (edit_json("config.json", lambda c: c.update(tie_word_embeddings="false")),
-     '/config.json: tie_word_embeddings is "false", where true or false belongs'),
-])
-def test_config_jsons_other_numbers_and_switches_are_named(damage, message, saved_model, data, tmp_path, capsys):
-    """A linear RoPE scaling without its factor was a KeyError, a number written as a string a TypeError deep in
-    torch; tie_word_embeddings "false" read as true and tied an untied model's output layer without a word."""
-    folder = tmp_path / "model"
-    shutil.copytree(saved_model, folder)
-    damage(folder)
-    before = digest(folder)
-    err = cli_error(lambda: evaluation.main(["--model", str(folder), "--data", str(data), "--out",
-                                             str(tmp_path / "e"), "--device", "cpu", "--dtype", "float32"]), capsys)
-    assert err == f"error: {folder}{message}; restore the file from the model's source", err
-    assert digest(folder) == before and not (tmp_path / "e").exists()
-
-
 @pytest.mark.parametrize("config, message", [
     ({"r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]},
      '/adapter_config.json: target_modules ["c_attn"] names no linear layer of the base model (down_proj, '
