@@ -135,11 +135,14 @@ def adapter(config: dict):
     # a linear RoPE scaling without its factor was a KeyError, a number written as a string a TypeError deep in
     # torch; tie_word_embeddings "false" read as true and tied an untied model's output layer without a word
     (edit_json("config.json", lambda c: c.update(rope_scaling={"rope_type": "linear"})),
-     "/config.json: rope_scaling's factor is missing, where a positive number belongs"),
+     "/config.json: rope_scaling's factor is missing, where a positive number belongs"
+     "; restore the file from the model's source"),
     (edit_json("config.json", lambda c: c.update(rms_norm_eps="1e-5")),
-     '/config.json: rms_norm_eps is "1e-5", where a positive number belongs'),
+     '/config.json: rms_norm_eps is "1e-5", where a positive number belongs'
+     "; restore the file from the model's source"),
     (edit_json("config.json", lambda c: c.update(tie_word_embeddings="false")),
-     '/config.json: tie_word_embeddings is "false", where true or false belongs'),
+     '/config.json: tie_word_embeddings is "false", where true or false belongs'
+     "; restore the file from the model's source"),
 ])
 def test_a_damaged_model_folder_is_named_by_file_and_field(damage, message, saved_model, data, tmp_path, capsys):
     """Each was a traceback (AttributeError, UnicodeDecodeError, a bare Exception of tokenizers, TypeError deep in
@@ -153,6 +156,7 @@ def test_a_damaged_model_folder_is_named_by_file_and_field(damage, message, save
     assert err.startswith(f"error: {folder}{message}"), err
     assert any(what in err for what in ("restore", "download", "write", "save it", "instead"))   # what to do
     assert digest(folder) == before                                         # the folder is left as it was
+    assert not (tmp_path / "e").exists()                                    # nor anything written for it
 
 
 def test_a_model_folder_as_it_is_saved_still_loads(saved_model, tmp_path):

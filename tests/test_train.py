@@ -174,7 +174,6 @@ def test_lora_run_trains_only_the_adapter_and_saves_peft_layout(stg_file, tmp_pa
     assert json.loads((run / "adapter_config.json").read_text())["r"] == 4
 
 
-
 def test_a_scratch_lora_run_saves_its_base_and_loads_as_it_was_trained(stg_file, tmp_path, monkeypatch):
     """A scratch model exists only in its run: a LoRA run over one saves it in base/, which the adapter names, so
     that eval.py can load the run. Reference: the trained model the run tested itself with, merged."""
@@ -196,6 +195,7 @@ def test_a_scratch_lora_run_saves_its_base_and_loads_as_it_was_trained(stg_file,
     assert trained and loaded.keys() == trained.keys()
     for name, weight in loaded.items():
         torch.testing.assert_close(weight, trained[name], atol=0, rtol=0, msg=name)
+
 
 def test_resume_equals_an_uninterrupted_run(stg_file, tmp_path, capsys):
     """Stop after 5 steps (mid-epoch, with dropout on), resume: same final weights and losses as one run. The
